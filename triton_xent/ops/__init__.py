@@ -1,0 +1,1 @@
+"""Launchers: plain torch functions that check, allocate, pick block sizes and launch kernels."""

@@ -1,0 +1,59 @@
+"""The plain-torch reference: obviously correct, memory-hungry, differentiable by autograd.
+
+It is the test oracle (run it on float64 inputs) and the benchmark's "what training code writes"
+baseline. It defines the extras the same way the kernels do:
+
+* ``softcap``: logits become ``softcap * tanh(logits / softcap)`` before everything else.
+* ``z_loss``: each kept row adds ``z_loss * lse**2`` (PaLM); the term is not class-weighted, and
+  with ``reduction="mean"`` it is averaged over the kept rows (rows whose target is not
+  ``ignore_index``), while the cross-entropy part keeps PyTorch's weighted mean.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def cross_entropy_reference(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_aux: bool = False,
+):
+    """Cross-entropy by composition of torch ops, with the same arguments as ``cross_entropy``.
+
+    Returns the loss, or ``(loss, lse, z_term)`` with ``return_aux=True`` where ``lse`` has the
+    shape of a ``reduction="none"`` result and ``z_term`` is the z-loss part of the loss, reduced
+    like the loss.
+    """
+    x = input
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    loss = F.cross_entropy(
+        x, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
+    lse = torch.logsumexp(x, dim=0 if x.dim() == 1 else 1)
+    if target.is_floating_point():
+        keep = torch.ones_like(lse, dtype=torch.bool)
+    else:
+        keep = target != ignore_index
+    z_rows = torch.where(keep, z_loss * lse.square(), torch.zeros_like(lse))
+    if reduction == "none":
+        z_term = z_rows
+    elif reduction == "sum":
+        z_term = z_rows.sum()
+    else:
+        z_term = z_rows.sum() / keep.sum()
+    if z_loss:
+        loss = loss + z_term.to(loss.dtype)
+    if return_aux:
+        return loss, lse, z_term
+    return loss
