@@ -155,7 +155,9 @@ class _CrossEntropyFunction(torch.autograd.Function):
             True, backend, probs, inplace=inplace,
         )
         ctx.reduction = reduction
-        ctx.grad = grad
+        # detach(): with ``inplace`` the buffer is the logits tensor itself; a fresh alias lets
+        # autograd adopt it as the gradient instead of copying it.
+        ctx.grad = grad.detach()
         ctx.mark_non_differentiable(lse, z_term)
         return loss, lse, z_term
 

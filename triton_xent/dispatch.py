@@ -9,7 +9,6 @@ torch backend, logging the reason once. ``backend="triton"`` that cannot run rai
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -39,15 +38,20 @@ class BackendChoice:
         return f"{self.backend}: {self.reason}"
 
 
-@functools.lru_cache(maxsize=1)
+_triton_status: list[str | None] = []  # filled once: [None] or [why triton cannot be imported]
+
+
 def triton_import_error() -> str | None:
     """None when Triton imports, else why not. Imported here lazily, once."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install raising anything
-        return f"triton cannot be imported ({type(exc).__name__}: {exc})"
-    return None
+    if not _triton_status:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _triton_status.append(None)
+        except Exception as exc:  # ImportError, or a broken install raising anything
+            _triton_status.append(f"triton cannot be imported ({type(exc).__name__}: {exc})")
+    return _triton_status[0]
 
 
 def interpreter_enabled() -> bool:

@@ -1,0 +1,101 @@
+"""The dispatcher's choices, explain(), the environment variable, torch.compile and opcheck."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import triton_xent
+from triton_xent import BackendUnavailableError, cross_entropy, explain
+
+X = torch.randn(4, 40)
+T = torch.tensor([1, 2, 3, -100])
+
+
+def test_interpreter_picks_kernel():
+    c = explain(X, T)
+    assert c.backend == "triton" and "TRITON_INTERPRET=1" in c.reason
+
+
+def test_cpu_without_interpreter_falls_back(monkeypatch, caplog):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    c = explain(X, T)
+    assert c.backend == "torch" and "CUDA" in c.reason
+    with pytest.raises(BackendUnavailableError, match="needs a CUDA/ROCm tensor"):
+        cross_entropy(X, T, backend="triton")
+    triton_xent.dispatch._logged_reasons.clear()
+    with caplog.at_level(logging.INFO, logger="triton_xent"):
+        for _ in range(3):
+            cross_entropy(X, T)
+    assert sum("torch backend" in r.message for r in caplog.records) == 1  # once per reason
+
+
+def test_uncovered_cases_fall_back():
+    assert explain(X.double(), T).backend == "torch"
+    probs = torch.softmax(torch.randn(4, 40), 1)
+    c = explain(X, probs)
+    assert c.backend == "torch" and "probability" in c.reason
+    with pytest.raises(BackendUnavailableError, match="probability"):
+        cross_entropy(X, probs, backend="triton")
+
+
+def test_env_and_keyword(monkeypatch):
+    monkeypatch.setenv("TRITON_XENT_BACKEND", "torch")
+    assert explain(X, T).backend == "torch"
+    assert explain(X, T, backend="triton").backend == "triton"  # the keyword wins
+    monkeypatch.setenv("TRITON_XENT_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="TRITON_XENT_BACKEND"):
+        explain(X, T)
+    with pytest.raises(ValueError, match="not a backend"):
+        explain(X, T, backend="fast")
+    with pytest.raises(TypeError, match="unexpected"):
+        explain(X, T, z_los=0.1)
+
+
+def test_missing_triton(monkeypatch):
+    monkeypatch.setattr(triton_xent.dispatch, "triton_import_error", lambda: "triton cannot be imported (x)")
+    assert explain(X, T).backend == "torch"
+    with pytest.raises(BackendUnavailableError, match="cannot be imported"):
+        cross_entropy(X, T, backend="triton")
+
+
+def test_opcheck_custom_op():
+    from triton_xent.autograd import cross_entropy_rows
+
+    x = torch.randn(5, 30, requires_grad=True)
+    t = torch.tensor([1, 2, -100, 4, 29])
+    for reduction in ("mean", "none"):
+        torch.library.opcheck(
+            cross_entropy_rows,
+            (x, t, torch.rand(30), -100, reduction, 0.1, 1e-3, 3.0, True, "torch", False),
+        )
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fullgraph_compile(backend):
+    torch._dynamo.reset()
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 50)
+
+        def forward(self, h, t):
+            return cross_entropy(self.proj(h), t, label_smoothing=0.1, backend=backend)
+
+    torch.manual_seed(0)
+    m = Head()
+    h = torch.randn(6, 16)
+    t = torch.tensor([1, 2, 3, -100, 5, 49])
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    loss = compiled(h, t)
+    loss.backward()
+    g = m.proj.weight.grad.clone()
+    m.proj.weight.grad = None
+    ref = F.cross_entropy(m.proj(h), t, label_smoothing=0.1)
+    ref.backward()
+    assert torch.allclose(loss, ref, atol=1e-5)
+    assert torch.allclose(g, m.proj.weight.grad, atol=1e-5)
