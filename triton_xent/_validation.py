@@ -135,7 +135,8 @@ def prepare(
                 "tensor with the input's shape."
             )
         if tuple(target.shape) != batch_shape:
-            expected = "(" + ", ".join(str(s) for s in batch_shape) + ("," if len(batch_shape) == 1 else "") + ")"
+            expected = "(" + ", ".join(str(s) for s in batch_shape)
+            expected += ("," if len(batch_shape) == 1 else "") + ")"
             hint = ""
             if target.dim() == input.dim() and target.shape[-1] == C or (
                 input.dim() >= 2 and tuple(target.shape) == tuple(input.shape)

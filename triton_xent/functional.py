@@ -49,6 +49,7 @@ def cross_entropy(
     inplace_backward: bool = False,
     backend: str | None = None,
     validate: bool | None = None,
+    process_group=None,
 ) -> torch.Tensor | tuple[torch.Tensor, CrossEntropyAux]:
     """Cross-entropy between logits and targets, a drop-in for ``F.cross_entropy``.
 
@@ -76,6 +77,10 @@ def cross_entropy(
         validate: check class indices on an accelerator too (a host sync; default from
             ``TRITON_XENT_VALIDATE``). Without it an out-of-range target gives a NaN loss for
             its row; on the CPU targets are always checked.
+        process_group: a ``torch.distributed`` group over which the classes are sharded
+            (vocabulary parallelism): ``input`` then holds this rank's contiguous shard of the
+            class dimension, in rank order, and ``weight`` the matching shard; ``target`` holds
+            global class ids, the same on every rank. See :mod:`triton_xent.distributed`.
 
     Returns:
         The loss (0-d, or shaped like the target for ``"none"``), and the aux tuple when asked.
@@ -87,6 +92,15 @@ def cross_entropy(
         >>> loss = triton_xent.cross_entropy(logits, target, label_smoothing=0.1)
         >>> loss.backward()
     """
+    if process_group is not None:
+        from .distributed import vocab_parallel_cross_entropy
+
+        # A group of one rank comes back here with process_group=None.
+        return vocab_parallel_cross_entropy(
+            input, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss,
+            softcap=softcap, return_aux=return_aux, inplace_backward=inplace_backward,
+            process_group=process_group, backend=backend, validate=validate,
+        )
     p = _prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
                  validate)
     choice = choose_backend(p.logits, probs=p.probs, backend=backend)

@@ -1,0 +1,460 @@
+"""Vocabulary-parallel cross-entropy against the unsharded float64 reference.
+
+Each test spawns a gloo group of CPU processes (spawning is slow, so one spawn runs many option
+combinations). Every rank builds the same full problem from a seed, keeps its shard of the
+vocabulary (uneven sizes, an empty shard too), and checks the loss, the aux outputs and the
+gradients of its shard (and the full gradient of the hidden states for the linear variant) against
+``cross_entropy_reference`` in float64 on the full problem, with a random upstream gradient.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (spawned children too)
+
+import datetime
+import json
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from helpers import TOL, rel_err
+
+import triton_xent
+import triton_xent._config as config
+from triton_xent.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+from triton_xent.reference import cross_entropy_reference
+
+IGNORE = -100
+
+
+# ------------------------------------------------------------------------------------------------
+# Process plumbing: one spawn of 3 ranks runs every part (spawning and importing torch in each
+# process is what costs time); a part names how many ranks it uses (the first 2 or all 3).
+# ------------------------------------------------------------------------------------------------
+
+WORLD_SIZE = 3
+PARTS: dict[str, tuple[int, object]] = {}
+_GROUPS: dict[str, object] = {}
+
+
+def part(nranks):
+    def register(fn):
+        PARTS[fn.__name__] = (nranks, fn)
+        return fn
+
+    return register
+
+
+def _entry(rank, world, init_method, out_dir):
+    torch.set_num_threads(1)  # the machine's cores are shared by every rank
+    # A rank that fails mid-collective leaves the others waiting: the timeout bounds that.
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        _GROUPS["pair"] = dist.new_group([0, 1])  # every rank creates every group
+        _GROUPS["single"] = [dist.new_group([r]) for r in range(world)][rank]
+        results = {}
+        for name, (nranks, fn) in PARTS.items():
+            if rank < nranks:
+                group = dist.group.WORLD if nranks == world else _GROUPS["pair"]
+                try:
+                    fn(rank, nranks, group)
+                    results[name] = "ok"
+                except Exception:
+                    results[name] = traceback.format_exc()
+            dist.barrier()
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def gloo_results():
+    """Runs every part on a gloo group of CPU processes, once; ``{rank: {part: "ok" | traceback}}``."""
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_entry, args=(WORLD_SIZE, f"file://{d}/rendezvous", d), nprocs=WORLD_SIZE, join=True)
+        out = {}
+        for r in range(WORLD_SIZE):
+            with open(os.path.join(d, f"rank{r}.json")) as f:
+                out[r] = json.load(f)
+        return out
+
+
+def _bounds(sizes, rank):
+    off = sum(sizes[:rank])
+    return off, off + sizes[rank]
+
+
+# ------------------------------------------------------------------------------------------------
+# One comparison: the sharded call on every rank against the full float64 reference
+# ------------------------------------------------------------------------------------------------
+
+
+def _problem(shape, V, *, seed, ignore_frac=0.25, weight=False, dtype=torch.float64,
+             ignore_index=IGNORE):
+    """Full logits (class dim 1, or 0 for 1-D), global targets, class weights: equal on all ranks."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3).to(dtype)
+    tshape = () if len(shape) == 1 else (shape[0], *shape[2:])
+    t = torch.randint(0, V, tshape, generator=g)
+    if ignore_frac and t.dim():
+        t = torch.where(torch.rand(tshape, generator=g) < ignore_frac, torch.full_like(t, ignore_index), t)
+    w = (torch.rand(V, generator=g, dtype=torch.float64) + 0.5) if weight else None
+    return x, t, w
+
+
+def _upstream(ref, seed):
+    g = torch.Generator().manual_seed(seed + 7)
+    return torch.randn(ref.shape, generator=g, dtype=torch.float64) + (0 if ref.dim() else 2)
+
+
+def check_ce(rank, sizes, *, shape=(11,), dtype=torch.float64, weight=False, seed=0, backend="torch",
+             ignore_frac=0.25, inplace=False, group=None, **opts):
+    """Sharded cross_entropy vs the reference: loss, lse, z-term and this shard's gradient."""
+    V = sum(sizes)
+    full_shape = (V,) if shape == () else (shape[0], V, *shape[1:])
+    x, t, w = _problem(full_shape, V, seed=seed, weight=weight, dtype=dtype, ignore_frac=ignore_frac,
+                       ignore_index=opts.get("ignore_index", IGNORE))
+    lo, hi = _bounds(sizes, rank)
+    cdim = 0 if x.dim() == 1 else 1
+    xs = x.narrow(cdim, lo, hi - lo).clone().requires_grad_()
+    ptr = xs.data_ptr()
+    ws = w[lo:hi].to(dtype) if w is not None else None
+    loss, aux = vocab_parallel_cross_entropy(
+        xs, t, ws, return_aux=True, inplace_backward=inplace, backend=backend,
+        process_group=group or dist.group.WORLD, **opts)
+    xr = x.double().requires_grad_()
+    ref, lse, z = cross_entropy_reference(xr, t, w.to(dtype).double() if w is not None else None,
+                                          return_aux=True, **opts)
+    tol_loss, tol_grad = TOL[dtype]
+    what = f"rank {rank} sizes={sizes} shape={shape} {dtype} weight={weight} {opts}"
+    assert loss.dtype == dtype and loss.shape == ref.shape, what
+    assert rel_err(loss, ref) <= tol_loss, f"loss {rel_err(loss, ref):.3g}: {what}"
+    assert rel_err(aux.lse, lse) <= 2e-5, f"lse: {what}"
+    assert rel_err(aux.z_loss, z) <= 2e-5, f"z: {what}"
+    gup = _upstream(ref, seed)
+    loss.backward(gup.to(dtype))
+    ref.backward(gup)
+    assert xs.grad is not None and xs.grad.shape == xs.shape, what
+    e = rel_err(xs.grad, xr.grad.narrow(cdim, lo, hi - lo))
+    assert e <= tol_grad, f"grad rel err {e:.3g}: {what}"
+    if inplace:
+        assert xs.grad.data_ptr() == ptr, f"inplace_backward: the gradient is not in the logits: {what}"
+    return loss
+
+
+def check_linear(rank, sizes, *, N=9, D=6, dtype=torch.float64, weight=False, bias=False, seed=0,
+                 backend="torch", batch=None, group=None, chunk_size=4, skip_ignored=True, **opts):
+    """Sharded linear cross-entropy vs the reference: loss, full d(input), shards of dW and db."""
+    V = sum(sizes)
+    g = torch.Generator().manual_seed(seed + 100)
+    hid = torch.randn(N, D, generator=g, dtype=torch.float64).to(dtype)
+    Wf = (torch.randn(V, D, generator=g, dtype=torch.float64) / D**0.5 * 3).to(dtype)
+    bf = (torch.randn(V, generator=g, dtype=torch.float64)).to(dtype) if bias else None
+    _, t, w = _problem((N, V), V, seed=seed, weight=weight, ignore_index=opts.get("ignore_index", IGNORE))
+    if batch is not None:  # (B, T, D) hidden states, (B, T) targets
+        hid, t = hid.view(*batch, D), t.view(*batch)
+    lo, hi = _bounds(sizes, rank)
+    xh = hid.clone().requires_grad_()
+    Ws = Wf[lo:hi].clone().requires_grad_()
+    bs = bf[lo:hi].clone().requires_grad_() if bias else None
+    ws = w[lo:hi] if w is not None else None
+    loss, aux = vocab_parallel_linear_cross_entropy(
+        xh, Ws, t, linear_bias=bs, weight=ws, return_aux=True, backend=backend,
+        process_group=group or dist.group.WORLD, chunk_size=chunk_size, skip_ignored=skip_ignored,
+        **opts)
+    xr = hid.double().requires_grad_()
+    Wr = Wf.double().requires_grad_()
+    br = bf.double().requires_grad_() if bias else None
+    logits = F.linear(xr, Wr, br)
+    if batch is not None:
+        logits, t = logits.view(-1, V), t.view(-1)
+    ref, lse, z = cross_entropy_reference(logits, t, w, return_aux=True, **opts)
+    if batch is not None and opts.get("reduction") == "none":
+        ref, lse, z = ref.view(batch), lse.view(batch), z.view(batch)
+    tol_loss, tol_grad = TOL[dtype]
+    what = f"linear rank {rank} sizes={sizes} {dtype} weight={weight} bias={bias} {opts}"
+    assert loss.shape == ref.shape and loss.dtype == dtype, what
+    assert rel_err(loss, ref) <= tol_loss, f"loss {rel_err(loss, ref):.3g}: {what}"
+    kept = (t != opts.get("ignore_index", IGNORE)).reshape(-1)  # skipped rows have lse = 0
+    assert rel_err(aux.lse.reshape(-1)[kept], lse.reshape(-1)[kept]) <= 2e-5, f"lse: {what}"
+    gup = _upstream(ref, seed)
+    loss.backward(gup.to(dtype))
+    ref.backward(gup)
+    for name, got, want in (("input", xh.grad, xr.grad), ("linear_weight", Ws.grad, Wr.grad[lo:hi]),
+                            ("linear_bias", bs.grad if bias else None, br.grad[lo:hi] if bias else None)):
+        if want is None:
+            continue
+        assert got is not None and got.shape == want.shape, f"{name}: {what}"
+        e = rel_err(got, want)
+        assert e <= tol_grad, f"d({name}) rel err {e:.3g}: {what}"
+
+
+def _raises(match, fn):
+    with pytest.raises(triton_xent.CrossEntropyInputError, match=match):
+        fn()
+
+
+# ------------------------------------------------------------------------------------------------
+# Workers: each runs a batch of combinations on every rank
+# ------------------------------------------------------------------------------------------------
+
+CE_CASES = [  # (shape without the class dim, options)
+    ((11,), dict(reduction="mean")),
+    ((11,), dict(reduction="sum", weight=True)),
+    ((11,), dict(reduction="none", weight=True, label_smoothing=0.1, z_loss=1e-2, softcap=5.0)),
+    ((11,), dict(reduction="mean", weight=True, label_smoothing=0.2, z_loss=1e-3)),
+    ((11,), dict(reduction="mean", label_smoothing=0.3, softcap=2.0)),
+    ((4, 3), dict(reduction="mean", label_smoothing=0.1)),  # (N, V, d)
+    ((4, 3), dict(reduction="none", weight=True)),
+    ((), dict(reduction="sum", label_smoothing=0.1, ignore_frac=0)),  # 1-D logits (V,)
+    ((10,), dict(reduction="mean", ignore_index=5, label_smoothing=0.1)),  # class id
+    ((11,), dict(reduction="mean", inplace=True, z_loss=1e-2, softcap=5.0, label_smoothing=0.1)),
+]
+
+
+def _ce_grid(rank, sizes, group, dtype=torch.float64, backend="torch", cases=CE_CASES):
+    for i, (shape, opts) in enumerate(cases):
+        check_ce(rank, sizes, shape=shape, dtype=dtype, seed=i, backend=backend, group=group, **opts)
+
+
+@part(2)
+def two_ranks_options(rank, world, group):
+    """Every option, V = 37 split 19/18, float64; then fp32 and bf16 with a 30/7 split."""
+    _ce_grid(rank, [19, 18], group)
+    check_ce(rank, [30, 7], dtype=torch.float32, weight=True, label_smoothing=0.1, z_loss=1e-3,
+             reduction="mean", group=group)
+    check_ce(rank, [30, 7], dtype=torch.bfloat16, label_smoothing=0.1, reduction="none", group=group)
+
+
+@part(2)
+def two_ranks_linear(rank, world, group):
+    sizes = [19, 18]
+    check_linear(rank, sizes, weight=True, bias=True, label_smoothing=0.1, z_loss=1e-2, group=group)
+    check_linear(rank, sizes, reduction="none", softcap=3.0, bias=True, batch=(3, 3), group=group)
+    check_linear(rank, [30, 7], reduction="sum", weight=True, label_smoothing=0.2, group=group)
+    check_linear(rank, sizes, dtype=torch.float32, reduction="mean", weight=True, bias=True,
+                 label_smoothing=0.1, group=group, skip_ignored=False)
+    check_linear(rank, sizes, reduction="none", weight=True, group=group, chunk_size=None,
+                 skip_ignored=False, z_loss=1e-3)
+
+
+@part(3)
+def three_ranks_uneven(rank, world, group):
+    """V = 37 over 3 ranks (13/12/12), several chunks of rows in the torch backend."""
+    config.TORCH_CHUNK_ROWS = 4
+    try:
+        _ce_grid(rank, [13, 12, 12], group)
+        check_linear(rank, [13, 12, 12], weight=True, bias=True, label_smoothing=0.1, z_loss=1e-2,
+                     softcap=4.0, group=group)
+        check_linear(rank, [13, 12, 12], reduction="none", weight=True, ignore_index=3, group=group)
+    finally:
+        config.TORCH_CHUNK_ROWS = None
+
+
+@part(3)
+def three_ranks_empty_shard(rank, world, group):
+    """V = 37 split 20/0/17: a rank without classes still takes part."""
+    _ce_grid(rank, [20, 0, 17], group, cases=CE_CASES[:5])
+    check_linear(rank, [20, 0, 17], weight=True, bias=True, label_smoothing=0.1, group=group)
+
+
+@part(3)
+def three_ranks_triton(rank, world, group):
+    """The Triton kernels of the local phases, run by the interpreter (fp32, tiny shapes)."""
+    from triton_xent.ops import cross_entropy as ops
+
+    assert ops._INTERPRETED, "TRITON_INTERPRET=1 was not set before triton was imported"
+    saved = config.TRITON_BLOCK_V, config.TRITON_NUM_SPLITS
+    config.TRITON_BLOCK_V, config.TRITON_NUM_SPLITS = 8, 2  # several blocks and chunks per shard
+    try:
+        cases = [
+            ((6,), dict(reduction="mean", weight=True, label_smoothing=0.1, z_loss=1e-2, softcap=5.0)),
+            ((6,), dict(reduction="none", inplace=True, label_smoothing=0.2)),
+            ((6,), dict(reduction="sum", ignore_index=4)),
+        ]
+        # Shards above 16 columns: 2 chunks of 16-aligned columns per row, 8-column blocks.
+        sizes = [40, 35, 33]
+        _ce_grid(rank, sizes, group, dtype=torch.float32, backend="triton", cases=cases)
+        check_linear(rank, sizes, N=6, dtype=torch.float32, backend="triton", weight=True,
+                     bias=True, label_smoothing=0.1, z_loss=1e-2, group=group)
+    finally:
+        config.TRITON_BLOCK_V, config.TRITON_NUM_SPLITS = saved
+
+
+@part(3)
+def edge_cases(rank, world, group):
+    """All-ignored mean (NaN, zero gradient), no-grad calls, -inf logits (a whole shard of them)."""
+    sizes = [13, 12, 12]
+    V = sum(sizes)
+    lo, hi = _bounds(sizes, rank)
+    t = torch.full((5,), IGNORE)
+    for w in (None, torch.rand(V, dtype=torch.float64, generator=torch.Generator().manual_seed(1))):
+        xs = torch.randn(5, hi - lo, dtype=torch.float64, requires_grad=True)
+        loss = vocab_parallel_cross_entropy(xs, t, None if w is None else w[lo:hi],
+                                            label_smoothing=0.1, process_group=group)
+        assert torch.isnan(loss)
+        loss.backward()
+        assert torch.equal(xs.grad, torch.zeros_like(xs))
+    x, t, _ = _problem((6, V), V, seed=3)
+    with torch.no_grad():
+        loss = vocab_parallel_cross_entropy(x[:, lo:hi], t, label_smoothing=0.1, process_group=group)
+    assert rel_err(loss, cross_entropy_reference(x, t, label_smoothing=0.1)) < 1e-10
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, V, dtype=torch.float64, generator=g)
+    x[:, 3:] = float("-inf")
+    t = torch.randint(0, 3, (6,), generator=g)
+    loss = vocab_parallel_cross_entropy(x[:, lo:hi], t, process_group=group)
+    assert rel_err(loss, F.cross_entropy(x, t)) < 1e-10
+
+
+@part(3)
+def errors(rank, world, group):
+    """Mismatches raise the same clear error on every rank; the group stays usable afterwards."""
+    sizes = [13, 12, 12]
+    V = sum(sizes)
+    lo, hi = _bounds(sizes, rank)
+    x, t, w = _problem((6, V), V, seed=5, weight=True)
+    xs, ws = x[:, lo:hi], w[lo:hi]
+    call = lambda **kw: vocab_parallel_cross_entropy(**{"input": xs, "target": t, "process_group": group, **kw})
+    last = rank == world - 1
+    # A weight shard of the wrong length on one rank only.
+    bad_w = torch.cat([ws, ws[:1]]) if last else ws
+    _raises(r"weight has \d+ entries|rank\(s\) \[\d\] .*rejected", lambda: call(weight=bad_w))
+    # The full weight vector instead of the shard, everywhere.
+    _raises(r"weight has \d+ entries", lambda: call(weight=w))
+    # Targets that differ across ranks (same shape), or a different number of rows.
+    t2 = t.clone()
+    if last:
+        t2[0] = (t2[0] + 1) % V if t2[0] >= 0 else 1
+    _raises("target differs across the ranks", lambda: call(target=t2))
+    if last:
+        _raises("different numbers of rows", lambda: call(input=xs[:5], target=t[:5]))
+    else:
+        _raises("different numbers of rows", lambda: call())
+    # Different options.
+    _raises("different options", lambda: call(reduction="sum" if last else "mean"))
+    # A target outside the global vocabulary (checked on the CPU, as in the single-process call).
+    t3 = t.clone()
+    t3[1] = V
+    _raises(r"Target \d+ is out of bounds", lambda: call(target=t3))
+    # Class probabilities are not supported with a group; the other ranks learn it too.
+    _raises("class-probability|rejected", lambda: call(target=torch.rand(6, hi - lo) if last else t))
+    # Linear: a bias shard that does not match the weight shard, on one rank.
+    D = 4
+    Ws = torch.randn(hi - lo, D, dtype=torch.float64)
+    bb = torch.zeros(hi - lo + (1 if last else 0), dtype=torch.float64)
+    _raises(r"linear_bias must have shape|rejected", lambda: vocab_parallel_linear_cross_entropy(
+        torch.randn(6, D, dtype=torch.float64), Ws, t, linear_bias=bb, process_group=group))
+    # Different hidden states on the ranks.
+    h = torch.randn(6, D, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    _raises("input differs", lambda: vocab_parallel_linear_cross_entropy(h, Ws, t, process_group=group))
+    # The group still works.
+    loss = call(weight=ws)
+    assert rel_err(loss, cross_entropy_reference(x, t, w)) < 1e-10
+
+
+@part(3)
+def size_one_group(rank, world, group):
+    """A group of one rank is exactly the single-process call."""
+    x, t, w = _problem((7, 30), 30, seed=9, weight=True)
+    a = x.clone().requires_grad_()
+    b = x.clone().requires_grad_()
+    la = vocab_parallel_cross_entropy(a, t, w, label_smoothing=0.1, process_group=_GROUPS["single"])
+    lb = triton_xent.cross_entropy(b, t, w, label_smoothing=0.1)
+    la.backward()
+    lb.backward()
+    assert torch.equal(la, lb) and torch.equal(a.grad, b.grad)
+
+
+@part(2)
+def public_api_process_group(rank, world, group):
+    """``process_group=`` on the public function and module routes to the sharded path."""
+    sizes = [19, 18]
+    V = sum(sizes)
+    x, t, w = _problem((8, V), V, seed=11, weight=True)
+    lo, hi = _bounds(sizes, rank)
+    xs = x[:, lo:hi].clone().requires_grad_()
+    loss = triton_xent.cross_entropy(xs, t, w[lo:hi], label_smoothing=0.1, process_group=group)
+    mod = triton_xent.CrossEntropyLoss(w[lo:hi], label_smoothing=0.1, process_group=group)
+    xr = x.clone().requires_grad_()
+    ref = cross_entropy_reference(xr, t, w, label_smoothing=0.1)
+    assert rel_err(loss, ref) < 1e-10 and rel_err(mod(xs.detach(), t), ref) < 1e-10
+    loss.backward()
+    ref.backward()
+    assert rel_err(xs.grad, xr.grad[:, lo:hi]) < 1e-10
+
+
+# ------------------------------------------------------------------------------------------------
+# Tests
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(PARTS))
+def test_gloo(name, gloo_results):
+    """One part of the gloo run (see the part's docstring); every rank that ran it passed."""
+    nranks = PARTS[name][0]
+    for r in range(nranks):
+        got = gloo_results[r].get(name)
+        assert got == "ok", f"rank {r} of {nranks}:\n{got}"
+
+
+def test_no_group_is_single_process():
+    """process_group=None: exactly the single-process call, no torch.distributed needed."""
+    x, t, w = _problem((7, 30), 30, seed=2, weight=True)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    la = vocab_parallel_cross_entropy(a, t, w, label_smoothing=0.1, z_loss=1e-3)
+    lb = triton_xent.cross_entropy(b, t, w, label_smoothing=0.1, z_loss=1e-3)
+    la.backward()
+    lb.backward()
+    assert torch.equal(la, lb) and torch.equal(a.grad, b.grad)
+    # The linear variant without a group.
+    h = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(30, 5, dtype=torch.float64, requires_grad=True)
+    loss = vocab_parallel_linear_cross_entropy(h, W, t, weight=w, label_smoothing=0.1)
+    hr, Wr = h.detach().clone().requires_grad_(), W.detach().clone().requires_grad_()
+    ref = cross_entropy_reference(hr @ Wr.T, t, w, label_smoothing=0.1)
+    loss.backward()
+    ref.backward()
+    assert rel_err(loss, ref) < 1e-10
+    assert rel_err(h.grad, hr.grad) < 1e-10 and rel_err(W.grad, Wr.grad) < 1e-10
+
+
+def _nccl_entry(rank, world, init_method):
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=world)
+    try:
+        dev = torch.device("cuda", rank)
+        V, sizes = 50257, [25129, 25128]
+        lo, hi = _bounds(sizes, rank)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(64, V, generator=g) * 3
+        t = torch.randint(0, V, (64,), generator=g)
+        t[::5] = IGNORE
+        w = torch.rand(V, generator=g) + 0.5
+        xs = x[:, lo:hi].to(dev, torch.bfloat16).requires_grad_()
+        loss = vocab_parallel_cross_entropy(xs, t.to(dev), w[lo:hi].to(dev), label_smoothing=0.1,
+                                            z_loss=1e-4, process_group=dist.group.WORLD)
+        xr = x.to(torch.bfloat16).double().requires_grad_()
+        ref = cross_entropy_reference(xr, t, w.double(), label_smoothing=0.1, z_loss=1e-4)
+        loss.backward()
+        ref.backward()
+        assert rel_err(loss.cpu(), ref) < TOL[torch.bfloat16][0]
+        assert rel_err(xs.grad.cpu(), xr.grad[:, lo:hi]) < TOL[torch.bfloat16][1]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="the NCCL test needs 2 CUDA devices")
+def test_nccl_two_gpus():
+    """Two GPUs, NCCL, the Triton backend, bf16 logits of a GPT-2-sized vocabulary."""
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_nccl_entry, args=(2, f"file://{d}/rendezvous"), nprocs=2, join=True)
