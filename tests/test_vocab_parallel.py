@@ -390,6 +390,21 @@ def public_api_process_group(rank, world, group):
     loss.backward()
     ref.backward()
     assert rel_err(xs.grad, xr.grad[:, lo:hi]) < 1e-10
+    # linear_cross_entropy(process_group=...) and its module: the head's rows are sharded.
+    h = torch.randn(8, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    W = torch.randn(V, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+    hs, Ws = h.clone().requires_grad_(), W[lo:hi].clone().requires_grad_()
+    loss = triton_xent.linear_cross_entropy(hs, Ws, t, z_loss=1e-3, process_group=group)
+    hr, Wr = h.clone().requires_grad_(), W.clone().requires_grad_()
+    ref = cross_entropy_reference(hr @ Wr.T, t, z_loss=1e-3)
+    loss.backward()
+    ref.backward()
+    assert rel_err(loss, ref) < 1e-10
+    assert rel_err(hs.grad, hr.grad) < 1e-10 and rel_err(Ws.grad, Wr.grad[lo:hi]) < 1e-10
+    mod = triton_xent.LinearCrossEntropyLoss(5, hi - lo, dtype=torch.float64, process_group=group)
+    with torch.no_grad():
+        mod.linear.weight.copy_(W[lo:hi])
+    assert rel_err(mod(h, t), cross_entropy_reference(h @ W.T, t)) < 1e-10
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ from ._validation import CrossEntropyInputError
 from .diagnostics import Diagnosis, diagnose
 from .dispatch import BackendChoice, BackendUnavailableError
 from .functional import CrossEntropyAux, cross_entropy, explain
-from .modules import CrossEntropyLoss
+from .linear import linear_cross_entropy
+from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
 
 __version__ = "0.1.0"
 
@@ -19,7 +20,9 @@ __all__ = [
     "CrossEntropyInputError",
     "CrossEntropyLoss",
     "Diagnosis",
+    "LinearCrossEntropyLoss",
     "cross_entropy",
     "diagnose",
     "explain",
+    "linear_cross_entropy",
 ]

@@ -603,7 +603,7 @@ def vocab_parallel_linear_cross_entropy(
     chunk_size: int | None = None,
     chunk_bytes: int | None = None,
     accum_dtype: torch.dtype | None = None,
-    skip_ignored: bool = True,
+    skip_ignored: bool | None = None,
     process_group: dist.ProcessGroup | None = None,
     backend: str | None = None,
     validate: bool | None = None,
@@ -720,8 +720,10 @@ def _vp_linear_cross_entropy(input, linear_weight, target, *, linear_bias, weigh
     if prep is not None:
         x, W, b, tgt, w, batch_shape, backend_name, chunk_rows, fp32_accum = prep
         need = [grad_on and t is not None and t.requires_grad for t in (x, W, b)]
+    # As in linear_cross_entropy: skipping ignored rows is free on the CPU, a sync elsewhere.
+    skip_ignored = device.type == "cpu" if skip_ignored is None else bool(skip_ignored)
     options = (ignore_index, reduction, eps, z_loss, softcap, weight is not None,
-               linear_bias is not None, bool(skip_ignored))
+               linear_bias is not None, skip_ignored)
     shard = _exchange(
         group, device, kind=_KIND_LINEAR, error=error, N=-1 if x is None else x.shape[0],
         V_local=-1 if W is None else W.shape[0], weight_len=-1 if w is None else w.shape[0],

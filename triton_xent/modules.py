@@ -30,9 +30,11 @@ class CrossEntropyLoss(nn.Module):
         inplace_backward: bool = False,
         backend: str | None = None,
         validate: bool | None = None,
+        process_group=None,
     ) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
+        self.process_group = process_group
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
@@ -48,10 +50,83 @@ class CrossEntropyLoss(nn.Module):
             input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
             z_loss=self.z_loss, softcap=self.softcap, return_aux=self.return_aux,
             inplace_backward=self.inplace_backward, backend=self.backend, validate=self.validate,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:
         return (
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
             f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}"
+        )
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """Drop-in for ``nn.LinearCrossEntropyLoss``: owns the head ``self.linear`` (``(V, D)``
+    weight, optional bias) and calls :func:`triton_xent.linear_cross_entropy`, with its extras.
+
+    Examples::
+
+        >>> loss_fn = triton_xent.LinearCrossEntropyLoss(4096, 128256, z_loss=1e-4)
+        >>> loss = loss_fn(hidden_states, labels)   # (B, T, 4096), (B, T)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        reduction: str = "mean",
+        weight: torch.Tensor | None = None,
+        ignore_index: int | None = None,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        return_aux: bool = False,
+        chunk_size: int | None = None,
+        chunk_bytes: int | None = None,
+        accum_dtype: torch.dtype | None = None,
+        skip_ignored: bool | None = None,
+        backend: str | None = None,
+        validate: bool | None = None,
+        process_group=None,
+    ) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        self.register_buffer("weight", weight)
+        self.num_classes = num_classes
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.return_aux = return_aux
+        self.chunk_size = chunk_size
+        self.chunk_bytes = chunk_bytes
+        self.accum_dtype = accum_dtype
+        self.skip_ignored = skip_ignored
+        self.backend = backend
+        self.validate = validate
+        self.process_group = process_group
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor):
+        from .linear import linear_cross_entropy
+
+        return linear_cross_entropy(
+            input, self.linear.weight, target, linear_bias=self.linear.bias, weight=self.weight,
+            reduction=self.reduction, ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+            return_aux=self.return_aux, chunk_size=self.chunk_size, chunk_bytes=self.chunk_bytes,
+            accum_dtype=self.accum_dtype, skip_ignored=self.skip_ignored, backend=self.backend,
+            validate=self.validate, process_group=self.process_group,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+            f"bias={self.linear.bias is not None}, reduction={self.reduction!r}, "
+            f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
+            f"z_loss={self.z_loss}, softcap={self.softcap}"
         )

@@ -1,0 +1,455 @@
+"""linear_cross_entropy against the float64 reference: every option, both backends.
+
+The oracle is ``cross_entropy_reference(x @ W.T + b, ...)`` on float64 copies of the same
+(dtype-rounded) inputs, differentiated by autograd, with random upstream gradients. The CPU grid
+uses tiny shapes (N=12, D=16, V=37) and a forced chunk of 5 rows, so that chunk boundaries with N
+not a multiple of the chunk are hit; the Triton kernel runs on it through the interpreter (with
+small forced blocks, V=37 takes two). The GPU grid at real sizes carries ``@pytest.mark.gpu``.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import TOL, rel_err
+
+import triton_xent
+from triton_xent import CrossEntropyInputError, linear_cross_entropy
+from triton_xent.backends.torch_linear import default_chunk_rows
+from triton_xent.dispatch import kernel_gap
+from triton_xent.reference import cross_entropy_reference
+
+IGNORE = -100
+N, D, V = 12, 16, 37
+CHUNK = 5
+# The interpreter runs one program per row, serially (~0.05 s each): kernel tests use 7 rows in
+# chunks of 3 (3 + 3 + 1).
+ROWS = {"torch": ((N,), CHUNK), "triton": ((7,), 3)}
+
+_TRITON_GAP = kernel_gap(torch.empty(1, 1), probs=False)
+BACKENDS = [
+    "torch",
+    pytest.param("triton", marks=pytest.mark.skipif(_TRITON_GAP is not None,
+                                                    reason=f"Triton kernel unavailable: {_TRITON_GAP}")),
+]
+
+
+@pytest.fixture(autouse=True)
+def _small(small_blocks):
+    """Small kernel blocks and torch CE chunks for every test here (see conftest.py)."""
+    yield
+
+
+def _problem(batch=(N,), dtype=torch.float32, *, d=D, v=V, ignore_frac=0.25, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*batch, d, generator=g).to(dtype)
+    w = (torch.randn(v, d, generator=g) * 2 / d**0.5).to(dtype)
+    b = torch.randn(v, generator=g).to(dtype) if bias else None
+    t = torch.randint(0, v, batch, generator=g)
+    t = torch.where(torch.rand(batch, generator=g) < ignore_frac, torch.full_like(t, IGNORE), t)
+    return x, w, b, t
+
+
+def _reference(x, w, b, t, reduction, **kw):
+    logits = x @ w.T + (b if b is not None else 0)
+    out = cross_entropy_reference(logits.reshape(-1, w.shape[0]), t.reshape(-1),
+                                  reduction=reduction, **kw)
+    return out.view(t.shape) if reduction == "none" else out
+
+
+def check(x, w, b, t, *, needs=(True, True, True), reduction="mean", backend="torch",
+          chunk_size=None, tol=None, seed=1, **kw):
+    """Runs both, with a random upstream gradient, and asserts loss and gradients agree."""
+    dtype = x.dtype
+    tol_loss, tol_grad = tol or TOL[dtype]
+    leaves = [x, w, b]
+    ours = [None if a is None else a.detach().clone().requires_grad_(n) for a, n in zip(leaves, needs)]
+    refs = [None if a is None else a.detach().double().requires_grad_(n) for a, n in zip(leaves, needs)]
+    weight = kw.pop("weight", None)
+    only_ours = {k: kw.pop(k) for k in ("skip_ignored", "chunk_bytes") if k in kw}
+    if chunk_size is None and "chunk_bytes" not in only_ours:
+        chunk_size = ROWS[backend][1]
+    out = linear_cross_entropy(ours[0], ours[1], t, linear_bias=ours[2], weight=weight,
+                               reduction=reduction, backend=backend, chunk_size=chunk_size,
+                               **only_ours, **kw)
+    ref = _reference(*refs, t, reduction, weight=None if weight is None else weight.double(), **kw)
+    assert out.dtype == dtype and out.shape == ref.shape
+    e = rel_err(out, ref)
+    assert e <= tol_loss, f"loss rel err {e:.3g} > {tol_loss}"
+    pairs = [(o, r) for o, r in zip(ours, refs) if o is not None and o.requires_grad]
+    if not pairs:
+        assert not out.requires_grad
+        return out, ref
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    if ref.dim() == 0:
+        g = g + 2
+    got = torch.autograd.grad(out, [o for o, _ in pairs], g.to(out.dtype))
+    want = torch.autograd.grad(ref, [r for _, r in pairs], g)
+    for name, a, b_ in zip(("input", "weight", "bias"), got, want):
+        assert a.dtype == dtype and a.shape == b_.shape
+        e = rel_err(a, b_)
+        assert e <= tol_grad, f"d{name} rel err {e:.3g} > {tol_grad}"
+    return out, ref
+
+
+OPTIONS = [
+    pytest.param({}, id="plain"),
+    pytest.param({"label_smoothing": 0.15}, id="smooth"),
+    pytest.param({"weight": True}, id="weight"),
+    pytest.param({"weight": True, "label_smoothing": 0.3}, id="weight-smooth"),
+    pytest.param({"z_loss": 1e-2}, id="zloss"),
+    pytest.param({"softcap": 4.0}, id="softcap"),
+    pytest.param({"softcap": 4.0, "z_loss": 1e-3, "label_smoothing": 0.1, "weight": True}, id="all"),
+]
+
+
+def _opts(opts, dtype=torch.float32):
+    kw = dict(opts)
+    if kw.get("weight"):
+        kw["weight"] = (torch.rand(V, generator=torch.Generator().manual_seed(3)) + 0.5).to(dtype)
+    return kw
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("opts", OPTIONS)
+def test_options_fp64_torch(opts, reduction):
+    x, w, b, t = _problem(dtype=torch.float64)
+    check(x, w, b, t, reduction=reduction, **_opts(opts, torch.float64))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("opts", OPTIONS)
+def test_options_fp32_torch(opts, reduction):
+    x, w, b, t = _problem()
+    check(x, w, b, t, reduction=reduction, **_opts(opts))
+
+
+# Every option with "mean"; "none" (the recomputing backward) and "sum" (the scale only differs)
+# with all of them on.
+TRITON_CASES = [pytest.param(o.values[0], "mean", id=f"{o.id}-mean") for o in OPTIONS]
+TRITON_CASES += [pytest.param(OPTIONS[-1].values[0], r, id=f"all-{r}") for r in ("sum", "none")]
+TRITON_CASES.append(pytest.param({}, "none", id="plain-none"))
+
+
+@pytest.mark.parametrize("opts, reduction", TRITON_CASES)
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+def test_options_fp32_triton(backend, opts, reduction):
+    x, w, b, t = _problem(ROWS[backend][0])
+    check(x, w, b, t, reduction=reduction, backend=backend, **_opts(opts))
+
+
+SUBSETS = [s for s in itertools.product([True, False], repeat=3)]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("needs", SUBSETS, ids=lambda s: "".join("xwb"[i] if f else "-" for i, f in enumerate(s)))
+def test_requires_grad_subsets(needs, reduction):
+    x, w, b, t = _problem(dtype=torch.float64)
+    check(x, w, b, t, needs=needs, reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, True), (False, False, True)],
+                         ids=["x", "wb", "b"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_requires_grad_subsets_fp32(backend, needs):
+    x, w, b, t = _problem(ROWS[backend][0])
+    check(x, w, b, t, needs=needs, backend=backend, softcap=5.0)
+    check(x, w, b, t, needs=needs, backend=backend, reduction="none")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_3d_input_and_views(backend):
+    x, w, b, t = _problem(batch=(3, 4) if backend == "torch" else (2, 3))  # (B, T, D)
+    check(x, w, b, t, backend=backend, reduction="none", label_smoothing=0.1)
+    check(x, w, None, t, backend=backend)
+    # A non-contiguous (T, B, D) view, and a 1-D input with a 0-d target.
+    check(x.transpose(0, 1), w, b, t.transpose(0, 1), backend=backend, reduction="none")
+    check(x[0, 0], w, b, t.flatten()[1], backend=backend, reduction="sum")
+
+
+@pytest.mark.parametrize("skip_ignored", [True, False])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on inf * 0
+def test_all_rows_ignored(backend, skip_ignored):
+    x, w, b, t = _problem(ROWS[backend][0], ignore_frac=1.0)
+    for reduction in ("mean", "sum", "none") if backend == "torch" else ("mean", "none"):
+        out, _ = check(x, w, b, t, reduction=reduction, backend=backend, skip_ignored=skip_ignored,
+                       z_loss=1e-2, label_smoothing=0.1)
+        if reduction == "mean":
+            assert torch.isnan(out)  # 0/0, as in PyTorch
+    # Gradients are zeros (not NaN) even for the NaN mean.
+    xs = x.clone().requires_grad_()
+    linear_cross_entropy(xs, w, t, linear_bias=b, backend=backend, skip_ignored=skip_ignored).backward()
+    assert torch.equal(xs.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skip_ignored_off_and_chunk_sizes(backend):
+    x, w, b, t = _problem(ROWS[backend][0], ignore_frac=0.5)
+    for chunk in (2, 64) if backend == "triton" else (1, 5, 12, 64):
+        check(x, w, b, t, backend=backend, chunk_size=chunk, skip_ignored=False, z_loss=1e-3)
+    check(x, w, b, t, backend=backend, chunk_size=None, chunk_bytes=4 * V * 3)  # 3 fp32 rows
+
+
+def test_aux_lse():
+    x, w, b, t = _problem(dtype=torch.float64)
+    loss, aux = linear_cross_entropy(x, w, t, linear_bias=b, return_aux=True, z_loss=1e-2,
+                                     chunk_size=CHUNK, reduction="none")
+    _, lse, z = cross_entropy_reference(x @ w.T + b, t, z_loss=1e-2, return_aux=True)
+    keep = t != IGNORE
+    assert torch.allclose(aux.lse[keep], lse[keep]) and torch.all(aux.lse[~keep] == 0)
+    assert torch.allclose(aux.z_loss.sum() / keep.sum(), z) and aux.z_loss.shape == (N,)
+    _, aux = linear_cross_entropy(x, w, t, linear_bias=b, return_aux=True, skip_ignored=False)
+    assert torch.allclose(aux.lse, lse)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision(backend, dtype):
+    x, w, b, t = _problem(ROWS[backend][0], dtype=dtype)
+    check(x, w, b, t, backend=backend, label_smoothing=0.1)
+    check(x, w, b, t, backend=backend, reduction="none", softcap=4.0)
+
+
+def test_bf16_fp32_dw_accumulation():
+    """Many chunks of one row each: summing them in bf16 drifts, fp32 accumulation does not."""
+    n, d, v = 128, 8, 5
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g).to(torch.bfloat16)
+    w = torch.randn(v, d, generator=g).to(torch.bfloat16).requires_grad_()
+    t = torch.randint(0, v, (n,), generator=g)
+    w64 = w.detach().double().requires_grad_()
+    _reference(x.double(), w64, None, t, "sum").backward()
+
+    errs = {}
+    for acc in (None, torch.bfloat16):
+        w.grad = None
+        linear_cross_entropy(x, w, t, reduction="sum", chunk_size=1, accum_dtype=acc,
+                             backend="torch").backward()
+        assert w.grad.dtype == torch.bfloat16
+        errs[acc] = rel_err(w.grad, w64.grad)
+    assert errs[None] <= 8e-3  # one bf16 rounding of the final sum
+    assert errs[torch.bfloat16] > 2 * errs[None], errs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fullgraph_compile(backend):
+    torch._dynamo.reset()
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(D, D)
+            self.head = torch.nn.Linear(D, V)
+
+        def forward(self, h, t, reduction):
+            z = torch.tanh(self.body(h))
+            loss = linear_cross_entropy(z, self.head.weight, t, linear_bias=self.head.bias,
+                                        reduction=reduction, label_smoothing=0.1,
+                                        backend=backend, chunk_size=CHUNK)
+            return loss if reduction != "none" else (loss * torch.arange(loss.numel())).sum()
+
+    torch.manual_seed(0)
+    m = LM()
+    h, t = torch.randn(N, D), _problem()[3]
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    # One graph each (compiling is the slow part): "none" runs the backward op, "mean" the
+    # gradients saved by the forward.
+    for reduction in ("none",) if backend == "torch" else ("mean",):
+        loss = compiled(h, t, reduction)
+        loss.backward()
+        grads = [p.grad.clone() for p in m.parameters()]
+        m.zero_grad()
+        z = torch.tanh(m.body(h))
+        ref = F.cross_entropy(m.head(z), t, label_smoothing=0.1, reduction=reduction)
+        ref = ref if reduction != "none" else (ref * torch.arange(ref.numel())).sum()
+        ref.backward()
+        assert torch.allclose(loss, ref, atol=1e-5)
+        for a, p in zip(grads, m.parameters()):
+            assert torch.allclose(a, p.grad, atol=1e-5)
+        m.zero_grad()
+
+
+def test_opcheck_custom_ops():
+    from triton_xent.linear import linear_cross_entropy_rows, linear_cross_entropy_rows_backward
+
+    x, w, b, t = _problem()
+    x.requires_grad_()
+    w.requires_grad_()
+    b.requires_grad_()
+    cfg = (IGNORE, "mean", 0.1, 1e-3, 3.0, "torch", True, True, True, CHUNK, True, True)
+    torch.library.opcheck(linear_cross_entropy_rows, (x, w, b, t, None) + cfg)
+    cfg_none = (IGNORE, "none") + cfg[2:]
+    torch.library.opcheck(linear_cross_entropy_rows, (x, w, None, t, torch.rand(V)) + cfg_none)
+    torch.library.opcheck(linear_cross_entropy_rows_backward,
+                          (torch.randn(N), x.detach(), w.detach(), b.detach(), t, None) + cfg_none)
+
+
+def test_matches_torch_native_and_module():
+    x, w, b, t = _problem()
+    ref = F.linear_cross_entropy(x, w, t, linear_bias=b, label_smoothing=0.1)
+    kw = dict(linear_bias=b, label_smoothing=0.1, backend="torch")
+    assert torch.allclose(linear_cross_entropy(x, w, t, **kw), ref, rtol=1e-5)
+    # ignore_index=None means -100, as in torch
+    assert torch.allclose(linear_cross_entropy(x, w, t, ignore_index=None, **kw), ref, rtol=1e-5)
+
+    torch.manual_seed(0)
+    ours = triton_xent.LinearCrossEntropyLoss(D, V, bias=True, label_smoothing=0.1, chunk_size=CHUNK,
+                                              backend="torch")
+    torch.manual_seed(0)
+    theirs = torch.nn.LinearCrossEntropyLoss(D, V, bias=True, label_smoothing=0.1)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    ours.load_state_dict(theirs.state_dict())
+    a, c = ours(x, t), theirs(x, t)
+    a.backward()
+    c.backward()
+    assert torch.allclose(a, c, rtol=1e-5)
+    assert torch.allclose(ours.linear.weight.grad, theirs.linear.weight.grad, atol=1e-6)
+    assert torch.allclose(ours.linear.bias.grad, theirs.linear.bias.grad, atol=1e-6)
+
+
+def test_probability_targets_run_unfused():
+    x, w, b, _ = _problem(batch=(3, 4), dtype=torch.float64)
+    q = torch.softmax(torch.randn(3, 4, V, dtype=torch.float64), -1)
+    xs = x.clone().requires_grad_()
+    out = linear_cross_entropy(xs, w, q, linear_bias=b, reduction="none", label_smoothing=0.1)
+    ref = F.cross_entropy((x @ w.T + b).reshape(-1, V), q.reshape(-1, V), reduction="none",
+                          label_smoothing=0.1).view(3, 4)
+    assert out.shape == (3, 4) and torch.allclose(out, ref)
+
+
+def test_second_backward_raises_and_no_grad():
+    x, w, b, t = _problem()
+    xs = x.clone().requires_grad_()
+    loss = linear_cross_entropy(xs, w, t, backend="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+    with torch.no_grad():
+        assert not linear_cross_entropy(xs, w, t, backend="torch").requires_grad
+
+
+def test_autocast_cpu():
+    x, w, b, t = _problem()
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_cross_entropy(xs, ws, t, backend="torch")
+    out.backward()
+    assert out.dtype == torch.float32 and ws.grad.dtype == torch.float32
+    x16, w16 = x.bfloat16().double().requires_grad_(), w.bfloat16().double().requires_grad_()
+    ref = _reference(x16, w16, None, t, "mean")
+    ref.backward()
+    assert rel_err(out, ref) < 1e-2 and rel_err(ws.grad, w16.grad) < 2e-2
+
+
+def test_errors():
+    x, w, b, t = _problem()
+    with pytest.raises(CrossEntropyInputError, match="transposed"):
+        linear_cross_entropy(x, torch.randn(D, V), t)
+    with pytest.raises(CrossEntropyInputError, match="Expected target shape"):
+        linear_cross_entropy(x, w, t[:5])
+    with pytest.raises(CrossEntropyInputError, match="squeeze"):
+        linear_cross_entropy(x, w, t.unsqueeze(1))
+    with pytest.raises(CrossEntropyInputError, match="dtype|bfloat16"):
+        linear_cross_entropy(x, w.bfloat16(), t)
+    with pytest.raises(CrossEntropyInputError, match="linear_bias"):
+        linear_cross_entropy(x, w, t, linear_bias=torch.randn(V + 1))
+    with pytest.raises(CrossEntropyInputError, match="not both"):
+        linear_cross_entropy(x, w, t, chunk_size=4, chunk_bytes=1 << 20)
+    with pytest.raises(CrossEntropyInputError, match="accum_dtype"):
+        linear_cross_entropy(x, w, t, accum_dtype=torch.float16)
+    with pytest.raises(CrossEntropyInputError, match="out of bounds"):
+        linear_cross_entropy(x, w, torch.full_like(t, V))
+
+
+def test_default_chunk_rows():
+    assert default_chunk_rows(65536, torch.float32) == 512
+    assert default_chunk_rows(128256, torch.bfloat16) == 512
+    assert default_chunk_rows(32000, torch.bfloat16) == 2048
+    assert default_chunk_rows(10, torch.float32, chunk_bytes=100) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: real sizes (skipped without CUDA).
+
+GPU_CASES = [
+    pytest.param(4096, 2048, 50257, torch.bfloat16, {}, id="N4k-D2k-V50257-bf16"),
+    pytest.param(4096, 4096, 128256, torch.bfloat16, {"label_smoothing": 0.1, "z_loss": 1e-4},
+                 id="N4k-D4k-V128k-bf16-smooth-z"),
+    pytest.param(2048, 1024, 32000, torch.float32, {"softcap": 30.0}, id="N2k-D1k-V32k-fp32-softcap"),
+    pytest.param(3000, 2048, 65536, torch.float16, {"reduction": "none"}, id="N3000-D2k-V64k-fp16-none"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, d, v, dtype, kw", GPU_CASES)
+def test_gpu_grid(n, d, v, dtype, kw):
+    """Errors no worse than the same-dtype unfused torch computation (plus a small margin), and
+    peak memory within the documented budget: dW (and its fp32 accumulator for 16-bit weights),
+    dX, one 128 MiB logits chunk, slack."""
+    dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(n, d, device=dev, generator=g).to(dtype)
+    w = (torch.randn(v, d, device=dev, generator=g) / d**0.5).to(dtype)
+    t = torch.randint(0, v, (n,), device=dev, generator=g)
+    t[::3] = IGNORE
+    kw = dict(kw)
+    reduction = kw.pop("reduction", "mean")
+    up = torch.randn(n, device=dev, generator=g) if reduction == "none" else None
+
+    def run(fn, xx, ww):
+        xx, ww = xx.detach().clone().requires_grad_(), ww.detach().clone().requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn(xx, ww)
+        out.backward(up.to(out.dtype) if up is not None else None)
+        torch.cuda.synchronize()
+        return out.detach(), xx.grad, ww.grad, torch.cuda.max_memory_allocated() - base
+
+    ours = run(lambda a, c: linear_cross_entropy(a, c, t, reduction=reduction, **kw), x, w)
+    same = run(lambda a, c: cross_entropy_reference(a @ c.T, t, reduction=reduction, **kw), x, w)
+    exact = run(lambda a, c: cross_entropy_reference(a @ c.T, t, reduction=reduction, **kw),
+                x.double(), w.double())
+    for i, name in enumerate(("loss", "dX", "dW")):
+        e_ours, e_same = rel_err(ours[i], exact[i]), rel_err(same[i], exact[i])
+        assert e_ours <= 2 * e_same + 1e-4, f"{name}: ours {e_ours:.3g}, same-dtype torch {e_same:.3g}"
+    isz = x.element_size()
+    budget = v * d * (isz + (4 if isz == 2 else 0)) + n * d * isz + (128 << 20) + (256 << 20)
+    assert ours[3] <= budget, f"peak memory {ours[3] / 2**20:.0f} MiB > {budget / 2**20:.0f} MiB"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_fp32_dw_accumulation(dtype):
+    """The fused fp32-output GEMM (or its blocked fallback) adds bf16/fp16 products into fp32."""
+    from triton_xent.backends.torch_linear import _accumulate_dw
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    acc = torch.randn(3000, 256, device="cuda", generator=g)
+    dl = torch.randn(64, 3000, device="cuda", generator=g).to(dtype)
+    xc = torch.randn(64, 256, device="cuda", generator=g).to(dtype)
+    want = acc.double() + dl.double().T @ xc.double()
+    _accumulate_dw(acc, dl, xc, first=False)
+    assert rel_err(acc, want) < 1e-5
+
+
+@pytest.mark.gpu
+def test_gpu_skip_ignored_off_matches():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(1000, 512, device="cuda", generator=g, dtype=torch.bfloat16)
+    w = torch.randn(50257, 512, device="cuda", generator=g, dtype=torch.bfloat16) / 512**0.5
+    t = torch.randint(0, 50257, (1000,), device="cuda", generator=g)
+    t[t % 2 == 0] = IGNORE
+    outs = []
+    for skip in (True, False):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = linear_cross_entropy(xs, ws, t, skip_ignored=skip, chunk_size=256)
+        loss.backward()
+        outs.append((loss, xs.grad, ws.grad))
+    for a, c in zip(*outs):
+        assert rel_err(a, c) < 1e-2
