@@ -83,17 +83,18 @@ def ce_forward(
             s_wx = (x.to(cdt) @ w) if w is not None else x.sum(1, dtype=cdt)
 
         # One fused softmax (ATen's vectorised kernel) gives p; the row max gives lse exactly:
-        # p at the arg-max is exp(0) / sum, so lse = max - log(p[argmax]), with p[argmax] >= 1/V
-        # (no underflow). The softmax goes straight into the gradient slice when that holds
-        # cdt, in place over the logits too (everything read from x was read above).
-        m, arg = x.max(1, keepdim=True)
+        # p's own max sits at x's arg-max and is exp(0) / sum, so lse = max(x) - log(max(p)),
+        # with max(p) >= 1/V (no underflow). amax is cheaper than max-with-indices + gather.
+        # The softmax goes straight into the gradient slice when that holds cdt, in place over
+        # the logits too (everything read from x was read above).
+        m = x.amax(1, keepdim=True)
         direct = grad is not None and grad.dtype == cdt
         if direct:
             p = grad[s:e]
             torch.softmax(x, 1, out=p) if x.dtype == cdt else p.copy_(torch.softmax(x, 1, dtype=cdt))
         else:
             p = torch.softmax(x, 1, dtype=cdt)
-        lse = (m.to(cdt) - p.gather(1, arg).log()).squeeze(1)
+        lse = (m.to(cdt) - p.amax(1, keepdim=True).log()).squeeze(1)
 
         ce = (1.0 - eps) * w_t * (lse - x_t)
         if eps > 0.0:
