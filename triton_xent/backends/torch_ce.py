@@ -34,6 +34,17 @@ def _row_factor(target, ignore_index, V, dtype):
     return f.masked_fill_(bad, float("nan")), target.clamp(0, max(V - 1, 0))
 
 
+def _outputs(logits: torch.Tensor, compute_grad: bool, inplace: bool):
+    """The compute dtype, the three per-row outputs and the gradient buffer (or None)."""
+    N = logits.shape[0]
+    cdt = _compute_dtype(logits.dtype)
+    rows = [torch.empty(N, dtype=cdt, device=logits.device) for _ in range(3)]
+    grad = None
+    if compute_grad:
+        grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
+    return cdt, *rows, grad
+
+
 def ce_forward(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -50,14 +61,7 @@ def ce_forward(
 ):
     """Class-index targets. Returns ``ce_rows, z_rows, lse, grad`` (see the Triton launcher)."""
     N, V = logits.shape
-    cdt = _compute_dtype(logits.dtype)
-    dev = logits.device
-    ce_rows = torch.empty(N, dtype=cdt, device=dev)
-    z_rows = torch.empty(N, dtype=cdt, device=dev)
-    lse_all = torch.empty(N, dtype=cdt, device=dev)
-    grad = None
-    if compute_grad:
-        grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
+    cdt, ce_rows, z_rows, lse_all, grad = _outputs(logits, compute_grad, inplace)
     eps = float(label_smoothing)
     w = weight.to(cdt) if weight is not None else None
     w_sum = w.sum() if w is not None else float(V)
@@ -143,14 +147,7 @@ def ce_forward_probs(
     """Class-probability targets ``(N, V)``: loss_i = -sum_c w_c q_ic log_softmax(x_i)_c with
     q = (1 - eps) * target + eps / V. Same outputs as :func:`ce_forward`."""
     N, V = logits.shape
-    cdt = _compute_dtype(logits.dtype)
-    dev = logits.device
-    ce_rows = torch.empty(N, dtype=cdt, device=dev)
-    z_rows = torch.empty(N, dtype=cdt, device=dev)
-    lse_all = torch.empty(N, dtype=cdt, device=dev)
-    grad = None
-    if compute_grad:
-        grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
+    cdt, ce_rows, z_rows, lse_all, grad = _outputs(logits, compute_grad, inplace)
     eps = float(label_smoothing)
     w = weight.to(cdt) if weight is not None else None
     sc = scales.to(cdt)
