@@ -229,3 +229,20 @@ def test_gradient_buffer_is_adopted_not_cloned(monkeypatch):
     x = torch.randn(64, 512, requires_grad=True)
     cross_entropy(x, torch.randint(0, 512, (64,)), backend="torch").backward()
     assert seen and x.grad.data_ptr() == seen[0]
+
+
+def test_loss_dtype_keeps_the_fp32_loss():
+    """bf16 logits: loss_dtype=torch.float32 returns the fp32 loss, unrounded; the gradient is
+    the same as with the default bf16 loss."""
+    x, t = _data((64, 300), torch.bfloat16, ignore_frac=0.1)
+    ref = F.cross_entropy(x.double(), t, reduction="sum")
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a = cross_entropy(xa, t, reduction="sum", backend="torch")
+    b = cross_entropy(xb, t, reduction="sum", backend="torch", loss_dtype=torch.float32)
+    assert a.dtype == torch.bfloat16 and b.dtype == torch.float32
+    assert abs(float(b) - float(ref)) < 1e-5 * float(ref) < abs(float(a) - float(ref))
+    a.backward()
+    b.backward()
+    assert torch.equal(xa.grad, xb.grad)
+    m = triton_xent.CrossEntropyLoss(loss_dtype=torch.float32)
+    assert m(x, t).dtype == torch.float32

@@ -453,3 +453,17 @@ def test_gpu_skip_ignored_off_matches():
         outs.append((loss, xs.grad, ws.grad))
     for a, c in zip(*outs):
         assert rel_err(a, c) < 1e-2
+
+
+def test_loss_dtype_float32():
+    """bf16 hidden states and head: loss_dtype=torch.float32 returns the loss unrounded."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 16, generator=g).bfloat16()
+    w = torch.randn(37, 16, generator=g).bfloat16()
+    t = torch.randint(0, 37, (40,), generator=g)
+    # The logits themselves come from a bf16 GEMM: the reference uses those, in float64.
+    ref = F.cross_entropy((x @ w.T).double(), t, reduction="sum")
+    out = linear_cross_entropy(x, w, t, reduction="sum", loss_dtype=torch.float32)
+    default = linear_cross_entropy(x, w, t, reduction="sum")
+    assert out.dtype == torch.float32 and default.dtype == torch.bfloat16
+    assert abs(float(out) - float(ref)) < 1e-5 * abs(float(ref)) < abs(float(default) - float(ref))

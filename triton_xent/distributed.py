@@ -446,6 +446,7 @@ def vocab_parallel_cross_entropy(
     process_group: dist.ProcessGroup | None = None,
     backend: str | None = None,
     validate: bool | None = None,
+    loss_dtype: torch.dtype | None = None,
 ):
     """Cross-entropy of logits sharded along the vocabulary over ``process_group``.
 
@@ -481,16 +482,16 @@ def vocab_parallel_cross_entropy(
         return cross_entropy(
             input, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss,
             softcap=softcap, return_aux=return_aux, inplace_backward=inplace_backward,
-            backend=backend, validate=validate,
+            backend=backend, validate=validate, loss_dtype=loss_dtype,
         )
     return _vp_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
                              z_loss, softcap, return_aux, inplace_backward, process_group, backend,
-                             validate)
+                             validate, loss_dtype)
 
 
 @_eager
 def _vp_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                      softcap, return_aux, inplace_backward, group, backend, validate):
+                      softcap, return_aux, inplace_backward, group, backend, validate, loss_dtype):
     error = p = logits = None
     try:
         p, logits, backend_name = _prepare_ce(input, target, weight, ignore_index, reduction,
@@ -541,7 +542,7 @@ def _vp_cross_entropy(input, target, weight, ignore_index, reduction, label_smoo
     if reduction == "none":
         loss = loss.view(p.batch_shape)
         z_term = z_term.view(p.batch_shape)
-    loss = loss.to(input.dtype)
+    loss = loss.to(loss_dtype or input.dtype)
     if return_aux:
         from .functional import CrossEntropyAux
 
@@ -607,6 +608,7 @@ def vocab_parallel_linear_cross_entropy(
     process_group: dist.ProcessGroup | None = None,
     backend: str | None = None,
     validate: bool | None = None,
+    loss_dtype: torch.dtype | None = None,
 ):
     """``cross_entropy(input @ linear_weight.T + linear_bias, target)`` with the output projection
     sharded along the vocabulary over ``process_group`` (Megatron's vocab-parallel LM head).
@@ -645,7 +647,7 @@ def vocab_parallel_linear_cross_entropy(
         ignore_index=-100 if ignore_index is None else ignore_index,
         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, return_aux=return_aux,
         chunk_size=chunk_size, chunk_bytes=chunk_bytes, accum_dtype=accum_dtype,
-        skip_ignored=skip_ignored, backend=backend, validate=validate,
+        skip_ignored=skip_ignored, backend=backend, validate=validate, loss_dtype=loss_dtype,
     )
     if _world_size(process_group) == 1:
         from .linear import linear_cross_entropy
@@ -699,7 +701,7 @@ class _LinearStep:
 def _vp_linear_cross_entropy(input, linear_weight, target, *, linear_bias, weight, reduction,
                              ignore_index, label_smoothing, z_loss, softcap, return_aux,
                              chunk_size, chunk_bytes, accum_dtype, skip_ignored, group, backend,
-                             validate):
+                             validate, loss_dtype):
     from .backends.torch_linear import linear_ce_chunks
     from .linear import _no_autocast
 
@@ -711,7 +713,7 @@ def _vp_linear_cross_entropy(input, linear_weight, target, *, linear_bias, weigh
     except _LOCAL_ERRORS as exc:  # raised on every rank, after the exchange below
         error = exc
     device = input.device if isinstance(input, torch.Tensor) else torch.device("cpu")
-    out_dtype = input.dtype if isinstance(input, torch.Tensor) else None
+    out_dtype = loss_dtype or (input.dtype if isinstance(input, torch.Tensor) else None)
     eps, z_loss = float(label_smoothing), float(z_loss)
     softcap = None if softcap is None else float(softcap)
     grad_on = torch.is_grad_enabled()

@@ -50,6 +50,7 @@ def cross_entropy(
     backend: str | None = None,
     validate: bool | None = None,
     process_group=None,
+    loss_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, CrossEntropyAux]:
     """Cross-entropy between logits and targets, a drop-in for ``F.cross_entropy``.
 
@@ -81,6 +82,9 @@ def cross_entropy(
             (vocabulary parallelism): ``input`` then holds this rank's contiguous shard of the
             class dimension, in rank order, and ``weight`` the matching shard; ``target`` holds
             global class ids, the same on every rank. See :mod:`triton_xent.distributed`.
+        loss_dtype: dtype of the returned loss; default the input's, as PyTorch. The loss is
+            computed in fp32 either way: ``torch.float32`` keeps it unrounded for bf16 logits
+            (what a logged loss, or a sum later divided by a token count, wants).
 
     Returns:
         The loss (0-d, or shaped like the target for ``"none"``), and the aux tuple when asked.
@@ -100,6 +104,7 @@ def cross_entropy(
             input, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss,
             softcap=softcap, return_aux=return_aux, inplace_backward=inplace_backward,
             process_group=process_group, backend=backend, validate=validate,
+            loss_dtype=loss_dtype,
         )
     p = _prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
                  validate)
@@ -119,7 +124,7 @@ def cross_entropy(
     if reduction == "none":
         loss = loss.view(p.batch_shape)
         z_term = z_term.view(p.batch_shape)
-    loss = loss.to(input.dtype)
+    loss = loss.to(loss_dtype or input.dtype)
     if return_aux:
         return loss, CrossEntropyAux(lse.view(p.batch_shape), z_term)
     return loss

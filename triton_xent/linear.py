@@ -405,6 +405,7 @@ def linear_cross_entropy(
     backend: str | None = None,
     validate: bool | None = None,
     process_group=None,
+    loss_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, CrossEntropyAux]:
     """``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` without the logits.
 
@@ -452,6 +453,8 @@ def linear_cross_entropy(
             shard of the vocabulary, in rank order; ``input`` and ``target`` are the same on
             every rank, and every rank gets the full gradient of ``input``. See
             :mod:`triton_xent.distributed`.
+        loss_dtype: dtype of the returned loss; default the input's (before autocast). It is
+            computed in fp32 either way; ``torch.float32`` returns it unrounded.
 
     Returns:
         The loss (0-d, or shaped like ``target`` for ``"none"``) in the input's dtype (its dtype
@@ -475,15 +478,16 @@ def linear_cross_entropy(
             z_loss=z_loss, softcap=softcap, return_aux=return_aux, chunk_size=chunk_size,
             chunk_bytes=chunk_bytes, accum_dtype=accum_dtype, skip_ignored=skip_ignored,
             process_group=process_group, backend=backend, validate=validate,
+            loss_dtype=loss_dtype,
         )
     if ignore_index is None:
         ignore_index = -100
     V.check_options(reduction, label_smoothing, z_loss, softcap, ignore_index)
-    out_dtype = input.dtype if isinstance(input, torch.Tensor) else None
+    out_dtype = loss_dtype or (input.dtype if isinstance(input, torch.Tensor) else None)
     if isinstance(input, torch.Tensor):
         input, linear_weight, linear_bias = _autocast(input, linear_weight, linear_bias)
     extras = dict(z_loss=z_loss, softcap=softcap, return_aux=return_aux, backend=backend,
-                  validate=validate)
+                  validate=validate, loss_dtype=loss_dtype)
     if isinstance(target, torch.Tensor) and target.is_floating_point():
         _check_linear(input, linear_weight, linear_bias, target)
         return _linear_probs(input, linear_weight, target, linear_bias, weight, reduction,

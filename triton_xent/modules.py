@@ -31,10 +31,12 @@ class CrossEntropyLoss(nn.Module):
         backend: str | None = None,
         validate: bool | None = None,
         process_group=None,
+        loss_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
         self.process_group = process_group
+        self.loss_dtype = loss_dtype
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
@@ -50,7 +52,7 @@ class CrossEntropyLoss(nn.Module):
             input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
             z_loss=self.z_loss, softcap=self.softcap, return_aux=self.return_aux,
             inplace_backward=self.inplace_backward, backend=self.backend, validate=self.validate,
-            process_group=self.process_group,
+            process_group=self.process_group, loss_dtype=self.loss_dtype,
         )
 
     def extra_repr(self) -> str:
@@ -92,6 +94,7 @@ class LinearCrossEntropyLoss(nn.Module):
         backend: str | None = None,
         validate: bool | None = None,
         process_group=None,
+        loss_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
@@ -110,6 +113,7 @@ class LinearCrossEntropyLoss(nn.Module):
         self.backend = backend
         self.validate = validate
         self.process_group = process_group
+        self.loss_dtype = loss_dtype
 
     def forward(self, input: torch.Tensor, target: torch.Tensor):
         from .linear import linear_cross_entropy
@@ -120,7 +124,7 @@ class LinearCrossEntropyLoss(nn.Module):
             label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
             return_aux=self.return_aux, chunk_size=self.chunk_size, chunk_bytes=self.chunk_bytes,
             accum_dtype=self.accum_dtype, skip_ignored=self.skip_ignored, backend=self.backend,
-            validate=self.validate, process_group=self.process_group,
+            validate=self.validate, process_group=self.process_group, loss_dtype=self.loss_dtype,
         )
 
     def extra_repr(self) -> str:

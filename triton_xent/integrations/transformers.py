@@ -160,7 +160,7 @@ def causal_lm_loss(
     target = _shift(labels, shift_labels, ignore_index).to(logits.device)
     loss = cross_entropy(
         logits.reshape(-1, vocab_size), target, ignore_index=ignore_index,
-        reduction="mean" if num_items_in_batch is None else "sum",
+        reduction="mean" if num_items_in_batch is None else "sum", loss_dtype=torch.float32,
     )
     return _normalize(loss, num_items_in_batch)
 
@@ -230,6 +230,7 @@ def _fused_forward(class_forward, linear_ce, *, softcap: bool):
         loss = linear_ce(
             hidden, weight, target, linear_bias=bias, ignore_index=ignore_index,
             reduction="mean" if num_items_in_batch is None else "sum", softcap=cap,
+            loss_dtype=torch.float32,  # as transformers: an fp32 loss, not a bf16-rounded sum
         )
         loss = _normalize(loss, num_items_in_batch)
         out = output_cls(loss=loss, logits=None, **{k: getattr(outputs, k, None) for k in passthrough})
