@@ -176,10 +176,13 @@ def _write_grad_chunk(
         coef_p += z_scale * 2.0 * z_loss * lse  # d(z_loss * lse^2)/dx_c = 2 z_loss lse p_c
     coef_t = ce_scale * one_minus_eps * w_t
     coef_w = ce_scale * (label_smoothing / V)
+    # An ignored row's gradient is zero whatever its logits: skip reading them again (masked-off
+    # lanes move no data). Where many targets are ignored (prompt tokens) this saves bandwidth.
+    read_end = tl.where(is_ignored, start, end)
     for off in range(start, end, BLOCK_V):
         cols = off + tl.arange(0, BLOCK_V)
         mask = cols < end
-        x, dcap = _load_block(row_ptr, cols, mask, softcap, HAS_SOFTCAP)
+        x, dcap = _load_block(row_ptr, cols, cols < read_end, softcap, HAS_SOFTCAP)
         p = tl.exp(x - lse)
         g = p * coef_p
         if HAS_SMOOTHING:
