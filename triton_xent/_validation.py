@@ -244,6 +244,30 @@ def prepare(
     return Problem(logits=logits, target=target, weight=weight, batch_shape=batch_shape, probs=probs)
 
 
+def check_inplace(input: torch.Tensor, logits: torch.Tensor) -> None:
+    """Refuses, before anything is written, the inputs an in-place gradient would corrupt."""
+    if logits.data_ptr() != input.data_ptr() or logits.shape != input.reshape(logits.shape).shape:
+        raise CrossEntropyInputError(
+            "inplace_backward=True needs the logits as rows (N, C) with a unit-stride class "
+            "dimension; this input needed a copy, so nothing would be saved. Pass "
+            "input.view(-1, C) of a contiguous (B, T, C) tensor, or drop inplace_backward."
+        )
+    base = input._base if input._base is not None else input
+    if input.is_leaf or (base.is_leaf and base.requires_grad):
+        raise CrossEntropyInputError(
+            "inplace_backward=True on a leaf tensor, or a view of one (a parameter or an input "
+            "created with requires_grad=True): its values would be overwritten by its own "
+            "gradient. Pass the "
+            "output of an op (e.g. the LM head's logits), or drop inplace_backward."
+        )
+    if torch._debug_has_internal_overlap(logits) != 0:
+        raise CrossEntropyInputError(
+            "inplace_backward=True on a tensor whose elements overlap in memory (an expand() or "
+            "as_strided() view): one element would receive several gradients. Pass a "
+            "contiguous tensor (.contiguous()), or drop inplace_backward."
+        )
+
+
 def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Raises if a class index (other than ``ignore_index``) is outside ``[0, C-1]``. Syncs."""
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))

@@ -7,8 +7,11 @@ from typing import NamedTuple
 import torch
 
 from . import _validation as V
-from .autograd import run_rows
-from .dispatch import BackendChoice, choose_backend
+from ._options import CEOptions
+from .autograd import run
+from .dispatch import BackendChoice, BackendUnavailableError, choose_backend
+from .parallel import KIND_CE, Shard, agree, ce_options, world_size
+from .pipeline import Call
 
 
 class CrossEntropyAux(NamedTuple):
@@ -24,15 +27,77 @@ class CrossEntropyAux(NamedTuple):
 
 
 def _prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-             validate):
+             validate, check_values=True):
     V.check_options(reduction, label_smoothing, z_loss, softcap, ignore_index)
     # Checking the range of class indices needs their values: free on the CPU, a host sync on
-    # an accelerator (only with validation on), impossible inside a torch.compile graph.
+    # an accelerator (only with validation on), impossible inside a torch.compile graph. With a
+    # process group the ids are global: checked after the ranks agree on the vocabulary.
     on_cpu = isinstance(input, torch.Tensor) and input.device.type == "cpu"
-    check_values = V.validation_requested(validate) or (
-        on_cpu and not torch.compiler.is_compiling()
-    )
+    check_values = check_values and (V.validation_requested(validate) or (
+        on_cpu and not torch.compiler.is_compiling()))
     return V.prepare(input, target, weight, ignore_index, check_values=check_values)
+
+
+_LOCAL_ERRORS = (V.CrossEntropyInputError, BackendUnavailableError, ValueError, TypeError)
+
+
+def _build_call(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                return_aux, inplace_backward, backend, validate, loss_dtype, divisor, logit_scale,
+                *, check_values: bool):
+    """Validates the arguments and normalises them to rows: ``(Call, Problem)``."""
+    V.check_logit_scale(logit_scale)
+    div_t, inv_div = V.check_divisor(
+        divisor, reduction, input.device if isinstance(input, torch.Tensor) else None)
+    if not check_values and isinstance(input, torch.Tensor) and input.dim() >= 1 and isinstance(
+            weight, torch.Tensor) and weight.dim() == 1:
+        c_local = input.shape[0] if input.dim() == 1 else input.shape[1]
+        if weight.shape[0] != c_local:  # sharded: a clearer message than the shape check's
+            raise V.CrossEntropyInputError(
+                f"weight has {weight.shape[0]} entries but this rank's logits have "
+                f"V_local={c_local} classes: with a process group, weight is this rank's shard of "
+                "the class weights (the same slice of the vocabulary as the logits).")
+    p = _prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                 validate if check_values else False, check_values=check_values)
+    if p.weight is not None and p.weight.requires_grad and torch.is_grad_enabled():
+        raise V.CrossEntropyInputError(
+            "weight requires grad, but cross-entropy is not differentiated with respect to the "
+            "class weights (PyTorch raises too: 'the derivative for weight is not implemented'). "
+            "Pass weight.detach()."
+        )
+    choice = choose_backend(p.logits, probs=p.probs, backend=backend)
+    logits = p.logits
+    if choice.backend == "triton" and logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    if inplace_backward and logits.requires_grad:
+        V.check_inplace(input, logits)
+    opts = CEOptions(ignore_index, reduction, float(label_smoothing), float(z_loss),
+                     None if softcap is None else float(softcap),
+                     None if logit_scale is None else float(logit_scale), inv_div,
+                     all_rows=bool(return_aux))
+    call = Call(logits, p.target, p.weight, div_t, opts, choice.backend, p.probs,
+                loss_dtype or input.dtype)
+    return call, p
+
+
+def _with_shard(call, group, error, input, target, validate):
+    """Agrees on the shard with the other ranks (raising there too on a local error) and checks
+    class ids against the global vocabulary."""
+    if torch.compiler.is_compiling():  # the op agrees at run time (see parallel.py)
+        return call._replace(shard=Shard(group, -1, -1, -1))
+    device = input.device if isinstance(input, torch.Tensor) else torch.device("cpu")
+    ok = call is not None
+    opts = call.opts if ok else None
+    options = ce_options(opts, divisor=call.divisor, weight=call.weight,
+                         probs=call.probs) if ok else ()
+    shard = agree(group, device, kind=KIND_CE, error=error,
+                  N=call.logits.shape[0] if ok else -1, V_local=call.logits.shape[1] if ok else -1,
+                  weight_len=call.weight.shape[0] if ok and call.weight is not None else -1,
+                  bias_len=-1, D=-1, dtype=call.logits.dtype if ok else None, options=options,
+                  validate=V.validation_requested(validate), target=call.target if ok else None)
+    on_cpu = device.type == "cpu" and not torch.compiler.is_compiling()
+    if (V.validation_requested(validate) or on_cpu) and not call.probs and call.target.numel():
+        V.check_target_range(call.target, shard.vocab_size, opts.ignore_index)
+    return call._replace(shard=shard)
 
 
 def cross_entropy(
@@ -105,45 +170,22 @@ def cross_entropy(
         >>> loss = triton_xent.cross_entropy(logits, target, label_smoothing=0.1)
         >>> loss.backward()
     """
-    V.check_logit_scale(logit_scale)
-    div_t, inv_div = V.check_divisor(
-        divisor, reduction, input.device if isinstance(input, torch.Tensor) else None)
-    if process_group is not None:
-        from .distributed import vocab_parallel_cross_entropy
-
-        if logit_scale is not None or divisor is not None:
-            raise V.CrossEntropyInputError(
-                "logit_scale and divisor are not supported with a process group yet: scale the "
-                "logits shard and divide the summed loss yourself."
-            )
-
-        # A group of one rank comes back here with process_group=None.
-        return vocab_parallel_cross_entropy(
-            input, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss,
-            softcap=softcap, return_aux=return_aux, inplace_backward=inplace_backward,
-            process_group=process_group, backend=backend, validate=validate,
-            loss_dtype=loss_dtype,
-        )
-    p = _prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                 validate)
-    choice = choose_backend(p.logits, probs=p.probs, backend=backend)
-    logits = p.logits
-    if choice.backend == "triton" and logits.stride(-1) != 1:
-        logits = logits.contiguous()
-    args = (logits, p.target, p.weight, ignore_index, reduction, float(label_smoothing),
-            float(z_loss), None if softcap is None else float(softcap), choice.backend, p.probs,
-            None if logit_scale is None else float(logit_scale), div_t, inv_div)
-    if inplace_backward and logits.requires_grad and logits.data_ptr() != input.data_ptr():
-        raise V.CrossEntropyInputError(
-            "inplace_backward=True needs the logits as rows (N, C) with a unit-stride class "
-            "dimension; this input needed a copy, so nothing would be saved. Pass "
-            "input.view(-1, C) of a contiguous (B, T, C) tensor, or drop inplace_backward."
-        )
-    loss, lse, z_term = run_rows(*args, inplace_backward)
+    group = process_group if world_size(process_group) > 1 else None
+    error = call = None
+    try:
+        call, p = _build_call(input, target, weight, ignore_index, reduction, label_smoothing,
+                              z_loss, softcap, return_aux, inplace_backward, backend, validate,
+                              loss_dtype, divisor, logit_scale, check_values=group is None)
+    except _LOCAL_ERRORS as exc:
+        if group is None:
+            raise
+        error = exc  # raised on every rank by the agreement below
+    if group is not None:
+        call = _with_shard(call, group, error, input, target, validate)
+    loss, lse, z_term, _ = run(call, inplace=bool(inplace_backward))
     if reduction == "none":
         loss = loss.view(p.batch_shape)
         z_term = z_term.view(p.batch_shape)
-    loss = loss.to(loss_dtype or input.dtype)
     if return_aux:
         return loss, CrossEntropyAux(lse.view(p.batch_shape), z_term)
     return loss
