@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default bench/results/<device-slug>/)")
     p.add_argument("--quick", action="store_true", help="fewer points, fewer repetitions")
     p.add_argument("--time-budget", type=float, metavar="S",
-                   help="stop starting new cases after S seconds (the rest is reported skipped)")
+                   help="start no provider run after S seconds (the rest is reported skipped)")
     p.add_argument("--threads", type=int, default=1, metavar="T",
                    help="CPU only: torch threads (default 1: on a machine shared with other "
                         "jobs, a second thread mostly waits for a core; 0: torch's default)")

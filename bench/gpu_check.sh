@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One call on a lent GPU: correctness at real sizes, then time and memory of ours against the
+# One call on a GPU machine: correctness at real sizes, then time and memory of ours against the
 # peers, in one run, as ratios that compare across cards. From the repository root:
 #
 #   bash bench/gpu_check.sh              # full: about 8 minutes (tests, then the GPU sweep)
@@ -41,6 +41,7 @@ if [ "$MODE" = quick ]; then BUDGET=${BUDGET:-240}; TEST_TIMEOUT=${TEST_TIMEOUT:
 else BUDGET=${BUDGET:-480}; TEST_TIMEOUT=${TEST_TIMEOUT:-180}; fi
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
+[ $DRY = 1 ] && trap 'rm -rf "$WORK"' EXIT  # a dry run leaves nothing behind but $OUT
 LOG=$WORK/gpu_check.log
 exec > >(tee "$LOG") 2>&1
 OUT_DIR=${OUT:-}
@@ -53,11 +54,12 @@ SITE=/tmp/site
 [ $DRY = 1 ] && SITE=$WORK/site  # a dry run touches nothing outside its scratch folder
 if ls .whl/*.whl >/dev/null 2>&1; then
     rm -rf "$SITE"
-    if "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl; then
-        export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
-    else
-        echo "peers: pip install from .whl/ failed: liger and cce will be skipped"
+    if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl; then
+        # pure-Python wheels are zip files that run from where they are unpacked
+        echo "peers: pip install from .whl/ failed; unpacking the wheels instead"
+        for whl in .whl/*.whl; do "$PY" -m zipfile -e "$whl" "$SITE"; done
     fi
+    export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 else
     echo "peers: no wheels in .whl/ (run bench/fetch_peers.sh where there is network and carry" \
          ".whl to this machine): liger and cce will be skipped"
@@ -106,9 +108,10 @@ fi
 left=$((BUDGET - SECONDS - 25))  # 25 s for plots, tables and packing
 [ $left -lt 30 ] && left=30
 echo "== sweep: python -m bench ${BENCH[*]} ${EXTRA[*]} --time-budget $left"
-# The bench stops starting cases after --time-budget; timeout (SIGINT: it keeps what it has,
-# then SIGKILL) only guards against a case that hangs.
-timeout -s INT -k 30 $((left + 120)) "$PY" -m bench "${BENCH[@]}" "${EXTRA[@]}" \
+# The bench starts no provider run after --time-budget (one run can go over it: a compilation
+# plus timing, under a minute); timeout (SIGINT: it keeps what it has, then SIGKILL) guards
+# against a run that hangs. Worst case, all in: BUDGET - 25 + 75 + 15 s, under 10 minutes.
+timeout -s INT -k 15 $((left + 75)) "$PY" -m bench "${BENCH[@]}" "${EXTRA[@]}" \
     --time-budget "$left" >"$WORK/bench.log" 2>"$WORK/bench.err"
 brc=$?
 grep -E "^(WARNING|memory of|interrupted|sweep stopped)" "$WORK/bench.log" | sort -u | head -n 20

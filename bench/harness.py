@@ -126,7 +126,7 @@ def run_sweep(series: list[Series], providers: list[str], *, opts: dict, memory:
 
     The copy and matmul rates are measured before and after the sweep; the fractions use the
     better of the two (a busy machine slows one of them down). Past ``deadline`` (a
-    ``time.time()`` value) the remaining cases are recorded as skipped, not run; Ctrl-C (or
+    ``time.time()`` value) the remaining runs are recorded as skipped, not run; Ctrl-C (or
     ``timeout -s INT``) does the same and keeps what was measured. ``on_case(res)`` runs after
     every case (the CLI rewrites the CSV there, so a run cut short still leaves its rows).
     """
@@ -145,10 +145,15 @@ def run_sweep(series: list[Series], providers: list[str], *, opts: dict, memory:
                 res.skip(None, op, name, f"not applicable to {op}", log)
 
     stop = ""
+    budget_out = "the time budget (--time-budget) ran out before this run"
+
+    def out_of_time() -> bool:
+        return deadline is not None and time.time() > deadline
+
     for case in cases:
         todo = [PROVIDERS[n] for n in providers if case.op in PROVIDERS[n].ops]
-        if not stop and deadline is not None and time.time() > deadline:
-            stop = "the time budget (--time-budget) ran out before this case"
+        if not stop and out_of_time():
+            stop = budget_out
         if stop:
             for prov in todo:
                 res.skip(case, case.op, prov.name, stop, lambda _m: None)
@@ -158,11 +163,15 @@ def run_sweep(series: list[Series], providers: list[str], *, opts: dict, memory:
             inputs = make_inputs(case)
             ref = _reference_loss(case, inputs)
             for prov in todo:
+                done.append(prov.name)
+                if out_of_time():  # checked per provider: a case can take minutes on a GPU
+                    stop = budget_out
+                    res.skip(case, case.op, prov.name, stop, lambda _m: None)
+                    continue
                 if progress:
                     progress(f"{case.label()} {prov.name}")
                 _run_one(res, case, prov, inputs, ref, member[case], opts, memory, min_reps,
                          cpu_budget, log)
-                done.append(prov.name)
                 _cleanup(case.device)
             del inputs
         except KeyboardInterrupt:
@@ -170,7 +179,7 @@ def run_sweep(series: list[Series], providers: list[str], *, opts: dict, memory:
             log(f"interrupted during {case.label()}: the remaining cases are recorded as skipped")
             timed = {r.provider for r in res.rows[n_rows:] if r.metric == "time"}
             for prov in todo:
-                if prov.name not in done and prov.name not in timed:
+                if prov.name not in done[:-1] and prov.name not in timed:
                     res.skip(case, case.op, prov.name, stop, lambda _m: None)
         _cleanup(case.device)
         if on_case:

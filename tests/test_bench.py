@@ -29,14 +29,24 @@ NS, VS, D = (16, 48), (1000, 3000), 32
 
 
 def _main(argv):
+    """``python -m bench`` in this process (for runs that time nothing: triton, if it gets
+    imported here, keeps the test session's TRITON_INTERPRET=1)."""
     from bench.cli import main
 
     buf = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("TRITON_INTERPRET", raising=False)  # time the torch backend, not the interpreter
-        with contextlib.redirect_stdout(buf):
-            rc = main(argv)
+    with contextlib.redirect_stdout(buf):
+        rc = main(argv)
     return rc, buf.getvalue()
+
+
+def _bench(argv):
+    """``python -m bench`` in a fresh process without TRITON_INTERPRET, so that triton_xent's
+    backend="auto" runs (its torch backend on CPU) and this session's triton stays in
+    interpreter mode (triton fixes that when it is first imported)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-m", "bench", *argv], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    return p.returncode, p.stdout + p.stderr
 
 
 def _read(out):
@@ -49,12 +59,12 @@ def _read(out):
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """``python -m bench`` in this process on a 2 x 2 grid of N and V (curves against V and
-    against N) for both ops; no plots (the PNG tests draw them from this CSV)."""
+    """``python -m bench`` on a 2 x 2 grid of N and V (curves against V and against N) for both
+    ops; no plots (the PNG tests draw them from this CSV)."""
     out = tmp_path_factory.mktemp("bench")
     argv = ["--device", "cpu", "--quick", "--N", *map(str, NS), "--V", *map(str, VS), "--D",
             str(D), "--providers", *PROVIDERS, "--out", str(out), "--no-plots"]
-    rc, stdout = _main(argv)
+    rc, stdout = _bench(argv)
     assert rc == 0, stdout
     rows, skipped = _read(out)
     return out, stdout, rows, skipped
@@ -209,6 +219,32 @@ def test_interrupt_keeps_what_was_measured():
     assert not res.complete
     assert [r.V for r in res.rows if r.metric == "time"] == [100]
     assert sorted(s["case"].split("V=")[1] for s in res.skipped) == ["200", "300"]
+
+
+def test_time_budget_is_checked_before_every_run():
+    """A run that ends past the deadline is kept; the next provider of the same case is not
+    started (a GPU case with a compilation can take minutes)."""
+    import time
+
+    from bench import harness
+    from bench.providers import PROVIDERS as P
+    from bench.providers import Built, Provider
+
+    def slow(case, inp, opts):
+        time.sleep(0.6)
+        logits, target = inp["logits"], inp["target"]
+        return Built(lambda: F.cross_entropy(logits, target))
+
+    case = Case("cross_entropy", "fwd", "float32", 8, 100, 0, "cpu")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(P, "slow", Provider("slow", "", slow, ops=("cross_entropy",)))
+        res = harness.run_sweep([Series("V", (case,))], ["slow", "torch_eager_fp32"], opts={},
+                                memory=False, quick=True, deadline=time.time() + 0.3,
+                                log=lambda _m: None)
+    assert [r.provider for r in res.rows if r.metric == "time"] == ["slow"]
+    assert [(s["provider"], "time budget" in s["reason"]) for s in res.skipped] == [
+        ("torch_eager_fp32", True)]
+    assert not res.complete
 
 
 def test_time_budget_stops_cleanly(tmp_path):
