@@ -480,7 +480,8 @@ def vocab_parallel_cross_entropy(
         from .functional import cross_entropy
 
         return cross_entropy(
-            input, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss,
+            input, target, weight, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, z_loss=z_loss,
             softcap=softcap, return_aux=return_aux, inplace_backward=inplace_backward,
             backend=backend, validate=validate, loss_dtype=loss_dtype,
         )
