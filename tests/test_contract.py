@@ -498,3 +498,64 @@ def test_diagnose_16bit_probabilities(dtype):
     assert "look like probabilities" in str(diagnose(torch.softmax(x, 1).to(dtype), t))
     assert "log-probabilities" in str(diagnose(torch.log_softmax(x, 1).to(dtype), t))
     assert diagnose(x.to(dtype), t).ok
+
+
+# ------------------------------------------------------------------------------------------------
+# The same contract on a GPU (skipped without one). Run with the compiled kernels:
+#   TRITON_INTERPRET=0 python -m pytest tests/test_contract.py -m gpu
+
+
+def _cuda_kernels():
+    from triton_xent.dispatch import interpreter_enabled
+
+    if interpreter_enabled():
+        pytest.skip("TRITON_INTERPRET is on: these run the compiled kernels (TRITON_INTERPRET=0)")
+    return torch.device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_autocast(backend):
+    dev = _cuda_kernels()
+    x, t = _data(N=64, C=5000, dtype=torch.bfloat16)
+    x, t = x.to(dev).requires_grad_(), t.to(dev)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = cross_entropy(x, t, backend=backend, label_smoothing=0.1)
+        theirs = F.cross_entropy(x, t, label_smoothing=0.1)
+        h = torch.randn(64, 32, device=dev)
+        W = torch.randn(5000, 32, device=dev, requires_grad=True)
+        lin = linear_cross_entropy(h, W, t, backend=backend)
+        lin_theirs = F.cross_entropy(F.linear(h, W), t)
+    assert loss.dtype == theirs.dtype == torch.float32 and lin.dtype == lin_theirs.dtype
+    assert rel_err(loss, theirs) <= 1e-5 and rel_err(lin, lin_theirs) <= 1e-2
+    loss.backward()
+    lin.backward()
+    assert x.grad.dtype == torch.bfloat16 and W.grad.dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_validate_compiled_and_captured(backend):
+    """validate=True: compiled, it raises when the graph runs; inside a CUDA graph capture it
+    must not sync (a device assert, only exercised here with valid targets)."""
+    dev = _cuda_kernels()
+    x, t = _data(N=64, C=1000)
+    x, t = x.to(dev), t.to(dev)
+    f = _compile(lambda a, b: cross_entropy(a, b, validate=True, backend=backend))
+    assert rel_err(f(x, t), F.cross_entropy(x, t)) <= 1e-5
+    bad = t.clone()
+    bad[7] = 1000
+    with pytest.raises(CrossEntropyInputError, match="Target 1000 is out of bounds"):
+        f(x, bad)
+    static_x, static_t = x.clone(), t.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the capture
+        cross_entropy(static_x, static_t, validate=True, backend=backend)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = cross_entropy(static_x, static_t, validate=True, backend=backend)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, F.cross_entropy(x, t)) <= 1e-5

@@ -418,12 +418,14 @@ def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int
     read while the call is traced -- under torch.compile, FakeTensorMode, vmap (and vmap inside
     torch.compile) -- the check is an opaque op in the graph that raises the same error when the
     graph runs, for the whole batch under vmap; FakeTensorMode runs nothing, so checks nothing.
-    Inside a CUDA graph capture it is a device-side assert instead (fatal to the CUDA context).
+    Inside a CUDA graph capture (eager or compiled) nothing may sync: there it is a device-side
+    assert (``torch._assert_async``), fatal to the CUDA context when it fires.
     """
     from torch._subclasses.fake_tensor import is_fake
 
     if (torch.compiler.is_compiling() or is_fake(target) or target.device.type == "meta"
-            or torch._C._functorch.is_functorch_wrapped_tensor(target)):
+            or torch._C._functorch.is_functorch_wrapped_tensor(target)
+            or (target.is_cuda and torch.cuda.is_current_stream_capturing())):
         _check_range_op(target, num_classes, ignore_index)
     else:
         _check_range_now(target, num_classes, ignore_index)
