@@ -28,8 +28,8 @@ def vocab_parallel_cross_entropy(input, target, weight=None, ignore_index=-100, 
         >>> loss = vocab_parallel_cross_entropy(logits_shard, target, process_group=group)
         >>> loss.backward()  # logits_shard.grad is this rank's shard of the full gradient
     """
-    return cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing,
-                         process_group=process_group, **extras)
+    return cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
+                         label_smoothing=label_smoothing, process_group=process_group, **extras)
 
 
 def vocab_parallel_linear_cross_entropy(input, linear_weight, target, *, process_group=None,

@@ -16,7 +16,7 @@ from . import _validation as V
 from . import parallel
 from ._options import CEOptions
 from .backends.torch_linear import default_chunk_rows
-from .dispatch import BackendUnavailableError, choose_backend
+from .dispatch import BackendUnavailableError, choose_backend, requested_backend, serialised
 from .functional import CrossEntropyAux, cross_entropy
 from .linear_autograd import LinearCall, run
 
@@ -133,14 +133,17 @@ def _resolve_fp32_accum(accum_dtype, weight_dtype: torch.dtype) -> bool:
 
 
 def _autocast(input, linear_weight, linear_bias):
-    """What ``F.linear`` does under ``torch.autocast``: the operands in the autocast dtype."""
+    """What ``F.linear`` does under ``torch.autocast``: the operands in the autocast dtype
+    (float64 is not cast, as autocast leaves it alone)."""
     dev = input.device.type
-    if not torch.is_autocast_enabled(dev):
+    if not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev):
         return input, linear_weight, linear_bias
     dt = torch.get_autocast_dtype(dev)
 
     def cast(t):
-        return t if t is None or t.dtype == dt or not t.is_floating_point() else t.to(dt)
+        if t is None or t.dtype in (dt, torch.float64) or not t.is_floating_point():
+            return t
+        return t.to(dt)
 
     return cast(input), cast(linear_weight), cast(linear_bias)
 
@@ -157,8 +160,9 @@ def _linear_probs(input, linear_weight, target, linear_bias, weight, reduction, 
             f"{_shape(target.shape)}. For class indices pass an integer tensor (target.long())."
         )
     batch_shape = tuple(logits.shape[:-1])
-    out = cross_entropy(logits.reshape(-1, Vn), target.reshape(-1, Vn), weight, ignore_index,
-                        reduction, label_smoothing, **extras)
+    out = cross_entropy(logits.reshape(-1, Vn), target.reshape(-1, Vn), weight,
+                        ignore_index=ignore_index, reduction=reduction,
+                        label_smoothing=label_smoothing, **extras)
     if not extras.get("return_aux"):
         return out.view(batch_shape) if reduction == "none" else out
     loss, aux = out
@@ -167,6 +171,7 @@ def _linear_probs(input, linear_weight, target, linear_bias, weight, reduction, 
     return loss, CrossEntropyAux(aux.lse.view(batch_shape), z)
 
 
+@serialised
 def linear_cross_entropy(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
@@ -239,8 +244,10 @@ def linear_cross_entropy(
             shard of the vocabulary, in rank order; ``input`` and ``target`` are the same on
             every rank, and every rank gets the full gradient of ``input``. See
             :mod:`triton_xent.distributed`.
-        loss_dtype: dtype of the returned loss; default the input's (before autocast). It is
-            computed in fp32 either way; ``torch.float32`` returns it unrounded.
+        loss_dtype: dtype of the returned loss (a floating ``torch.dtype``); default the
+            input's, and fp32 under ``torch.autocast`` (``F.linear`` runs in the autocast dtype,
+            ``F.cross_entropy`` upcasts: torch's result). It is computed in fp32 either way;
+            ``torch.float32`` returns it unrounded.
         divisor: with ``reduction="sum"``, the loss and every gradient are divided by this
             number or 0-d tensor inside the op (no extra pass), e.g. Hugging Face's
             ``num_items_in_batch``. See :func:`triton_xent.cross_entropy`.
@@ -248,8 +255,8 @@ def linear_cross_entropy(
             (Cohere, Granite heads).
 
     Returns:
-        The loss (0-d, or shaped like ``target`` for ``"none"``) in the input's dtype (its dtype
-        before autocast), and the aux tuple when asked.
+        The loss (0-d, or shaped like ``target`` for ``"none"``) in the input's dtype (fp32
+        under autocast), and the aux tuple when asked.
 
     Examples::
 
@@ -261,6 +268,12 @@ def linear_cross_entropy(
     """
     if ignore_index is None:
         ignore_index = -100
+    label_smoothing, z_loss, softcap = V.check_options(
+        reduction, label_smoothing, z_loss, softcap, ignore_index)
+    V.validation_requested(validate)  # a bad value, or environment variable, raises here
+    requested_backend(backend)  # likewise
+    # F.linear runs in autocast's dtype, then F.cross_entropy (autocast's fp32 list) in fp32.
+    loss_dtype = V.autocast_loss_dtype(input, V.check_loss_dtype(loss_dtype), linear=True)
     group = process_group if parallel.world_size(process_group) > 1 else None
     out_dtype = loss_dtype or (input.dtype if isinstance(input, torch.Tensor) else None)
     if isinstance(input, torch.Tensor):
@@ -306,9 +319,10 @@ def _build(input, linear_weight, linear_bias, target, weight, reduction, ignore_
     V.check_logit_scale(logit_scale)
     div_t, inv_div = V.check_divisor(
         divisor, reduction, input.device if isinstance(input, torch.Tensor) else None)
+    # The range of class indices: always on the CPU, with validation on accelerators; under
+    # torch.compile it runs when the graph runs. With a group: after the ranks agree.
     on_cpu = isinstance(input, torch.Tensor) and input.device.type == "cpu"
-    check = check_values and (V.validation_requested(validate) or (
-        on_cpu and not torch.compiler.is_compiling()))
+    check = check_values and (V.validation_requested(validate) or on_cpu)
     p = _prepare(input, linear_weight, linear_bias, target, weight, ignore_index, check)
     if p.weight is not None and p.weight.requires_grad and torch.is_grad_enabled():
         raise V.CrossEntropyInputError(

@@ -22,6 +22,7 @@ import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 
+from triton_xent import _interpreter
 from triton_xent._options import CEOptions, RowOutputs
 from triton_xent.kernels.cross_entropy import (
     NUM_FIELDS,
@@ -143,9 +144,22 @@ def plan(N: int, V: int, dtype: torch.dtype, spec: DeviceSpec = H100, *,
 # ----------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
 def _guard(device: torch.device):
-    # Triton launches on the current CUDA device: make it the logits' one.
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    # Triton launches on the current CUDA device: make it the logits' one. The interpreter is not
+    # thread-safe: its launches hold the package's interpreter lock (re-entrant); it computes
+    # with numpy, whose warnings on inf/NaN arithmetic (silent on a GPU: an ignored row's
+    # unread statistics, a -inf logit) are not the caller's concern.
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            yield
+    elif INTERPRETED:
+        import numpy as np
+
+        with _interpreter.LOCK, np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            yield
+    else:
+        yield
 
 
 def check_logits(logits: torch.Tensor) -> None:
