@@ -92,7 +92,11 @@ class _CrossEntropyFunction(torch.autograd.Function):
         call = call._replace(logits=logits, target=target, weight=weight, divisor=divisor)
         gt = torch.empty(target.shape, dtype=compute_dtype(logits.dtype),
                          device=target.device) if target_grad else None
-        res = pipeline.forward(call, compute_grad=True, inplace=inplace, grad_target=gt)
+        # "none": the rows' upstream gradients are rarely all 1 (a per-token weighting or a mean
+        # follows), so the gradient is computed in the backward, with them folded in (2 passes
+        # in all, not 2 + a recompute); in place, the logits are gone by then: in the forward.
+        in_forward = inplace or call.opts.reduction != "none"
+        res = pipeline.forward(call, compute_grad=in_forward, inplace=inplace, grad_target=gt)
         if inplace:
             # The kernels write through a raw pointer: tell autograd the logits changed, so a
             # later use of the old values (e.g. by the op that produced them) raises.
@@ -102,7 +106,8 @@ class _CrossEntropyFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
         # detach(): with ``inplace`` the buffer is the logits tensor itself; a fresh alias lets
         # autograd adopt it as the gradient instead of copying it.
-        ctx.grad = res.grad.detach()
+        ctx.grad = res.grad.detach() if in_forward else None
+        ctx.used = False
         ctx.grad_target = gt
         ctx.save_for_backward(None if inplace else logits, target, weight, divisor, res.stats,
                               res.dens)
@@ -123,12 +128,13 @@ class _CrossEntropyFunction(torch.autograd.Function):
             gx, gt = _reference_grads(call, logits, target, g_loss, g_lse)
             return gx, gt, None, None, None, None, None
         grad, ctx.grad = ctx.grad, None
-        if grad is None:
+        if ctx.used:
             raise RuntimeError(
                 "triton_xent: backward through the same cross_entropy call a second time is not "
                 "supported (the gradient is computed in the forward and reused). Compute the "
                 "loss again, or pass retain_graph=False."
             )
+        ctx.used = True
         if g_loss is None:  # only the aux lse carries a gradient
             g_loss = torch.zeros(stats.shape[1] if call.opts.reduction == "none" else (),
                                  device=stats.device)
