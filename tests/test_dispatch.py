@@ -70,8 +70,14 @@ def test_opcheck_custom_op():
     for reduction in ("mean", "none"):
         torch.library.opcheck(
             cross_entropy_rows,
-            (x, t, torch.rand(30), -100, reduction, 0.1, 1e-3, 3.0, True, "torch", False),
+            (x, t, torch.rand(30), -100, reduction, 0.1, 1e-3, 3.0, True, "torch", False, None,
+             None, 1.0),
         )
+    torch.library.opcheck(  # logit_scale, and a sum with a device divisor
+        cross_entropy_rows,
+        (x, t, None, -100, "sum", 0.0, 0.0, None, True, "torch", False, 0.5, torch.tensor(7.0),
+         1.0),
+    )
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

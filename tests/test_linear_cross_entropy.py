@@ -281,12 +281,15 @@ def test_opcheck_custom_ops():
     x.requires_grad_()
     w.requires_grad_()
     b.requires_grad_()
-    cfg = (IGNORE, "mean", 0.1, 1e-3, 3.0, "torch", True, True, True, CHUNK, True, True)
-    torch.library.opcheck(linear_cross_entropy_rows, (x, w, b, t, None) + cfg)
+    cfg = (IGNORE, "mean", 0.1, 1e-3, 3.0, "torch", True, True, True, CHUNK, True, True, None, 1.0)
+    torch.library.opcheck(linear_cross_entropy_rows, (x, w, b, t, None, None) + cfg)
     cfg_none = (IGNORE, "none") + cfg[2:]
-    torch.library.opcheck(linear_cross_entropy_rows, (x, w, None, t, torch.rand(V)) + cfg_none)
+    torch.library.opcheck(linear_cross_entropy_rows, (x, w, None, t, torch.rand(V), None) + cfg_none)
     torch.library.opcheck(linear_cross_entropy_rows_backward,
-                          (torch.randn(N), x.detach(), w.detach(), b.detach(), t, None) + cfg_none)
+                          (torch.randn(N), x.detach(), w.detach(), b.detach(), t, None, None)
+                          + cfg_none)
+    cfg_sum = (IGNORE, "sum") + cfg[2:12] + (0.7, 1.0)  # logit_scale, and a device divisor
+    torch.library.opcheck(linear_cross_entropy_rows, (x, w, b, t, None, torch.tensor(5.0)) + cfg_sum)
 
 
 def test_matches_torch_native_and_module():

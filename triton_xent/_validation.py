@@ -8,6 +8,7 @@ on the CPU, or on an accelerator when validation is asked for, because they cost
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -73,6 +74,58 @@ def check_options(
         )
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise CrossEntropyInputError(f"ignore_index={ignore_index!r} must be an int (default -100).")
+
+
+def check_logit_scale(logit_scale) -> None:
+    if logit_scale is None:
+        return
+    ok = isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool)
+    if not ok or not math.isfinite(float(logit_scale)) or not float(logit_scale) > 0.0:
+        raise CrossEntropyInputError(
+            f"logit_scale={logit_scale!r} must be a positive finite float (the logits are "
+            "multiplied by it before softcap and the softmax: Cohere's config.logit_scale, or "
+            "1 / config.logits_scaling for Granite) or None to turn it off."
+        )
+
+
+def check_divisor(divisor, reduction: str, device: torch.device | None):
+    """Returns ``(divisor tensor or None, 1 / divisor for a number)``: what the op takes."""
+    if divisor is None:
+        return None, 1.0
+    if reduction != "sum":
+        raise CrossEntropyInputError(
+            f"divisor= needs reduction='sum' (the summed loss is divided by it), got "
+            f"reduction={reduction!r}. For a token-count normaliser such as Hugging Face's "
+            "num_items_in_batch pass reduction='sum', divisor=num_items_in_batch."
+        )
+    if isinstance(divisor, torch.Tensor):
+        if divisor.numel() != 1 or divisor.dim() > 1:
+            raise CrossEntropyInputError(
+                f"divisor must be a number or a 0-d tensor, got a tensor of shape "
+                f"{_shape(divisor)}."
+            )
+        if divisor.requires_grad:
+            raise CrossEntropyInputError(
+                "divisor requires grad: the loss is not differentiated with respect to its "
+                "normaliser; pass divisor.detach()."
+            )
+        if divisor.dtype == torch.bool or divisor.is_complex():
+            raise CrossEntropyInputError(f"divisor has dtype {divisor.dtype}: pass a number.")
+        if device is not None and divisor.device != device:
+            raise CrossEntropyInputError(
+                f"divisor is on {divisor.device} but the logits are on {device}: pass it on the "
+                "logits' device (a host tensor would need a copy each call)."
+            )
+        return divisor.detach().reshape(()), 1.0
+    if isinstance(divisor, bool) or not isinstance(divisor, (int, float)):
+        raise CrossEntropyInputError(
+            f"divisor={divisor!r} must be a number or a 0-d tensor (e.g. num_items_in_batch)."
+        )
+    if not math.isfinite(float(divisor)) or float(divisor) == 0.0:
+        raise CrossEntropyInputError(
+            f"divisor={divisor!r} must be finite and non-zero."
+        )
+    return None, 1.0 / float(divisor)
 
 
 def prepare(

@@ -30,16 +30,20 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def reduction_scales(
     target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int, reduction: str,
     probs: bool, num_rows: int, V: int, dtype: torch.dtype,
+    divisor: torch.Tensor | None = None, inv_divisor: float = 1.0,
 ) -> torch.Tensor:
     """``[ce_scale, z_scale]`` on the device, without a host sync.
 
     A weighted mean divides the cross-entropy part by the summed weights of the kept targets (as
     PyTorch does) and the z-loss part by the number of kept rows; probability targets divide both
     by the number of rows. An empty or all-ignored mean divides by zero: NaN, as in PyTorch.
+    A ``"sum"`` with a divisor (a tensor, or ``1 / inv_divisor`` for a number) divides both by it.
     """
     dev = target.device
     if reduction != "mean":
-        return torch.ones(2, dtype=dtype, device=dev)
+        if divisor is not None:
+            return divisor.to(dtype).reciprocal().expand(2)
+        return torch.full((2,), inv_divisor, dtype=dtype, device=dev)
     if probs:
         return torch.full((2,), 1.0 / num_rows if num_rows else float("nan"), dtype=dtype, device=dev)
     keep = target != ignore_index
@@ -54,22 +58,23 @@ def reduction_scales(
 def _reduce(rows: torch.Tensor, reduction: str, scale: torch.Tensor) -> torch.Tensor:
     if reduction == "none":
         return rows
-    total = rows.sum()
-    return total * scale if reduction == "mean" else total
+    return rows.sum() * scale  # scale: 1 for a plain sum
 
 
 def forward_rows(
     logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
     reduction: str, label_smoothing: float, z_loss: float, softcap: float | None,
     compute_grad: bool, backend: str, probs: bool, inplace: bool,
+    logit_scale: float | None = None, divisor: torch.Tensor | None = None, inv_divisor: float = 1.0,
 ):
     """Runs one backend on rows; returns ``loss, lse, z_term, grad`` (grad may be None)."""
     N, V = logits.shape
     cdt = _compute_dtype(logits.dtype)
-    scales = reduction_scales(target, weight, ignore_index, reduction, probs, N, V, cdt)
+    scales = reduction_scales(target, weight, ignore_index, reduction, probs, N, V, cdt,
+                              divisor, inv_divisor)
     kwargs = dict(
         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-        compute_grad=compute_grad, inplace=inplace,
+        compute_grad=compute_grad, inplace=inplace, logit_scale=logit_scale,
     )
     if backend == "triton":
         from .ops.cross_entropy import ce_forward
@@ -102,11 +107,13 @@ def forward_rows(
 def cross_entropy_rows(
     logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int,
     reduction: str, label_smoothing: float, z_loss: float, softcap: Optional[float],
-    compute_grad: bool, backend: str, probs: bool,
+    compute_grad: bool, backend: str, probs: bool, logit_scale: Optional[float],
+    divisor: Optional[torch.Tensor], inv_divisor: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     loss, lse, z_term, grad = forward_rows(
         logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-        compute_grad, backend, probs, inplace=False,
+        compute_grad, backend, probs, inplace=False, logit_scale=logit_scale, divisor=divisor,
+        inv_divisor=inv_divisor,
     )
     if grad is None:
         grad = logits.new_empty(0)
@@ -115,13 +122,16 @@ def cross_entropy_rows(
 
 @cross_entropy_rows.register_fake
 def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-      compute_grad, backend, probs):
+      compute_grad, backend, probs, logit_scale, divisor, inv_divisor):
     N = logits.shape[0]
     cdt = _compute_dtype(logits.dtype)
     red_shape = (N,) if reduction == "none" else ()
     loss = logits.new_empty(red_shape, dtype=cdt)
     grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty(0)
     return loss, logits.new_empty((N,), dtype=cdt), logits.new_empty(red_shape, dtype=cdt), grad
+
+
+_N_INPUTS = 14
 
 
 def _setup_context(ctx, inputs, output):
@@ -134,9 +144,9 @@ def _backward(ctx, g_loss, g_lse, g_z, g_grad):
     # Functional (out of place): this path runs under torch.compile, which owns the buffers.
     (grad,) = ctx.saved_tensors
     if g_loss is None or not ctx.compute_grad:
-        return (None,) * 11
+        return (None,) * _N_INPUTS
     g = g_loss.unsqueeze(1) if ctx.reduction == "none" else g_loss
-    return (grad * g.to(grad.dtype),) + (None,) * 10
+    return (grad * g.to(grad.dtype),) + (None,) * (_N_INPUTS - 1)
 
 
 cross_entropy_rows.register_autograd(_backward, setup_context=_setup_context)
@@ -149,10 +159,11 @@ class _CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                softcap, backend, probs, inplace):
+                softcap, backend, probs, logit_scale, divisor, inv_divisor, inplace):
         loss, lse, z_term, grad = forward_rows(
             logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-            True, backend, probs, inplace=inplace,
+            True, backend, probs, inplace=inplace, logit_scale=logit_scale, divisor=divisor,
+            inv_divisor=inv_divisor,
         )
         ctx.reduction = reduction
         # detach(): with ``inplace`` the buffer is the logits tensor itself; a fresh alias lets
@@ -171,11 +182,11 @@ class _CrossEntropyFunction(torch.autograd.Function):
                 "Compute the loss again for a second backward."
             )
         g = g_loss.unsqueeze(1) if ctx.reduction == "none" else g_loss
-        return (grad.mul_(g),) + (None,) * 10
+        return (grad.mul_(g),) + (None,) * 14
 
 
 def run_rows(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-             backend, probs, inplace):
+             backend, probs, logit_scale, divisor, inv_divisor, inplace):
     """Picks the autograd path: ``loss, lse, z_term``.
 
     Eager calls that need a gradient use :class:`_CrossEntropyFunction` (leanest); under
@@ -186,8 +197,8 @@ def run_rows(logits, target, weight, ignore_index, reduction, label_smoothing, z
     if compute_grad and not torch.compiler.is_compiling():
         return _CrossEntropyFunction.apply(logits, target, weight, ignore_index, reduction,
                                            label_smoothing, z_loss, softcap, backend, probs,
-                                           inplace)
+                                           logit_scale, divisor, inv_divisor, inplace)
     loss, lse, z_term, _ = cross_entropy_rows(logits, target, weight, ignore_index, reduction,
                                               label_smoothing, z_loss, softcap, compute_grad,
-                                              backend, probs)
+                                              backend, probs, logit_scale, divisor, inv_divisor)
     return loss, lse, z_term

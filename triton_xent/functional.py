@@ -51,6 +51,8 @@ def cross_entropy(
     validate: bool | None = None,
     process_group=None,
     loss_dtype: torch.dtype | None = None,
+    divisor: float | torch.Tensor | None = None,
+    logit_scale: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, CrossEntropyAux]:
     """Cross-entropy between logits and targets, a drop-in for ``F.cross_entropy``.
 
@@ -85,6 +87,13 @@ def cross_entropy(
         loss_dtype: dtype of the returned loss; default the input's, as PyTorch. The loss is
             computed in fp32 either way: ``torch.float32`` keeps it unrounded for bf16 logits
             (what a logged loss, or a sum later divided by a token count, wants).
+        divisor: with ``reduction="sum"``, divide the loss (cross-entropy and z-loss) by this
+            number or 0-d tensor on the logits' device, inside the op: the gradient is computed
+            already divided, so ``loss.backward()`` costs no extra pass over the logits. Pass
+            Hugging Face's ``num_items_in_batch`` here (gradient accumulation).
+        logit_scale: multiply the logits by this (in fp32, before ``softcap`` and the softmax),
+            as Cohere (``config.logit_scale``) and Granite (``1 / config.logits_scaling``) heads
+            do; the gradient is with respect to the unscaled input.
 
     Returns:
         The loss (0-d, or shaped like the target for ``"none"``), and the aux tuple when asked.
@@ -96,8 +105,17 @@ def cross_entropy(
         >>> loss = triton_xent.cross_entropy(logits, target, label_smoothing=0.1)
         >>> loss.backward()
     """
+    V.check_logit_scale(logit_scale)
+    div_t, inv_div = V.check_divisor(
+        divisor, reduction, input.device if isinstance(input, torch.Tensor) else None)
     if process_group is not None:
         from .distributed import vocab_parallel_cross_entropy
+
+        if logit_scale is not None or divisor is not None:
+            raise V.CrossEntropyInputError(
+                "logit_scale and divisor are not supported with a process group yet: scale the "
+                "logits shard and divide the summed loss yourself."
+            )
 
         # A group of one rank comes back here with process_group=None.
         return vocab_parallel_cross_entropy(
@@ -113,7 +131,8 @@ def cross_entropy(
     if choice.backend == "triton" and logits.stride(-1) != 1:
         logits = logits.contiguous()
     args = (logits, p.target, p.weight, ignore_index, reduction, float(label_smoothing),
-            float(z_loss), None if softcap is None else float(softcap), choice.backend, p.probs)
+            float(z_loss), None if softcap is None else float(softcap), choice.backend, p.probs,
+            None if logit_scale is None else float(logit_scale), div_t, inv_div)
     if inplace_backward and logits.requires_grad and logits.data_ptr() != input.data_ptr():
         raise V.CrossEntropyInputError(
             "inplace_backward=True needs the logits as rows (N, C) with a unit-stride class "
@@ -148,7 +167,8 @@ def explain(
         >>> triton_xent.explain(torch.randn(4, 10), torch.tensor([1, 2, 3, 4]))
         BackendChoice(backend='torch', reason='input is on cpu; the Triton kernel needs ...')
     """
-    unknown = set(extras) - {"z_loss", "softcap", "return_aux", "inplace_backward", "validate"}
+    unknown = set(extras) - {"z_loss", "softcap", "return_aux", "inplace_backward", "validate",
+                             "divisor", "logit_scale"}
     if unknown:
         raise TypeError(f"explain() got unexpected keyword arguments {sorted(unknown)}")
     p = _prepare(input, target, weight, ignore_index, reduction, label_smoothing,

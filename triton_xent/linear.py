@@ -49,12 +49,14 @@ class _Cfg(NamedTuple):
     chunk_rows: int
     fp32_accum: bool
     skip_ignored: bool
+    logit_scale: float | None
+    inv_divisor: float
 
 
 def _ce_step(cfg: _Cfg, weight, scales):
     """The CE launcher for one chunk, options bound: ``step(logits, target, compute_grad)``."""
     kw = dict(ignore_index=cfg.ignore_index, label_smoothing=cfg.label_smoothing,
-              z_loss=cfg.z_loss, softcap=cfg.softcap, inplace=True)
+              z_loss=cfg.z_loss, softcap=cfg.softcap, inplace=True, logit_scale=cfg.logit_scale)
     if cfg.backend == "triton":
         from .ops.cross_entropy import ce_forward
 
@@ -79,12 +81,13 @@ def _no_autocast(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
-def _forward(x, linear_weight, linear_bias, target, weight, cfg: _Cfg):
+def _forward(x, linear_weight, linear_bias, target, weight, divisor, cfg: _Cfg):
     """``loss, lse, z_term, dX, dW, db``; no gradients for ``"none"`` (see module docstring)."""
     N, V = x.shape[0], linear_weight.shape[0]
     cdt = _compute_dtype(x.dtype)
     grads = cfg.reduction != "none"
-    scales = reduction_scales(target, weight, cfg.ignore_index, cfg.reduction, False, N, V, cdt)
+    scales = reduction_scales(target, weight, cfg.ignore_index, cfg.reduction, False, N, V, cdt,
+                              divisor, cfg.inv_divisor)
     with _no_autocast(x.device):
         ce_rows, z_rows, lse, dX, dW, db = linear_ce_chunks(
             x, linear_weight, linear_bias, target, ce_step=_ce_step(cfg, weight, scales),
@@ -100,7 +103,7 @@ def _forward(x, linear_weight, linear_bias, target, weight, cfg: _Cfg):
     return loss, lse, z_term, dX, dW, db
 
 
-def _backward_none(grad_rows, x, linear_weight, linear_bias, target, weight, cfg: _Cfg):
+def _backward_none(grad_rows, x, linear_weight, linear_bias, target, weight, divisor, cfg: _Cfg):
     """``reduction="none"``: the chunks again, each row's gradient times ``grad_rows``."""
     cdt = _compute_dtype(x.dtype)
     ones = torch.ones(2, dtype=cdt, device=x.device)
@@ -126,13 +129,16 @@ def _or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op(f"{_LIB}::linear_cross_entropy_rows", mutates_args=())
 def linear_cross_entropy_rows(
     x: torch.Tensor, linear_weight: torch.Tensor, linear_bias: torch.Tensor | None,
-    target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int, reduction: str,
+    target: torch.Tensor, weight: torch.Tensor | None, divisor: torch.Tensor | None,
+    ignore_index: int, reduction: str,
     label_smoothing: float, z_loss: float, softcap: float | None, backend: str, need_x: bool,
     need_w: bool, need_b: bool, chunk_rows: int, fp32_accum: bool, skip_ignored: bool,
+    logit_scale: float | None, inv_divisor: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     cfg = _Cfg(ignore_index, reduction, label_smoothing, z_loss, softcap, backend, need_x, need_w,
-               need_b, chunk_rows, fp32_accum, skip_ignored)
-    loss, lse, z_term, dX, dW, db = _forward(x, linear_weight, linear_bias, target, weight, cfg)
+               need_b, chunk_rows, fp32_accum, skip_ignored, logit_scale, inv_divisor)
+    loss, lse, z_term, dX, dW, db = _forward(x, linear_weight, linear_bias, target, weight,
+                                             divisor, cfg)
     return loss, lse, z_term, _or_empty(dX, x), _or_empty(dW, x), _or_empty(db, x)
 
 
@@ -145,8 +151,9 @@ def _grad_shapes_fake(x, linear_weight, linear_bias, need_x, need_w, need_b, gra
 
 
 @linear_cross_entropy_rows.register_fake
-def _(x, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing,
-      z_loss, softcap, backend, need_x, need_w, need_b, chunk_rows, fp32_accum, skip_ignored):
+def _(x, linear_weight, linear_bias, target, weight, divisor, ignore_index, reduction,
+      label_smoothing, z_loss, softcap, backend, need_x, need_w, need_b, chunk_rows, fp32_accum,
+      skip_ignored, logit_scale, inv_divisor):
     N = x.shape[0]
     cdt = _compute_dtype(x.dtype)
     red_shape = (N,) if reduction == "none" else ()
@@ -160,31 +167,33 @@ def _(x, linear_weight, linear_bias, target, weight, ignore_index, reduction, la
 def linear_cross_entropy_rows_backward(
     grad_rows: torch.Tensor, x: torch.Tensor, linear_weight: torch.Tensor,
     linear_bias: torch.Tensor | None, target: torch.Tensor, weight: torch.Tensor | None,
-    ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
-    softcap: float | None, backend: str, need_x: bool, need_w: bool, need_b: bool,
-    chunk_rows: int, fp32_accum: bool, skip_ignored: bool,
+    divisor: torch.Tensor | None, ignore_index: int, reduction: str, label_smoothing: float,
+    z_loss: float, softcap: float | None, backend: str, need_x: bool, need_w: bool,
+    need_b: bool, chunk_rows: int, fp32_accum: bool, skip_ignored: bool,
+    logit_scale: float | None, inv_divisor: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     cfg = _Cfg(ignore_index, reduction, label_smoothing, z_loss, softcap, backend, need_x, need_w,
-               need_b, chunk_rows, fp32_accum, skip_ignored)
-    dX, dW, db = _backward_none(grad_rows, x, linear_weight, linear_bias, target, weight, cfg)
+               need_b, chunk_rows, fp32_accum, skip_ignored, logit_scale, inv_divisor)
+    dX, dW, db = _backward_none(grad_rows, x, linear_weight, linear_bias, target, weight, divisor,
+                                cfg)
     return _or_empty(dX, x), _or_empty(dW, x), _or_empty(db, x)
 
 
 @linear_cross_entropy_rows_backward.register_fake
-def _(grad_rows, x, linear_weight, linear_bias, target, weight, ignore_index, reduction,
+def _(grad_rows, x, linear_weight, linear_bias, target, weight, divisor, ignore_index, reduction,
       label_smoothing, z_loss, softcap, backend, need_x, need_w, need_b, chunk_rows, fp32_accum,
-      skip_ignored):
+      skip_ignored, logit_scale, inv_divisor):
     return _grad_shapes_fake(x, linear_weight, linear_bias, need_x, need_w, need_b, True)
 
 
-_N_INPUTS = 17
+_N_INPUTS = 20
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.cfg = _Cfg(*inputs[5:])
+    ctx.cfg = _Cfg(*inputs[6:])
     ctx.has_bias = inputs[2] is not None
     if ctx.cfg.reduction == "none":
-        ctx.save_for_backward(*inputs[:5])
+        ctx.save_for_backward(*inputs[:6])
     else:
         ctx.save_for_backward(*output[3:])
 
@@ -211,11 +220,12 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     inputs are saved and the backward recomputes (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, linear_weight, linear_bias, target, weight, cfg):
-        loss, lse, z_term, dX, dW, db = _forward(x, linear_weight, linear_bias, target, weight, cfg)
+    def forward(ctx, x, linear_weight, linear_bias, target, weight, divisor, cfg):
+        loss, lse, z_term, dX, dW, db = _forward(x, linear_weight, linear_bias, target, weight,
+                                                 divisor, cfg)
         ctx.cfg = cfg
         if cfg.reduction == "none":
-            ctx.save_for_backward(x, linear_weight, linear_bias, target, weight)
+            ctx.save_for_backward(x, linear_weight, linear_bias, target, weight, divisor)
         else:
             ctx.grads = (dX, dW, db)
         ctx.mark_non_differentiable(lse, z_term)
@@ -235,7 +245,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
                     "computed in the forward and scaled in place). Compute the loss again."
                 )
             grads = tuple(None if t is None else t.mul_(g_loss.to(t.dtype)) for t in grads)
-        return grads + (None, None, None)
+        return grads + (None, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,6 +416,8 @@ def linear_cross_entropy(
     validate: bool | None = None,
     process_group=None,
     loss_dtype: torch.dtype | None = None,
+    divisor: float | torch.Tensor | None = None,
+    logit_scale: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, CrossEntropyAux]:
     """``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` without the logits.
 
@@ -455,6 +467,11 @@ def linear_cross_entropy(
             :mod:`triton_xent.distributed`.
         loss_dtype: dtype of the returned loss; default the input's (before autocast). It is
             computed in fp32 either way; ``torch.float32`` returns it unrounded.
+        divisor: with ``reduction="sum"``, the loss and every gradient are divided by this
+            number or 0-d tensor inside the op (no extra pass), e.g. Hugging Face's
+            ``num_items_in_batch``. See :func:`triton_xent.cross_entropy`.
+        logit_scale: the logits (bias included) are multiplied by it before ``softcap``
+            (Cohere, Granite heads).
 
     Returns:
         The loss (0-d, or shaped like ``target`` for ``"none"``) in the input's dtype (its dtype
@@ -471,6 +488,12 @@ def linear_cross_entropy(
     if process_group is not None:
         from .distributed import vocab_parallel_linear_cross_entropy
 
+        if logit_scale is not None or divisor is not None:
+            raise V.CrossEntropyInputError(
+                "logit_scale and divisor are not supported with a process group yet: scale the "
+                "weight shard and divide the summed loss yourself."
+            )
+
         # A group of one rank comes back here with process_group=None.
         return vocab_parallel_linear_cross_entropy(
             input, linear_weight, target, linear_bias=linear_bias, weight=weight,
@@ -483,11 +506,15 @@ def linear_cross_entropy(
     if ignore_index is None:
         ignore_index = -100
     V.check_options(reduction, label_smoothing, z_loss, softcap, ignore_index)
+    V.check_logit_scale(logit_scale)
+    div_t, inv_div = V.check_divisor(
+        divisor, reduction, input.device if isinstance(input, torch.Tensor) else None)
     out_dtype = loss_dtype or (input.dtype if isinstance(input, torch.Tensor) else None)
     if isinstance(input, torch.Tensor):
         input, linear_weight, linear_bias = _autocast(input, linear_weight, linear_bias)
     extras = dict(z_loss=z_loss, softcap=softcap, return_aux=return_aux, backend=backend,
-                  validate=validate, loss_dtype=loss_dtype)
+                  validate=validate, loss_dtype=loss_dtype, divisor=divisor,
+                  logit_scale=logit_scale)
     if isinstance(target, torch.Tensor) and target.is_floating_point():
         _check_linear(input, linear_weight, linear_bias, target)
         return _linear_probs(input, linear_weight, target, linear_bias, weight, reduction,
@@ -509,8 +536,9 @@ def linear_cross_entropy(
         _resolve_chunk_rows(chunk_size, chunk_bytes, Vn, p.x.dtype),
         _resolve_fp32_accum(accum_dtype, linear_weight.dtype),
         on_cpu if skip_ignored is None else bool(skip_ignored),
+        None if logit_scale is None else float(logit_scale), inv_div,
     )
-    args = (p.x, linear_weight, linear_bias, p.target, p.weight)
+    args = (p.x, linear_weight, linear_bias, p.target, p.weight, div_t)
     if torch.compiler.is_compiling():
         loss, lse, z_term = linear_cross_entropy_rows(*args, *cfg)[:3]
     elif cfg.need_x or cfg.need_w or cfg.need_b:

@@ -32,9 +32,11 @@ class CrossEntropyLoss(nn.Module):
         validate: bool | None = None,
         process_group=None,
         loss_dtype: torch.dtype | None = None,
+        logit_scale: float | None = None,
     ) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
+        self.logit_scale = logit_scale
         self.process_group = process_group
         self.loss_dtype = loss_dtype
         self.ignore_index = ignore_index
@@ -47,12 +49,15 @@ class CrossEntropyLoss(nn.Module):
         self.backend = backend
         self.validate = validate
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor):
+    def forward(self, input: torch.Tensor, target: torch.Tensor, *, divisor=None):
+        """``divisor``: with ``reduction="sum"``, divide the loss by it inside the op (a number
+        or a 0-d tensor, e.g. ``num_items_in_batch``); see :func:`triton_xent.cross_entropy`."""
         return cross_entropy(
             input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
             z_loss=self.z_loss, softcap=self.softcap, return_aux=self.return_aux,
             inplace_backward=self.inplace_backward, backend=self.backend, validate=self.validate,
-            process_group=self.process_group, loss_dtype=self.loss_dtype,
+            process_group=self.process_group, loss_dtype=self.loss_dtype, divisor=divisor,
+            logit_scale=self.logit_scale,
         )
 
     def extra_repr(self) -> str:
@@ -95,8 +100,10 @@ class LinearCrossEntropyLoss(nn.Module):
         validate: bool | None = None,
         process_group=None,
         loss_dtype: torch.dtype | None = None,
+        logit_scale: float | None = None,
     ) -> None:
         super().__init__()
+        self.logit_scale = logit_scale
         self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
         self.register_buffer("weight", weight)
         self.num_classes = num_classes
@@ -115,7 +122,8 @@ class LinearCrossEntropyLoss(nn.Module):
         self.process_group = process_group
         self.loss_dtype = loss_dtype
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor):
+    def forward(self, input: torch.Tensor, target: torch.Tensor, *, divisor=None):
+        """``divisor``: as in :meth:`CrossEntropyLoss.forward`."""
         from .linear import linear_cross_entropy
 
         return linear_cross_entropy(
@@ -125,6 +133,7 @@ class LinearCrossEntropyLoss(nn.Module):
             return_aux=self.return_aux, chunk_size=self.chunk_size, chunk_bytes=self.chunk_bytes,
             accum_dtype=self.accum_dtype, skip_ignored=self.skip_ignored, backend=self.backend,
             validate=self.validate, process_group=self.process_group, loss_dtype=self.loss_dtype,
+            divisor=divisor, logit_scale=self.logit_scale,
         )
 
     def extra_repr(self) -> str:

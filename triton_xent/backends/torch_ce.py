@@ -34,6 +34,31 @@ def _row_factor(target, ignore_index, V, dtype):
     return f.masked_fill_(bad, float("nan")), target.clamp(0, max(V - 1, 0))
 
 
+def _transform(raw: torch.Tensor, cdt, logit_scale: float | None, softcap: float | None):
+    """``x = softcap * tanh(logit_scale * raw / softcap)`` (each part optional) and the tanh (or
+    None). Without either, ``raw`` is returned in its own dtype (the reductions accumulate in
+    ``cdt``); otherwise ``x`` is in ``cdt``."""
+    if logit_scale is None and softcap is None:
+        return raw, None
+    x = raw.to(cdt)
+    if logit_scale is not None:
+        x = x * logit_scale
+    th = None
+    if softcap is not None:
+        th = torch.tanh(x / softcap)
+        x = th * softcap
+    return x, th
+
+
+def _chain(p: torch.Tensor, th: torch.Tensor | None, logit_scale: float | None) -> None:
+    """Chain rule back to the raw logits, in place: times ``1 - tanh**2`` (softcap) and times
+    ``logit_scale``."""
+    if th is not None:
+        p.mul_(1.0 - th.square())
+    if logit_scale is not None:
+        p.mul_(logit_scale)
+
+
 def _outputs(logits: torch.Tensor, compute_grad: bool, inplace: bool):
     """The compute dtype, the three per-row outputs and the gradient buffer (or None)."""
     N = logits.shape[0]
@@ -57,6 +82,7 @@ def ce_forward(
     softcap: float | None,
     compute_grad: bool,
     inplace: bool,
+    logit_scale: float | None = None,
     chunk_rows: int | None = None,
 ):
     """Class-index targets. Returns ``ce_rows, z_rows, lse, grad`` (see the Triton launcher)."""
@@ -71,13 +97,7 @@ def ce_forward(
 
     for s in range(0, N, step):
         e = min(N, s + step)
-        raw = logits[s:e]
-        th = None
-        if softcap is not None:
-            th = torch.tanh(raw.to(cdt) / softcap)
-            x = th * softcap
-        else:
-            x = raw  # read in its own dtype; the reductions below accumulate in cdt
+        x, th = _transform(logits[s:e], cdt, logit_scale, softcap)
         f, t = _row_factor(target[s:e], ignore_index, V, cdt)
         t = t.unsqueeze(1)
         x_t = x.gather(1, t).squeeze(1).to(cdt)
@@ -123,9 +143,7 @@ def ce_forward(
                 p.addcmul_(keep, w.unsqueeze(0), value=-1.0)
             else:
                 p.sub_(keep)
-        if th is not None:
-            # softcap chain rule: d(s tanh(x/s))/dx = 1 - tanh(x/s)**2
-            p.mul_(1.0 - th.square())
+        _chain(p, th, logit_scale)
         if not direct:
             grad[s:e].copy_(p)
     return ce_rows, z_rows, lse_all, grad
@@ -142,6 +160,7 @@ def ce_forward_probs(
     softcap: float | None,
     compute_grad: bool,
     inplace: bool,
+    logit_scale: float | None = None,
     chunk_rows: int | None = None,
 ):
     """Class-probability targets ``(N, V)``: loss_i = -sum_c w_c q_ic log_softmax(x_i)_c with
@@ -155,11 +174,8 @@ def ce_forward_probs(
     step = chunk_rows or chunk_rows_for(V, cdt)
     for s in range(0, N, step):
         e = min(N, s + step)
-        x = logits[s:e].to(cdt)
-        th = None
-        if softcap is not None:
-            th = torch.tanh(x / softcap)
-            x = th * softcap
+        x, th = _transform(logits[s:e], cdt, logit_scale, softcap)
+        x = x.to(cdt)
         q = target[s:e].to(cdt)
         if eps > 0.0:
             q = q * (1.0 - eps) + eps / V
@@ -179,7 +195,6 @@ def ce_forward_probs(
         # d/dx_c = ce_scale (Q p_c - q_c) + z_scale 2 z lse p_c, with Q = sum_c q_c
         coef = (ce_scale * q_sum + z_scale * (2.0 * z_loss) * lse) / ssum.squeeze(1)
         p.mul_(coef.unsqueeze(1)).sub_(q * ce_scale)
-        if th is not None:
-            p.mul_(1.0 - th.square())
+        _chain(p, th, logit_scale)
         grad[s:e].copy_(p)
     return ce_rows, z_rows, lse_all, grad

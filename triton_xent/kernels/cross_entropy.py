@@ -57,15 +57,31 @@ def _softcap(x_raw, softcap):
 
 
 @triton.jit
-def _load_block(row_ptr, cols, mask, softcap, HAS_SOFTCAP: tl.constexpr):
-    """Loads one vocabulary block in fp32 (padded lanes = -inf); returns ``(x, dx/dx_raw)``."""
-    x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+def _transform(x, logit_scale, softcap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """``x -> softcap * tanh(logit_scale * x / softcap)`` (each part optional), in fp32; returns
+    ``(x', dx'/dx)`` (the derivative is only meaningful when HAS_SCALE or HAS_SOFTCAP)."""
+    if HAS_SCALE:
+        x = x * logit_scale
     if HAS_SOFTCAP:
         x, dcap = _softcap(x, softcap)
+        if HAS_SCALE:
+            dcap = dcap * logit_scale
+    elif HAS_SCALE:
+        dcap = tl.zeros_like(x) + logit_scale
+    else:
+        dcap = x  # unused; keeps every branch returning a tensor
+    return x, dcap
+
+
+@triton.jit
+def _load_block(row_ptr, cols, mask, logit_scale, softcap, HAS_SCALE: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr):
+    """Loads one vocabulary block in fp32 (padded lanes = -inf); returns ``(x, dx/dx_raw)``."""
+    x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    x, dcap = _transform(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+    if HAS_SOFTCAP:
         # tanh(-inf) is finite: mask the padded lanes back to -inf, or they would join the softmax.
         x = tl.where(mask, x, float("-inf"))
-    else:
-        dcap = x  # unused; keeps both branches returning a tensor
     return x, dcap
 
 
@@ -73,10 +89,11 @@ def _load_block(row_ptr, cols, mask, softcap, HAS_SOFTCAP: tl.constexpr):
 def _chunk_stats(
     row_ptr, weight_ptr,  # pointers: this row's logits, class weights
     start, end,  # the columns [start, end) of this row
-    softcap,
+    logit_scale, softcap,
     BLOCK_V: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
 ):
     """Online-softmax statistics of columns [start, end): ``(max, sum exp(x - max), S, W)``."""
@@ -87,7 +104,7 @@ def _chunk_stats(
     for off in range(start, end, BLOCK_V):
         cols = off + tl.arange(0, BLOCK_V)
         mask = cols < end
-        x, _ = _load_block(row_ptr, cols, mask, softcap, HAS_SOFTCAP)
+        x, _ = _load_block(row_ptr, cols, mask, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
         # Online softmax: m' = max(m, max_b x); s' = s * exp(m - m') + sum_b exp(x - m').
         # While every logit so far is -inf, m' = -inf and x - m' would be NaN (-inf - -inf):
         # shift by 0 instead, which gives exp(-inf) = 0 terms and keeps s = 0.
@@ -124,16 +141,16 @@ def _row_target(target_ptr, row, ignore_index, V):
 def _row_loss(
     row_ptr, weight_ptr, t_safe, is_ignored, is_invalid,
     lse, sum_wx, sum_w, V,
-    label_smoothing, z_loss, softcap,
+    label_smoothing, z_loss, logit_scale, softcap,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
 ):
     """Returns ``(ce, z, w_t)`` of one row from its merged statistics."""
     x_t = tl.load(row_ptr + t_safe).to(tl.float32)  # one gather; t_safe is always in bounds
-    if HAS_SOFTCAP:
-        x_t, _ = _softcap(x_t, softcap)
+    x_t, _ = _transform(x_t, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
     if HAS_WEIGHT:
         w_t = tl.load(weight_ptr + t_safe)
     else:
@@ -156,11 +173,12 @@ def _write_grad_chunk(
     row_ptr, grad_row_ptr, weight_ptr, scales_ptr,  # pointers
     start, end, t_safe, is_ignored, is_invalid,  # columns [start, end) and the row's target
     lse, w_t, sum_w, V,  # merged row statistics
-    label_smoothing, z_loss, softcap,
+    label_smoothing, z_loss, logit_scale, softcap,
     BLOCK_V: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
 ):
     """Writes dL/dlogits for columns [start, end) of one row, given its lse."""
@@ -182,7 +200,8 @@ def _write_grad_chunk(
     for off in range(start, end, BLOCK_V):
         cols = off + tl.arange(0, BLOCK_V)
         mask = cols < end
-        x, dcap = _load_block(row_ptr, cols, cols < read_end, softcap, HAS_SOFTCAP)
+        x, dcap = _load_block(row_ptr, cols, cols < read_end, logit_scale, softcap, HAS_SCALE,
+                              HAS_SOFTCAP)
         p = tl.exp(x - lse)
         g = p * coef_p
         if HAS_SMOOTHING:
@@ -192,7 +211,7 @@ def _write_grad_chunk(
                 g -= coef_w
         # The target column in fp32, before rounding: p_t - 1 cancels badly in bf16.
         g = tl.where(cols == t_safe, g - coef_t, g)
-        if HAS_SOFTCAP:
+        if HAS_SCALE or HAS_SOFTCAP:
             g *= dcap
         g = tl.where(is_ignored, 0.0, tl.where(is_invalid, float("nan"), g))
         tl.store(grad_row_ptr + cols, g.to(grad_row_ptr.dtype.element_ty), mask=mask)
@@ -213,12 +232,13 @@ def _ce_fwd_kernel(
     # strides (the class dimension is contiguous)
     stride_logits_n, stride_grad_n,
     # scalar options
-    ignore_index, label_smoothing, z_loss, softcap,
+    ignore_index, label_smoothing, z_loss, logit_scale, softcap,
     # meta-parameters
     BLOCK_V: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
 ):
@@ -228,14 +248,16 @@ def _ce_fwd_kernel(
     t_safe, is_ignored, is_invalid = _row_target(target_ptr, row, ignore_index, V)
 
     m, s, sum_wx, sum_w = _chunk_stats(
-        row_ptr, weight_ptr, 0, V, softcap, BLOCK_V, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP
+        row_ptr, weight_ptr, 0, V, logit_scale, softcap, BLOCK_V, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE,
+        HAS_SOFTCAP,
     )
     lse = m + tl.log(s)
     if not HAS_WEIGHT:
         sum_w = tl.zeros((), tl.float32) + V  # W = V without class weights
     ce, z, w_t = _row_loss(
         row_ptr, weight_ptr, t_safe, is_ignored, is_invalid, lse, sum_wx, sum_w, V,
-        label_smoothing, z_loss, softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP,
+        label_smoothing, z_loss, logit_scale, softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SCALE,
+        HAS_SOFTCAP,
     )
     tl.store(ce_ptr + row, ce)
     tl.store(z_ptr + row, z)
@@ -247,8 +269,8 @@ def _ce_fwd_kernel(
         _write_grad_chunk(
             row_ptr, grad_ptr + row * stride_grad_n, weight_ptr, scales_ptr,
             0, V, t_safe, is_ignored, is_invalid, lse, w_t, sum_w, V,
-            label_smoothing, z_loss, softcap,
-            BLOCK_V, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP,
+            label_smoothing, z_loss, logit_scale, softcap,
+            BLOCK_V, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SCALE, HAS_SOFTCAP,
         )
 
 
@@ -267,11 +289,12 @@ def _ce_split_stats_kernel(
     # strides
     stride_logits_n, stride_part_n,
     # scalar options
-    softcap,
+    logit_scale, softcap,
     # meta-parameters
     BLOCK_V: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
 ):
     """Grid (N, S): online-softmax partials of one vocabulary chunk of one row."""
@@ -280,8 +303,8 @@ def _ce_split_stats_kernel(
     start = split * CHUNK
     end = tl.minimum(start + CHUNK, V)
     m, s, sum_wx, sum_w = _chunk_stats(
-        logits_ptr + row * stride_logits_n, weight_ptr, start, end, softcap,
-        BLOCK_V, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
+        logits_ptr + row * stride_logits_n, weight_ptr, start, end, logit_scale, softcap,
+        BLOCK_V, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP,
     )
     part = row * stride_part_n + split
     tl.store(part_max_ptr + part, m)
@@ -313,12 +336,13 @@ def _ce_split_merge_kernel(
     # strides
     stride_logits_n, stride_part_n,
     # scalar options
-    ignore_index, label_smoothing, z_loss, softcap,
+    ignore_index, label_smoothing, z_loss, logit_scale, softcap,
     # meta-parameters
     SPLIT_BLOCK: tl.constexpr,  # next power of two >= NUM_SPLITS
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
 ):
     """Grid (N,): merges a row's chunk partials into lse, then its ce and z."""
@@ -342,8 +366,8 @@ def _ce_split_merge_kernel(
     t_safe, is_ignored, is_invalid = _row_target(target_ptr, row, ignore_index, V)
     ce, z, _ = _row_loss(
         logits_ptr + row * stride_logits_n, weight_ptr, t_safe, is_ignored, is_invalid,
-        lse, sum_wx, sum_w, V, label_smoothing, z_loss, softcap,
-        HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP,
+        lse, sum_wx, sum_w, V, label_smoothing, z_loss, logit_scale, softcap,
+        HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SCALE, HAS_SOFTCAP,
     )
     tl.store(ce_ptr + row, ce)
     tl.store(z_ptr + row, z)
@@ -359,13 +383,14 @@ def _ce_split_grad_kernel(
     # strides
     stride_logits_n, stride_grad_n, stride_part_n,
     # scalar options
-    ignore_index, label_smoothing, z_loss, softcap,
+    ignore_index, label_smoothing, z_loss, logit_scale, softcap,
     # meta-parameters
     BLOCK_V: tl.constexpr,
     SPLIT_BLOCK: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
 ):
     """Grid (N, S): writes the gradient of one vocabulary chunk of one row, from the merged lse."""
@@ -388,6 +413,6 @@ def _ce_split_grad_kernel(
     _write_grad_chunk(
         logits_ptr + row * stride_logits_n, grad_ptr + row * stride_grad_n, weight_ptr, scales_ptr,
         start, end, t_safe, is_ignored, is_invalid, lse, w_t, sum_w, V,
-        label_smoothing, z_loss, softcap,
-        BLOCK_V, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP,
+        label_smoothing, z_loss, logit_scale, softcap,
+        BLOCK_V, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SCALE, HAS_SOFTCAP,
     )

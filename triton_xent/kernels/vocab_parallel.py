@@ -28,12 +28,13 @@ def _vp_grad_kernel(
     # strides (the class dimension is contiguous)
     stride_logits_n, stride_grad_n,
     # scalar options
-    ignore_index, label_smoothing, z_loss, softcap,
+    ignore_index, label_smoothing, z_loss, logit_scale, softcap,
     # meta-parameters
     BLOCK_V: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
 ):
     """Grid (N, S): writes dL/dlogits of one chunk of this rank's columns of one row."""
@@ -63,6 +64,6 @@ def _vp_grad_kernel(
     _write_grad_chunk(
         logits_ptr + row * stride_logits_n, grad_ptr + row * stride_grad_n, weight_ptr, scales_ptr,
         start, end, t_safe, is_ignored, is_invalid, lse, w_t, sum_w, V,
-        label_smoothing, z_loss, softcap,
-        BLOCK_V, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP,
+        label_smoothing, z_loss, logit_scale, softcap,
+        BLOCK_V, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SCALE, HAS_SOFTCAP,
     )

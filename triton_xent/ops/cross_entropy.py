@@ -158,6 +158,7 @@ def ce_forward(
     softcap: float | None,
     compute_grad: bool,
     inplace: bool,
+    logit_scale: float | None = None,
     block_v: int | None = None,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -174,6 +175,7 @@ def ce_forward(
         label_smoothing: ``eps`` in [0, 1] (PyTorch's definition, class weights included).
         z_loss: coefficient of ``lse**2`` (>= 0).
         softcap: ``softcap * tanh(x / softcap)`` is applied to the logits first, or None.
+        logit_scale: the logits are multiplied by it first (before ``softcap``), or None.
         compute_grad: if False no gradient is computed and nothing of size N x V is written.
         inplace: with ``compute_grad``, write the gradient over ``logits`` and return it.
         block_v: force the vocabulary block (a power of two); None = heuristic table.
@@ -218,8 +220,10 @@ def ce_forward(
         HAS_WEIGHT=weight is not None,
         HAS_SMOOTHING=label_smoothing > 0.0,
         HAS_Z_LOSS=z_loss > 0.0,
+        HAS_SCALE=logit_scale is not None,
         HAS_SOFTCAP=softcap is not None,
     )
+    scale_arg = 1.0 if logit_scale is None else float(logit_scale)
     weight_arg = weight if weight is not None else scales  # never read without HAS_WEIGHT
     grad_arg = grad if grad is not None else logits  # never written without COMPUTE_GRAD
     softcap_arg = softcap if softcap is not None else 1.0
@@ -233,7 +237,7 @@ def ce_forward(
                 ce, z, lse, grad_arg,
                 V,
                 logits.stride(0), grad_arg.stride(0),
-                ignore_index, label_smoothing, z_loss, softcap_arg,
+                ignore_index, label_smoothing, z_loss, scale_arg, softcap_arg,
                 BLOCK_V=BLOCK_V, COMPUTE_GRAD=grad is not None, **flags,
                 num_warps=num_warps,
             )
@@ -253,9 +257,9 @@ def ce_forward(
             part_max, part_sum, part_swx, part_w,
             V, CHUNK,
             logits.stride(0), S,
-            softcap_arg,
+            scale_arg, softcap_arg,
             BLOCK_V=BLOCK_V, HAS_WEIGHT=flags["HAS_WEIGHT"], HAS_SMOOTHING=flags["HAS_SMOOTHING"],
-            HAS_SOFTCAP=flags["HAS_SOFTCAP"],
+            HAS_SCALE=flags["HAS_SCALE"], HAS_SOFTCAP=flags["HAS_SOFTCAP"],
             num_warps=num_warps,
         )
         _ce_split_merge_kernel[(N,)](
@@ -264,7 +268,7 @@ def ce_forward(
             ce, z, lse,
             V, S,
             logits.stride(0), S,
-            ignore_index, label_smoothing, z_loss, softcap_arg,
+            ignore_index, label_smoothing, z_loss, scale_arg, softcap_arg,
             SPLIT_BLOCK=SPLIT_BLOCK, **flags,
             num_warps=1,
         )
@@ -273,7 +277,7 @@ def ce_forward(
                 logits, target, weight_arg, scales, lse, part_w, grad,
                 V, CHUNK, S,
                 logits.stride(0), grad.stride(0), S,
-                ignore_index, label_smoothing, z_loss, softcap_arg,
+                ignore_index, label_smoothing, z_loss, scale_arg, softcap_arg,
                 BLOCK_V=BLOCK_V, SPLIT_BLOCK=SPLIT_BLOCK, **flags,
                 num_warps=num_warps,
             )

@@ -99,9 +99,9 @@ def vp_local_stats(
                 part_max, part_sum, part_swx, part_w,
                 V_local, CHUNK,
                 logits.stride(0), S,
-                1.0 if softcap is None else float(softcap),
+                1.0, 1.0 if softcap is None else float(softcap),
                 BLOCK_V=BLOCK_V, HAS_WEIGHT=has_weight, HAS_SMOOTHING=smoothing,
-                HAS_SOFTCAP=softcap is not None,
+                HAS_SCALE=False, HAS_SOFTCAP=softcap is not None,
                 num_warps=num_warps,
             )
     # Log-sum-exp merge of the chunks, with the -inf guard of the kernels.
@@ -169,9 +169,9 @@ def vp_shard_grad(
             V_local, vocab_size, offset, CHUNK,
             logits.stride(0), grad.stride(0),
             ignore_index, float(label_smoothing), float(z_loss),
-            1.0 if softcap is None else float(softcap),
+            1.0, 1.0 if softcap is None else float(softcap),
             BLOCK_V=BLOCK_V, HAS_WEIGHT=has_weight, HAS_SMOOTHING=smoothing,
-            HAS_Z_LOSS=float(z_loss) > 0.0, HAS_SOFTCAP=softcap is not None,
+            HAS_Z_LOSS=float(z_loss) > 0.0, HAS_SCALE=False, HAS_SOFTCAP=softcap is not None,
             num_warps=num_warps,
         )
     return grad
