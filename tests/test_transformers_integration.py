@@ -99,7 +99,7 @@ def _specs():
                     dict(TEXT, head_dim=8, num_local_experts=4, num_experts_per_tok=2, **MOE),
                     "text"),
         # logit-scaled heads: Cohere multiplies by logit_scale, Granite divides by logits_scaling
-        "cohere": ("CohereForCausalLM", "CohereConfig", dict(TEXT, logit_scale=0.5, eos_token_id=1),
+        "cohere": ("CohereForCausalLM", "CohereConfig", dict(TEXT, logit_scale=4.0, eos_token_id=1),
                    "text"),
         "granite": ("GraniteForCausalLM", "GraniteConfig", dict(TEXT, logits_scaling=4.0), "text"),
         "granitemoe": ("GraniteMoeForCausalLM", "GraniteMoeConfig",
@@ -207,10 +207,14 @@ def run(model, **batch):
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_grads_close(grads, grads_ref, **tol):
+def assert_grads_close(grads, grads_ref):
+    """Elementwise within GRAD_TOL, the absolute part scaled by the gradient's largest entry
+    (fp32 rounding of a sum is relative to its largest terms, not to each small result)."""
     assert grads.keys() == grads_ref.keys()
-    for name in grads_ref:
-        torch.testing.assert_close(grads[name], grads_ref[name], **(tol or GRAD_TOL), msg=name)
+    for name, ref in grads_ref.items():
+        scale = max(1.0, ref.abs().max().item())
+        torch.testing.assert_close(grads[name], ref, rtol=GRAD_TOL["rtol"],
+                                   atol=GRAD_TOL["atol"] * scale, msg=name)
 
 
 def assert_same(model_name, fused, patched_kwargs=None, ref_kwargs=None, batch=None, **options):

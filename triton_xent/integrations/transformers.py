@@ -284,8 +284,9 @@ def causal_lm_loss(
         logits.reshape(-1, vocab_size), target, ignore_index=ignore_index,
         reduction=_op_reduction(options, num_items_in_batch), label_smoothing=options.label_smoothing,
         z_loss=options.z_loss, backend=options.backend, loss_dtype=torch.float32,
+        divisor=_divisor(num_items_in_batch, logits.device),
     )
-    return _finish(loss, num_items_in_batch, options, shape)
+    return loss.view(shape) if options.reduction == "none" else loss
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,18 +461,17 @@ def _fused_loss(model, layout: HeadLayout, head, hidden, labels, vocab_size, num
             f"{target.numel()} labels: they must match, as for the logits."
         )
     scale, softcap = _head_values(model, layout)
-    extra = {}
-    if scale != 1.0:
-        extra["logit_scale"] = scale
     loss = linear_cross_entropy(
         hidden, weight, target, linear_bias=bias, ignore_index=ignore_index,
         reduction=_op_reduction(options, num_items_in_batch), softcap=softcap,
-        label_smoothing=options.label_smoothing, z_loss=options.z_loss,
-        chunk_size=options.chunk_size, accum_dtype=options.accum_dtype, backend=options.backend,
+        logit_scale=None if scale == 1.0 else scale, label_smoothing=options.label_smoothing,
+        z_loss=options.z_loss, chunk_size=options.chunk_size, accum_dtype=options.accum_dtype,
+        backend=options.backend,
         loss_dtype=torch.float32,  # as transformers: an fp32 loss, not a bf16-rounded sum
-        **extra,
+        # the Trainer's normaliser divides inside the op: the loss's upstream gradient stays 1
+        divisor=_divisor(num_items_in_batch, weight.device),
     )
-    return _finish(loss, num_items_in_batch, options, shape)
+    return loss.view(shape) if options.reduction == "none" else loss
 
 
 def _head_values(model, layout: HeadLayout):
@@ -577,15 +577,11 @@ def _op_reduction(options, num_items_in_batch):
     return options.reduction
 
 
-def _finish(loss, num_items_in_batch, options, shape):
-    loss = loss.float()
-    if options.reduction == "none":
-        return loss.view(shape)
-    if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
-    return loss
+def _divisor(num_items_in_batch, device):
+    """num_items_in_batch as the op's divisor: a number, or a 0-d tensor on the loss's device."""
+    if torch.is_tensor(num_items_in_batch):
+        return num_items_in_batch.to(device, non_blocking=True)
+    return num_items_in_batch
 
 
 # --------------------------------------------------------------------------------------------
