@@ -265,6 +265,27 @@ def test_num_items_in_batch(fused, num_items):
 
 
 @pytest.mark.parametrize("fused", MODES)
+def test_num_items_in_batch_divides_inside_the_op(fused, monkeypatch):
+    """The model's loss is the op's own output (the sum divided by num_items_in_batch inside
+    the op): no division after it, so the Trainer's backward starts with a gradient of 1."""
+    from triton_xent import linear
+
+    name, module = ("linear_cross_entropy", linear) if fused else ("cross_entropy", tx)
+    calls, real = [], getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs, real(*args, **kwargs)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(module, name, spy)
+    model = tx.patch(make_model("llama"), fused=fused).train()
+    out = model(**make_batch(), num_items_in_batch=torch.tensor(7))
+    (kwargs, loss), = calls
+    assert kwargs["reduction"] == "sum" and int(kwargs["divisor"]) == 7
+    assert out.loss is loss
+
+
+@pytest.mark.parametrize("fused", MODES)
 def test_gradient_accumulation_equals_full_batch(fused):
     """Two micro-batches, each divided by the tokens of both: their sum is the full batch's mean."""
     model = tx.patch(make_model("llama"), fused=fused)
