@@ -363,14 +363,28 @@ def test_gradient_checkpointing():
     assert_grads_close(grads, grads_ref)
 
 
-def test_torch_compile():
-    """The patched forward traces into one graph (aot_eager: no C++ build in the test)."""
+@pytest.mark.parametrize("how", ["patch", "apply"])
+def test_torch_compile(how):
+    """The patched forward traces into one graph, without breaks (aot_eager: no C++ build)."""
+    import torch._dynamo
+
     ref = make_model("llama").train()
-    patched = tx.patch(copy.deepcopy(ref))
-    compiled = torch.compile(patched, backend="aot_eager")
-    out_ref, grads_ref = run(ref, **make_batch())
-    for _ in range(2):
-        out, _ = run(compiled, **make_batch())
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        if how == "patch":
+            patched = tx.patch(copy.deepcopy(ref))
+        else:
+            tx.apply("llama")
+            patched = make_model("llama")
+        compiled = torch.compile(patched.train(), backend="aot_eager")
+        out_ref, grads_ref = run(ref, **make_batch())
+        for _ in range(2):
+            out, _ = run(compiled, **make_batch())
+    finally:
+        tx.revert()
+    counters = torch._dynamo.utils.counters
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1
     grads = {n: p.grad for n, p in patched.named_parameters()}
     assert out.logits is None
     torch.testing.assert_close(out.loss, out_ref.loss, **LOSS_TOL)

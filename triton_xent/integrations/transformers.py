@@ -588,7 +588,7 @@ def _divisor(num_items_in_batch, device):
 # Classes: checks, patched subclasses, apply/revert
 # --------------------------------------------------------------------------------------------
 
-_INSTALLED = ("forward", "loss_function", "__setattr__")
+_INSTALLED = ("forward", "loss_function", "__setattr__", "post_init")
 _APPLIED: dict[type, dict] = {}
 _SUBCLASSES: dict[type, type] = {}
 _SUBCLASS_BASE: dict[type, type] = {}
@@ -672,6 +672,27 @@ def _install(cls, original, set_reduce):
     cls.__setattr__ = _make_setattr(cls)
     if set_reduce:
         cls.__reduce_ex__ = _reduce_ex
+    else:
+        cls.post_init = _make_post_init(cls, analyze(original).layout)
+
+
+def _make_post_init(cls, layout):
+    """post_init of an applied class: also hook the new instance's head (transformers calls it
+    at the end of every __init__, from_pretrained included), not in the first, maybe compiled,
+    call, where registering a hook breaks the graph."""
+    parent = vars(cls).get("post_init")
+
+    def post_init(self, *args, **kwargs):
+        if parent is not None:
+            parent(self, *args, **kwargs)
+        else:
+            super(cls, self).post_init(*args, **kwargs)
+        options = getattr(self, _OPTIONS, None)
+        head = getattr(self, layout.head, None) if layout is not None else None
+        if options is not None and options.fused and _plain_linear(head):
+            _ensure_hook(head)
+
+    return post_init
 
 
 def _patched_subclass(base):
