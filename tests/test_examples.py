@@ -58,6 +58,14 @@ def test_hf_trainer():
     assert "OK: the Trainer trains the patched model like the model." in out
 
 
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                    reason="transformers is not installed")
+def test_hf_memory():
+    out = run_example("hf_memory.py", timeout=300)
+    assert "OK: the same loss three ways." in out
+    assert "patch(model)  (fused)" in out
+
+
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl is not installed")
 def test_hf_trl_sft():
     out = run_example("hf_trl_sft.py", timeout=300)
