@@ -127,7 +127,7 @@ def test_lora_on_attention(name, order):
         model = _lora(copy.deepcopy(base), ATTENTION)
         assert tx.patch(model) is model  # the PEFT wrapper comes back, its base model patched
     model.train()
-    assert getattr(model.get_base_model(), tx._OPTIONS) is not None
+    assert tx.options_of(model.get_base_model()) is not None
     batch = make_batch(name)
     out_ref, grads_ref = run(ref, **batch)
     out, grads = run(model, **batch)

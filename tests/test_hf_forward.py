@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from triton_xent.integrations._hf_forward import HeadLayout, analyze, defining_forward
-from triton_xent.integrations.transformers import _head_values
+from triton_xent.integrations._hf_loss import head_values as _head_values
 
 CAP = ("config", "final_logit_softcapping")
 

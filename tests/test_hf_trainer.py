@@ -109,12 +109,12 @@ def test_trainer_model_init_gets_the_patch(tmp_path):
 
     losses_ref, _ = train_losses(make_model("llama"), tmp_path / "ref")
     losses, trainer = train_losses(tmp_path=tmp_path / "init", model_init=model_init)
-    assert getattr(trainer.model, tx._OPTIONS) is not None
+    assert tx.options_of(trainer.model) is not None
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(losses_ref), rtol=1e-5, atol=0)
     try:  # the same through apply(), with a plain from_config in model_init
         tx.apply("llama")
         _, trainer = train_losses(tmp_path=tmp_path / "apply", model_init=lambda: make_model("llama"))
-        assert getattr(trainer.model, tx._OPTIONS) is not None
+        assert tx.options_of(trainer.model) is not None
     finally:
         tx.revert()
 
@@ -194,14 +194,14 @@ def test_trl_sft_trainer_uses_the_patch(tmp_path):
     losses_ref, _ = _sft(trl.SFTTrainer, copy.deepcopy(base), tmp_path / "trl")
 
     def check(trainer):  # TRL's head is gone again, the model patched
-        assert getattr(trainer.model, tx._OPTIONS) is not None
+        assert tx.options_of(trainer.model) is not None
         assert "forward" not in vars(trainer.model)
 
     losses, _ = _sft(SFTTrainer, copy.deepcopy(base), tmp_path / "tx", check=check)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(losses_ref), rtol=1e-4, atol=0)
     smoothed, trainer = _sft(SFTTrainer, copy.deepcopy(base), tmp_path / "smooth",
                              triton_xent_options=dict(label_smoothing=0.3))
-    assert getattr(trainer.model, tx._OPTIONS).label_smoothing == 0.3
+    assert tx.options_of(trainer.model).label_smoothing == 0.3
     assert abs(smoothed[0] - losses[0]) > 1e-2  # the option reaches the loss
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
+from triton_xent.integrations import _hf_patching as hp  # noqa: E402
 from triton_xent.integrations import transformers as tx  # noqa: E402
 from triton_xent.reference import cross_entropy_reference  # noqa: E402
 
@@ -269,8 +270,9 @@ def test_num_items_in_batch_divides_inside_the_op(fused, monkeypatch):
     """The model's loss is the op's own output (the sum divided by num_items_in_batch inside
     the op): no division after it, so the Trainer's backward starts with a gradient of 1."""
     from triton_xent import linear
+    from triton_xent.integrations import _hf_loss
 
-    name, module = ("linear_cross_entropy", linear) if fused else ("cross_entropy", tx)
+    name, module = ("linear_cross_entropy", linear) if fused else ("cross_entropy", _hf_loss)
     calls, real = [], getattr(module, name)
 
     def spy(*args, **kwargs):
@@ -482,11 +484,11 @@ def test_patch_returns_the_model_and_unpatch_restores_it(fused):
     assert tx.patch(model, fused=fused, z_loss=1e-3) is model  # patching again replaces options
     assert type(model) is not cls and isinstance(model, cls)
     assert type(model).__name__ == cls.__name__ and type(model).__qualname__ == cls.__qualname__
-    assert getattr(model, tx._OPTIONS).z_loss == 1e-3
+    assert tx.options_of(model).z_loss == 1e-3
     assert tx.unpatch(model) is model
     assert type(model) is cls
     assert model.loss_function is transformers.loss.loss_utils.LOSS_MAPPING["ForCausalLM"]
-    assert not model.lm_head._forward_pre_hooks and tx._OPTIONS not in vars(model)
+    assert not model.lm_head._forward_pre_hooks and hp.OPTIONS not in vars(model)
     tx.unpatch(model)  # no-op
 
 
@@ -509,7 +511,7 @@ def test_patch_survives_deepcopy_and_torch_save(fused, tmp_path):
     torch.save(model, buffer)
     buffer.seek(0)
     for clone in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
-        assert type(clone) is type(model) and getattr(clone, tx._OPTIONS) == getattr(model, tx._OPTIONS)
+        assert type(clone) is type(model) and tx.options_of(clone) == tx.options_of(model)
         clone.train()
         out, out_model = clone(**make_batch()), model(**make_batch())
         assert (out.logits is None) == fused
@@ -535,13 +537,13 @@ def test_apply_patches_the_class_before_loading(tmp_path):
         for model in (cls(cfg), transformers.AutoModelForCausalLM.from_config(cfg),
                       transformers.AutoModelForCausalLM.from_pretrained(tmp_path)):
             assert type(model) is cls  # the class itself is patched
-            assert getattr(model, tx._OPTIONS).z_loss == 1e-3
+            assert tx.options_of(model).z_loss == 1e-3
             assert model.train()(**make_batch()).logits is None
         tx.apply(cls, fused=False)  # again, by class: new options
         assert model.train()(**make_batch()).logits is not None
     finally:
         tx.revert()
-    assert vars(cls)["forward"] is forward and tx._OPTIONS not in vars(cls)
+    assert vars(cls)["forward"] is forward and hp.OPTIONS not in vars(cls)
     model = cls(cfg).train()
     assert model.loss_function is transformers.loss.loss_utils.LOSS_MAPPING["ForCausalLM"]
     assert model(**make_batch()).logits is not None
@@ -568,17 +570,17 @@ def test_apply_refuses_unknown_types_and_unsupported_classes():
         tx.apply("t5")
     with pytest.raises(TypeError, match="z_los"):
         tx.apply("llama", z_los=1e-4)
-    assert not tx._APPLIED
+    assert not hp.APPLIED
 
 
 def test_auto_class_patches_what_it_loads(tmp_path):
     _, cfg = make_config("qwen2")
     model = tx.AutoTritonXentForCausalLM.from_config(cfg, label_smoothing=0.1)
     assert isinstance(model, transformers.Qwen2ForCausalLM)
-    assert getattr(model, tx._OPTIONS).label_smoothing == 0.1
+    assert tx.options_of(model).label_smoothing == 0.1
     model.save_pretrained(tmp_path)
     loaded = tx.AutoTritonXentForCausalLM.from_pretrained(tmp_path, fused=False, dtype=torch.float32)
-    assert getattr(loaded, tx._OPTIONS).fused is False and loaded.dtype == torch.float32
+    assert tx.options_of(loaded).fused is False and loaded.dtype == torch.float32
     assert loaded.train()(**make_batch()).logits is not None
 
 
@@ -667,7 +669,7 @@ def test_peft_wrapper_is_unwrapped_without_peft():
     model = make_model("llama")
     wrapper = Wrapper(model)
     assert tx.patch(wrapper) is wrapper
-    assert getattr(model, tx._OPTIONS) is not None
+    assert tx.options_of(model) is not None
     tx.unpatch(wrapper)
     assert type(model) is transformers.LlamaForCausalLM
 

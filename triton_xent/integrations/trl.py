@@ -26,7 +26,8 @@ from __future__ import annotations
 from transformers import Trainer
 from trl import SFTTrainer as _TRLSFTTrainer
 
-from . import transformers as _tx
+from . import _hf_patching as _hp
+from .transformers import patch
 
 __all__ = ["SFTTrainer"]
 
@@ -49,11 +50,11 @@ class SFTTrainer(_TRLSFTTrainer):
     """
 
     def __init__(self, *args, triton_xent_options: dict | None = None, **kwargs):
-        _tx._ALLOW_TRL_HEAD[0] += 1  # TRL's setup adds its head; it is removed just below
+        _hp.ALLOW_TRL_HEAD[0] += 1  # TRL's setup adds its head; it is removed just below
         try:
             super().__init__(*args, **kwargs)
         finally:
-            _tx._ALLOW_TRL_HEAD[0] -= 1
+            _hp.ALLOW_TRL_HEAD[0] -= 1
         if self.compute_loss_func is not None:
             raise ValueError("triton_xent's SFTTrainer computes the loss in the model; drop "
                              "compute_loss_func (or use trl.SFTTrainer)")
@@ -63,12 +64,12 @@ class SFTTrainer(_TRLSFTTrainer):
         if getattr(self.args, "loss_type", "nll") != "nll":
             raise ValueError(f"loss_type={self.args.loss_type!r} is computed by TRL's own head; "
                              "triton_xent's SFTTrainer computes the 'nll' loss only")
-        base = _tx._unwrap(self.model)
+        base = _hp.unwrap(self.model)
         forward = vars(base).get("forward")
-        if forward is not None and _tx._is_trl_fused_head(forward):
+        if forward is not None and _hp.is_trl_fused_head(forward):
             del base.forward  # the class's (patched) forward shows again
-        if triton_xent_options is not None or getattr(base, _tx._OPTIONS, None) is None:
-            _tx.patch(base, **(triton_xent_options or {}))
+        if triton_xent_options is not None or getattr(base, _hp.OPTIONS, None) is None:
+            patch(base, **(triton_xent_options or {}))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs["use_cache"] = False
