@@ -81,7 +81,9 @@ def causal_lm_loss(
 
 
 def fused_loss(model, layout: HeadLayout, head, hidden, labels, vocab_size, num_items_in_batch,
-                ignore_index, shift_labels, options):
+               ignore_index, shift_labels, options):
+    """The same loss from the head's input ``hidden`` (as captured), ``head.weight``/``bias``
+    and the model's logit scale and soft-cap, by :func:`triton_xent.linear_cross_entropy`."""
     from ..linear import linear_cross_entropy
 
     weight, bias = head.weight, head.bias
@@ -161,6 +163,7 @@ def _path_str(path):
 
 
 def check_weight(model, name, weight, in_features):
+    """The head's weight must be whole where the fused path reads it (outside its forward)."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch without distributed

@@ -34,6 +34,7 @@ ALLOW_TRL_HEAD = [0]  # > 0 while triton_xent's own TRL trainer sets up (it remo
 
 
 def make_forward(original):
+    """The patched forward around ``original`` (a class's own forward)."""
     sig = inspect.signature(original)
     names = list(sig.parameters)
     labels_at = names.index("labels") - 1 if "labels" in names else None  # after self
@@ -130,6 +131,7 @@ def _capture_hook(module, args):
 
 
 def ensure_hook(head):
+    """Give the LM head the capture pre-hook (once)."""
     if not getattr(head, HOOKED, False):
         head.register_forward_pre_hook(_capture_hook)
         setattr(head, HOOKED, True)
@@ -144,6 +146,7 @@ def remove_hook(head):
 
 
 def plain_linear(head):
+    """Whether the head computes exactly ``F.linear(x, weight, bias)`` (what the fused op does)."""
     if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
         return False
     if not head.weight.is_floating_point():
@@ -184,12 +187,13 @@ def _model_loss(model, logits, labels, vocab_size, num_items_in_batch=None, igno
     if capture.hidden is None or logits.numel() != 0 or capture.loss_done:
         raise RuntimeError("triton_xent: the loss got logits that did not come from the fused head")
     loss = fused_loss(model, capture.layout, capture.head, capture.hidden, labels, vocab_size,
-                       num_items_in_batch, ignore_index, shift_labels, options)
+                      num_items_in_batch, ignore_index, shift_labels, options)
     capture.loss_done = True
     return loss
 
 
 def unwrap(model):
+    """The transformers model to patch: ``model``, or the base model inside a PEFT model."""
     from transformers import PreTrainedModel
 
     if isinstance(model, type):
@@ -250,6 +254,7 @@ def _class_loss(cls):
 
 
 def install(cls, original, set_reduce):
+    """Put the patched attributes (module docstring) on ``cls`` around its forward ``original``."""
     cls.forward = make_forward(original)
     cls.loss_function = property(_loss_property, _set_loss_function)
     cls.__setattr__ = _make_setattr(cls)
@@ -279,6 +284,7 @@ def _make_post_init(cls, layout):
 
 
 def patched_subclass(base):
+    """patch()'s subclass of ``base`` (one per class, made on first use)."""
     sub = _SUBCLASSES.get(base)
     if sub is None:
         # Same name, module and qualified name: save_pretrained writes the class name into the
