@@ -140,6 +140,25 @@ def test_lora_on_attention(name, order):
         torch.testing.assert_close(model(**batch).logits, ref.eval()(**batch).logits)
 
 
+@pytest.mark.parametrize("name", ["llama", "mixtral", "qwen2_vl"])
+def test_lora_unfused(name):
+    """fused=False through a PEFT wrapper: the base model's loss_function is replaced (before,
+    it was set on the wrapper and changed nothing)."""
+    base = make_model(name)
+    ref = _lora(copy.deepcopy(base), ATTENTION).train()
+    model = tx.patch(_lora(copy.deepcopy(base), ATTENTION), fused=False, z_loss=1e-2).train()
+    batch = make_batch(name)
+    out_ref, _ = run(ref, **batch)
+    out, grads = run(model, **batch)
+    assert out.logits is not None and grads
+    assert out.loss > out_ref.loss + 1e-4  # the z-loss is in: triton_xent's loss ran
+    tx.patch(model, fused=False)  # without options: the model's own loss and gradients
+    out, grads = run(model, **batch)
+    _, grads_ref = run(ref, **batch)
+    torch.testing.assert_close(out.loss, out_ref.loss, **LOSS_TOL)
+    assert_grads_close(grads, grads_ref)
+
+
 @pytest.mark.parametrize("order", ["patch-then-peft", "peft-then-patch"])
 @pytest.mark.parametrize("name", ["llama", "gemma2-softcap", "cohere", "mixtral", "llava"])
 def test_lora_on_lm_head_is_never_skipped(name, order):
