@@ -633,6 +633,27 @@ def test_fused_refuses_a_forward_it_cannot_reproduce():
     assert_grads_close(grads, grads_ref)
 
 
+def test_custom_forward_with_a_keyword_head_call():
+    """A forward of one's own that passes the head's input by keyword, scales the logits by a
+    number and upcasts them: fused, with the model's loss and gradients."""
+
+    class MyLlama(transformers.LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            logits = self.lm_head(input=hidden).float()
+            logits *= 3.0
+            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+            return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    ref = MyLlama(make_model("llama").config).train()
+    model = tx.patch(copy.deepcopy(ref)).train()
+    out_ref, grads_ref = run(ref, **make_batch())
+    out, grads = run(model, **make_batch())
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, out_ref.loss, **LOSS_TOL)
+    assert_grads_close(grads, grads_ref)
+
+
 def test_patch_refuses_a_custom_loss_function():
     model = make_model("llama")
     model.loss_function = lambda *a, **k: 0.0

@@ -118,22 +118,25 @@ class _Capture:
         self.loss_done = False
 
 
-def _capture_hook(module, args):
-    """Forward pre-hook on the LM head: during a fused call, keep the input, compute no logits."""
+def _capture_hook(module, args, kwargs):
+    """Forward pre-hook on the LM head: during a fused call, keep the input, compute no logits
+    (the head gets zero rows: ``(batch, 0, hidden)`` in, ``(batch, 0, vocab)`` out)."""
     capture = getattr(module, CAPTURE, None)
     if capture is None:
         return None
     if capture.hidden is not None:
         raise RuntimeError("triton_xent: the LM head ran twice in one fused forward; use fused=False")
-    hidden = args[0]
-    capture.hidden = hidden
-    return (hidden[..., :0, :],) + tuple(args[1:])
+    if args:
+        capture.hidden = args[0]
+        return (args[0][..., :0, :],) + tuple(args[1:]), kwargs
+    capture.hidden = kwargs["input"]
+    return args, {**kwargs, "input": kwargs["input"][..., :0, :]}
 
 
 def ensure_hook(head):
     """Give the LM head the capture pre-hook (once)."""
     if not getattr(head, HOOKED, False):
-        head.register_forward_pre_hook(_capture_hook)
+        head.register_forward_pre_hook(_capture_hook, with_kwargs=True)
         setattr(head, HOOKED, True)
 
 
