@@ -62,22 +62,26 @@ def test_missing_triton(monkeypatch):
         cross_entropy(X, T, backend="triton")
 
 
-def test_opcheck_custom_op():
-    from triton_xent.autograd import cross_entropy_rows
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck_custom_op(backend):
+    from triton_xent.autograd import ce_backward_op, ce_forward_op
 
     x = torch.randn(5, 30, requires_grad=True)
     t = torch.tensor([1, 2, -100, 4, 29])
+    w = torch.rand(30)
     for reduction in ("mean", "none"):
-        torch.library.opcheck(
-            cross_entropy_rows,
-            (x, t, torch.rand(30), -100, reduction, 0.1, 1e-3, 3.0, True, "torch", False, None,
-             None, 1.0),
-        )
-    torch.library.opcheck(  # logit_scale, and a sum with a device divisor
-        cross_entropy_rows,
-        (x, t, None, -100, "sum", 0.0, 0.0, None, True, "torch", False, 0.5, torch.tensor(7.0),
-         1.0),
-    )
+        fwd = (x, t, w, None, -100, reduction, 0.1, 1e-3, 3.0, None, 1.0, True, False, backend,
+               False, torch.float32, "")
+        torch.library.opcheck(ce_forward_op, fwd)
+        _, _, _, _, stats, dens = (t.detach() for t in ce_forward_op(*fwd))
+        g = torch.randn(5) if reduction == "none" else torch.tensor(1.5)
+        torch.library.opcheck(ce_backward_op, (x.detach(), t, w, None, stats, dens, g, None,
+                                               -100, reduction, 0.1, 1e-3, 3.0, None, 1.0,
+                                               backend, False, False, ""))
+    # logit_scale, and a sum with a device divisor
+    torch.library.opcheck(ce_forward_op, (x, t, None, torch.tensor(7.0), -100, "sum", 0.0, 0.0,
+                                          None, 0.5, 1.0, False, True, backend, False,
+                                          torch.float32, ""))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

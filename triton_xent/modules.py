@@ -5,11 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._validation import legacy_reduction
 from .functional import cross_entropy
 
 
 class CrossEntropyLoss(nn.Module):
     """Drop-in for ``nn.CrossEntropyLoss`` with the extras of :func:`triton_xent.cross_entropy`.
+
+    PyTorch's positional order, with its deprecated ``size_average``/``reduce`` mapped to
+    ``reduction`` (and its warning) as ``nn.CrossEntropyLoss`` does.
 
     Examples::
 
@@ -20,7 +24,9 @@ class CrossEntropyLoss(nn.Module):
     def __init__(
         self,
         weight: torch.Tensor | None = None,
+        size_average: bool | None = None,
         ignore_index: int = -100,
+        reduce: bool | None = None,
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         *,
@@ -40,7 +46,7 @@ class CrossEntropyLoss(nn.Module):
         self.process_group = process_group
         self.loss_dtype = loss_dtype
         self.ignore_index = ignore_index
-        self.reduction = reduction
+        self.reduction = legacy_reduction(size_average, reduce, reduction)
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
         self.softcap = softcap
@@ -53,10 +59,11 @@ class CrossEntropyLoss(nn.Module):
         """``divisor``: with ``reduction="sum"``, divide the loss by it inside the op (a number
         or a 0-d tensor, e.g. ``num_items_in_batch``); see :func:`triton_xent.cross_entropy`."""
         return cross_entropy(
-            input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
-            z_loss=self.z_loss, softcap=self.softcap, return_aux=self.return_aux,
-            inplace_backward=self.inplace_backward, backend=self.backend, validate=self.validate,
-            process_group=self.process_group, loss_dtype=self.loss_dtype, divisor=divisor,
+            input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+            return_aux=self.return_aux, inplace_backward=self.inplace_backward,
+            backend=self.backend, validate=self.validate, process_group=self.process_group,
+            loss_dtype=self.loss_dtype, divisor=divisor,
             logit_scale=self.logit_scale,
         )
 
