@@ -384,19 +384,20 @@ CE_CASES = [
 ]
 # The fused head. Bytes per logit count the GEMMs' own operands too: per logit, writing the
 # logits and reading them twice as d(logits) (3 x element size), plus x, W, dX and dW, which are
-# O(D / V) and O(D / N) per logit. One chunk at fp32, N=1024, D=256, V=8192: the GEMMs move
+# O(D / V) and O(D / N) per logit (the cases keep D / N = 1/4 and D / V = 1/32, as N=1024,
+# D=256, V=8192 would). One chunk at fp32: the GEMMs move
 # 15.375 B/logit and the cross-entropy kernel 8 (read + write in place) = 23.375, the design's
 # floor; more chunks re-read W and read-modify-write dW once per chunk (inside the GEMM). The
 # budgets hold the design to its passes.
 LINEAR_CASES = [
-    TrafficCase("linear fp32 N=1024 D=256 V=8192, one chunk", kind="linear", N=1024, D=256,
-                V=8192, dtype="float32", chunk_size=1024, budget=23.45),
-    TrafficCase("linear bf16 N=1024 D=256 V=8192, one chunk", kind="linear", N=1024, D=256,
-                V=8192, chunk_size=1024, budget=11.75),
-    TrafficCase("linear bf16 N=1024 D=256 V=8192, 4 chunks", kind="linear", N=1024, D=256,
-                V=8192, chunk_size=256, budget=17.75),
-    TrafficCase("linear bf16 none, random upstream (4 GEMMs)", kind="linear", N=512, D=256,
-                V=8192, chunk_size=512, options=(("reduction", "none"),), upstream="random",
+    TrafficCase("linear fp32 N=512 D=128 V=4096, one chunk", kind="linear", N=512, D=128,
+                V=4096, dtype="float32", chunk_size=512, budget=23.45),
+    TrafficCase("linear bf16 N=512 D=128 V=4096, one chunk", kind="linear", N=512, D=128,
+                V=4096, chunk_size=512, budget=11.75),
+    TrafficCase("linear bf16 N=512 D=128 V=4096, 4 chunks", kind="linear", N=512, D=128,
+                V=4096, chunk_size=128, budget=17.75),
+    TrafficCase("linear bf16 none, random upstream (4 GEMMs)", kind="linear", N=256, D=128,
+                V=4096, chunk_size=256, options=(("reduction", "none"),), upstream="random",
                 budget=18.35),
 ]
 
