@@ -374,10 +374,10 @@ def test_errors():
 
 
 def test_default_chunk_rows():
-    # A fifth of the gradients' bytes, in multiples of 64 rows, between 32 MiB and 1 GiB.
+    # A fifth of the gradients' bytes, in multiples of 64 rows, between 128 MiB and 1 GiB.
     assert default_chunk_rows(8192, 4096, 128256, torch.bfloat16) == 832  # reference shape
     assert default_chunk_rows(8192, 2304, 256000, torch.bfloat16) == 448  # Gemma-2-2B head
-    assert default_chunk_rows(2048, 512, 65536, torch.float32) == 128  # 32 MiB floor
+    assert default_chunk_rows(2048, 512, 65536, torch.float32) == 512  # 128 MiB floor
     # an fp32 accumulator counts towards the gradients' bytes
     assert default_chunk_rows(8192, 4096, 128256, torch.bfloat16, fp32_accum=True) == 2496
     assert default_chunk_rows(10, 4, 10, torch.float32, chunk_bytes=100) == 2
