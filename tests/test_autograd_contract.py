@@ -318,6 +318,8 @@ def test_double_backward_cross_entropy(backend, opts, reduction, small_blocks):
         kw = dict(opts, reduction=reduction)
         if kw.pop("weight", False):
             kw["weight"] = w.to(dtype)
+        if reduction == "sum" and "logit_scale" in opts:
+            kw["divisor"] = 3.0
         return lambda h, W: fn(h @ W.T, t, **kw)
 
     leaves = [_leaf(h0, dt), _leaf(W0, dt)]
@@ -351,11 +353,13 @@ def test_double_backward_linear_cross_entropy(backend, reduction, small_blocks):
     b0 = torch.randn(V, generator=g, dtype=torch.float64)
     t = _targets(N, V, g)
     u = torch.randn(() if reduction != "none" else (N,), generator=g, dtype=torch.float64) + 1
-    kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-2, softcap=3.0)
-    got = _penalty(lambda h, W, b: linear_cross_entropy(h, W, t, linear_bias=b, backend=backend,
-                                                        chunk_size=4, **kw),
+    w = torch.rand(V, generator=g, dtype=torch.float64) + 0.5
+    kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-2, softcap=3.0,
+              logit_scale=0.8)
+    got = _penalty(lambda h, W, b: linear_cross_entropy(h, W, t, linear_bias=b, weight=w.to(dt),
+                                                        backend=backend, chunk_size=4, **kw),
                    [_leaf(x, dt) for x in (h0, W0, b0)], 0, u)
-    want = _penalty(lambda h, W, b: cross_entropy_reference(F.linear(h, W, b), t, **kw),
+    want = _penalty(lambda h, W, b: cross_entropy_reference(F.linear(h, W, b), t, w, **kw),
                     [_leaf(x) for x in (h0, W0, b0)], 0, u)
     for name, a, b in zip(("h", "W", "b"), got, want):
         _close(a, b, dt, f"d(penalty)/d{name}")
