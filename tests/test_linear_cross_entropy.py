@@ -283,14 +283,16 @@ def test_opcheck_custom_ops(backend):
     x.requires_grad_()
     w.requires_grad_()
     b.requires_grad_()
-    opts = (IGNORE, "mean", 0.1, 1e-3, 3.0, None, 1.0, backend, torch.float32, CHUNK, False, True,
-            "", True, True, True)
+    opts = (IGNORE, "mean", 0.1, 1e-3, 3.0, None, 1.0, True, True, backend, torch.float32, CHUNK,
+            False, True, "", True, True, True)
     torch.library.opcheck(linear_ce_forward_op, (x, w, b, t, None, None) + opts)
     none = (IGNORE, "none") + opts[2:]
     torch.library.opcheck(linear_ce_forward_op, (x, w, None, t, torch.rand(V), None) + none)
-    stats = linear_ce_forward_op(x, w, b, t, None, None, *none)[3].detach()
-    torch.library.opcheck(linear_ce_backward_op, (torch.randn(N), stats, x.detach(), w.detach(),
-                                                  b.detach(), t, None, None) + none)
+    out = linear_ce_forward_op(x, w, b, t, None, None, *none)
+    stats, dens = out[4].detach(), out[5].detach()
+    torch.library.opcheck(linear_ce_backward_op, (torch.randn(N), torch.randn(N), stats, dens,
+                                                  x.detach(), w.detach(), b.detach(), t, None,
+                                                  None) + none)
     # logit_scale, and a sum with a device divisor
     total = (IGNORE, "sum", 0.0, 0.0, None, 0.7, 1.0) + opts[7:]
     torch.library.opcheck(linear_ce_forward_op, (x, w, b, t, None, torch.tensor(5.0)) + total)
