@@ -12,17 +12,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import BACKENDS, SMALL_BLOCK_V, TRITON_PATHS  # noqa: E402
 
 import triton_xent._config as config  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "") == "1"
 
-# How the Triton runs through the public API are parametrized: the fused path (one program per
-# row) and the split-vocabulary path forced with 3 chunks per row (2 on short rows: a chunk keeps
-# >= 16 columns), both with a small forced block so that every chunk loops over several blocks.
-TRITON_PATHS = {"fused": 1, "split3": 3}
-SMALL_BLOCK_V = 32
 
 
 def gpu_skip_reason() -> str | None:
@@ -60,9 +56,6 @@ def small_blocks():
     _set_small(TRITON_PATHS["fused"])
     yield config
     config.TRITON_BLOCK_V, config.TRITON_NUM_SPLITS, config.TORCH_CHUNK_ROWS = saved
-
-
-BACKENDS = ["torch"] + [f"triton-{path}" for path in TRITON_PATHS]
 
 
 @pytest.fixture(params=BACKENDS)

@@ -13,6 +13,14 @@ import torch
 
 from triton_xent.reference import cross_entropy_reference
 
+# How the Triton runs through the public API are parametrized (conftest.py's ``backend``
+# fixture): the fused path (one program per row) and the split-vocabulary path forced with 3
+# chunks per row (2 on short rows: a chunk keeps >= 16 columns), both with a small forced block so
+# that every chunk loops over several blocks.
+TRITON_PATHS = {"fused": 1, "split3": 3}
+SMALL_BLOCK_V = 32
+BACKENDS = ["torch"] + [f"triton-{path}" for path in TRITON_PATHS]
+
 # Elementwise tolerances ``(rtol, atol, step)``, against the float64 reference of the same
 # (dtype-rounded) inputs and upstream gradient:
 #
@@ -64,10 +72,13 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def close_ratio(out: torch.Tensor, ref: torch.Tensor, tol: tuple[float, float, float], *,
-                dim: int | None = None) -> float:
+                dim: int | None = None, scale: torch.Tensor | None = None) -> float:
     """The worst ``|out - ref| / allowed`` over the elements (see the tables above); passes at
     <= 1. NaN must meet NaN and an infinity the same infinity; anything else not finite is inf.
-    ``dim``: the class dimension, over which max|ref| is taken (None: the whole tensor)."""
+    ``dim``: the class dimension, over which max|ref| is taken (None: the whole tensor).
+    ``scale``: the magnitude the error is relative to, in place of |ref|; for a matrix product
+    ``A @ B`` it is ``|A| @ |B|`` (the product's rounding is relative to that, not to the result,
+    which may cancel to near zero)."""
     rtol, atol, step = tol
     assert out.shape == ref.shape, f"shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
     if out.numel() == 0:
@@ -78,19 +89,19 @@ def close_ratio(out: torch.Tensor, ref: torch.Tensor, tol: tuple[float, float, f
         return math.inf  # an infinity or NaN in the reference that the result does not share
     ref0 = ref.masked_fill(same, 0.0)
     err = (out.masked_fill(same, 0.0) - ref0).abs()
-    if dim is None:
-        big = ref0.abs().max()
-    else:
-        big = ref0.abs().amax(dim, keepdim=True)
-    allowed = rtol * ref0.abs() + atol * big + step
+    mag = ref0.abs() if scale is None else scale.detach().double().abs().expand_as(ref0)
+    big = mag.max() if dim is None else mag.amax(dim, keepdim=True)
+    allowed = rtol * mag + atol * big + step
     ratio = torch.where(err == 0, 0.0, err / allowed.clamp_min(1e-300))
     return float(ratio.nan_to_num(nan=math.inf).max())  # NaN where the reference is finite: inf
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: tuple[float, float, float], *,
-                 dim: int | None = None, what: str = "value") -> None:
-    """Asserts ``close_ratio(out, ref, tol, dim=dim) <= 1``, naming the worst element."""
-    r = close_ratio(out, ref, tol, dim=dim)
+                 dim: int | None = None, scale: torch.Tensor | None = None,
+                 what: str = "value") -> None:
+    """Asserts ``close_ratio(out, ref, tol, dim=dim, scale=scale) <= 1``, naming the worst
+    element."""
+    r = close_ratio(out, ref, tol, dim=dim, scale=scale)
     if r <= 1.0:
         return
     o, f = out.detach().double(), ref.detach().double()
