@@ -627,6 +627,48 @@ def test_torch_compile_fullgraph_inductor(launches):
 
 
 # ------------------------------------------------------------------------------------------------
+# inplace_backward and autograd's version counter
+# ------------------------------------------------------------------------------------------------
+
+INPLACE_PATHS = [pytest.param("triton", 1, id="triton-fused"), pytest.param("triton", 4, id="triton-split4"),
+                 pytest.param("torch", None, id="torch")]
+INPLACE_NO_VERSION_BUMP = (
+    "a CUDA launch writes the gradient over the logits without bumping their version counter "
+    "(issue 11, item 4): a later read of the overwritten logits goes undetected"
+)
+
+
+@pytest.mark.parametrize("backend, splits", INPLACE_PATHS)
+def test_inplace_bumps_the_version_counter(backend, splits, monkeypatch, request):
+    """The forward's write over the logits bumps their version counter, as an in-place torch op
+    does, so that autograd sees a tensor saved before the call and read after it."""
+    if backend == "triton":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=INPLACE_NO_VERSION_BUMP))
+    monkeypatch.setattr(xent_config, "TRITON_NUM_SPLITS", splits)
+    x, t, _ = make_inputs(64, 32000, torch.bfloat16, ignore=True, seed=21)
+    logits = x.requires_grad_(True) * 1.0  # a non-leaf, as a Linear head's output
+    version = logits._version
+    cross_entropy(logits, t, inplace_backward=True, backend=backend)
+    synchronize()
+    assert logits._version > version, "the forward overwrote the logits without bumping their version"
+    report("inplace_version", case=f"{backend}-splits{splits}")
+
+
+@pytest.mark.parametrize("backend, splits", INPLACE_PATHS)
+def test_inplace_logits_saved_by_their_producer(backend, splits, monkeypatch):
+    """Logits that their producer saved for its backward (exp keeps its output), overwritten by
+    inplace_backward: backward must raise autograd's in-place error, never feed the gradient to
+    exp's backward as if it were exp's output."""
+    monkeypatch.setattr(xent_config, "TRITON_NUM_SPLITS", splits)
+    x, t, _ = make_inputs(64, 32000, torch.float32, ignore=True, seed=22, scale=1.0)
+    z = x.requires_grad_(True)
+    loss = cross_entropy(z.exp(), t, reduction="none", inplace_backward=True, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward(upstream("none", 64, torch.float32))
+    report("inplace_saved_by_producer", case=f"{backend}-splits{splits}")
+
+
+# ------------------------------------------------------------------------------------------------
 # Out-of-range targets (last: a device-side assert would poison the CUDA context)
 # ------------------------------------------------------------------------------------------------
 
