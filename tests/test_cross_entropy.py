@@ -319,7 +319,8 @@ def test_gradient_buffer_is_adopted_not_cloned(monkeypatch):
 def test_loss_dtype_keeps_the_fp32_loss(backend, reduction):
     """bf16 logits: loss_dtype=torch.float32 returns the fp32 loss, unrounded; the gradient is
     the same as with the default bf16 loss, and right."""
-    x, t = _data((64, 300), torch.bfloat16, ignore_frac=0.1)
+    config.TRITON_BLOCK_V = 128  # (small_blocks restores it) 3 blocks a row: blocks are not under test
+    x, t = _data((24, 300), torch.bfloat16, ignore_frac=0.1)
     xr = x.double().requires_grad_()
     ref = F.cross_entropy(xr, t, reduction=reduction, label_smoothing=0.1)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -330,8 +331,8 @@ def test_loss_dtype_keeps_the_fp32_loss(backend, reduction):
     assert_close(b, ref, LOSS_TOL[torch.float32], what="fp32 loss")
     assert_close(a, ref, LOSS_TOL[torch.bfloat16], what="bf16 loss")
     # The fp32 loss is closer than bf16 rounding allows: it was not rounded to bf16 on the way.
-    assert float((b.double() - ref).abs().max()) < 1e-5 * float(ref.abs().max())
-    assert float((a.double() - ref).abs().max()) > 1e-4 * float(ref.abs().max())
+    err_b, err_a, top = ((b.double() - ref).abs().max(), (a.double() - ref).abs().max(), ref.abs().max())
+    assert float(err_b.detach()) < 1e-5 * float(top.detach()) < 0.1 * float(err_a.detach())
     g = upstream_like(ref, torch.bfloat16)
     a.backward(g.bfloat16())
     b.backward(g.float())
