@@ -1,4 +1,5 @@
-"""What one benchmark point is: an operation, a mode, a dtype and a shape, and its inputs."""
+"""What is measured: one point (a :class:`Case`), the curves it belongs to (a :class:`Series`),
+and the seeded inputs of a case."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ SEED = 1234
 
 @dataclass(frozen=True)
 class Case:
-    """One point of the sweep. ``D`` is 0 for ``cross_entropy`` (logits are the input)."""
+    """One point of the sweep. ``D`` is 0 for ``cross_entropy`` (logits are the input);
+    ``softcap`` 0 means none (else logits become ``softcap * tanh(logits / softcap)``)."""
 
     op: str
     mode: str
@@ -23,6 +25,7 @@ class Case:
     V: int
     D: int
     device: str
+    softcap: float = 0.0
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -32,9 +35,18 @@ class Case:
     def elt(self) -> int:
         return torch.empty((), dtype=self.torch_dtype).element_size()
 
-    def label(self) -> str:
+    @property
+    def cap(self) -> float | None:
+        return self.softcap or None
+
+    def shape(self) -> str:
+        """The sizes alone, e.g. ``N=8192 D=4096 V=128256 softcap=30``."""
         d = f" D={self.D}" if self.op == "linear_cross_entropy" else ""
-        return f"{self.op} {self.mode} {self.dtype} N={self.N}{d} V={self.V}"
+        cap = f" softcap={self.softcap:g}" if self.softcap else ""
+        return f"N={self.N}{d} V={self.V}{cap}"
+
+    def label(self) -> str:
+        return f"{self.op} {self.mode} {self.dtype} {self.shape()}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,6 +63,27 @@ class Case:
         """2*N*D*V per GEMM: logits in forward; d_input and d_weight in backward."""
         gemms = 1 if self.mode == "fwd" else 3
         return gemms * 2 * self.N * self.D * self.V
+
+
+@dataclass(frozen=True)
+class Series:
+    """One curve per provider: cases that differ in one size, ``x_name`` (``"V"`` or ``"N"``),
+    or a list of named shapes (``x_name="shape"``, a categorical axis)."""
+
+    x_name: str
+    cases: tuple[Case, ...]
+
+    def x(self, case: Case):
+        """The case's position on this series' axis (an int, or its shape for ``"shape"``)."""
+        return case.shape() if self.x_name == "shape" else getattr(case, self.x_name)
+
+    def fixed(self) -> str:
+        """The sizes shared by every case of the series, e.g. ``N=8192`` for a curve against V."""
+        c = self.cases[0]
+        if self.x_name == "shape":
+            return " ".join(w for w in c.shape().split()
+                            if all(w in o.shape().split() for o in self.cases))
+        return " ".join(w for w in c.shape().split() if not w.startswith(self.x_name + "="))
 
 
 @dataclass
@@ -78,7 +111,7 @@ class Inputs:
 
 
 def make_inputs(case: Case) -> Inputs:
-    """Seeded inputs, identical for every provider and in child processes.
+    """Seeded inputs, identical for every provider.
 
     Logits are N(0, 1); for the linear op the hidden states are N(0, 1) and the classifier
     N(0, 1/D), so the logits again have unit variance. Targets are uniform over the vocabulary.

@@ -1,52 +1,148 @@
 #!/usr/bin/env bash
-# The prepared GPU session (a lent H100; no network there, so this installs nothing).
-# From the repository root:   bash bench/gpu_check.sh [extra `python -m bench` flags]
-#   1. GPU-marked tests (python -m pytest -m gpu -q; no -x: one failure must not hide the rest), Triton interpreter off; none is fine.
-#   2. The default GPU sweep of `python -m bench` -> bench/results/<gpu-slug>/.
-#   3. If $OUT is set: the log, results.csv, skipped.csv and a tarball of the results go there.
-# The compact table of the sweep is printed last. Budget: tests <= TEST_TIMEOUT (240 s), sweep
-# <= BENCH_TIMEOUT (300 s; the default sweep is sized for about 5 minutes on an H100).
+# One call on a GPU machine: correctness at real sizes, then time and memory of ours against the
+# peers, in one run, as ratios that compare across cards. From the repository root:
+#
+#   bash bench/gpu_check.sh              # full: about 8 minutes (tests, then the GPU sweep)
+#   bash bench/gpu_check.sh --quick      # about 4 minutes: fewer points, fwd_bwd only
+#   bash bench/gpu_check.sh --dry-run    # no GPU: the same steps on the CPU with tiny sizes
+#   bash bench/gpu_check.sh [--no-tests] [--budget S] [-- extra `python -m bench` flags]
+#
+# Steps:
+#   1. Peers: if .whl/ holds wheels (bench/fetch_peers.sh, carried to the machine), install them
+#      into /tmp/site (no network, no dependencies) and put it on PYTHONPATH; the only install.
+#      (A dry run installs into its scratch folder instead.)
+#      Without them, liger and cce are skipped by the bench with a message.
+#   2. GPU tests: python -m pytest -m gpu with TRITON_INTERPRET=0 (no -x: one failure must not
+#      hide the rest), at most TEST_TIMEOUT seconds.
+#   3. The sweep: python -m bench (triton_xent, torch eager, torch.compile, Liger, CCE; copy
+#      bandwidth and matmul rate of the same run), with --time-budget set from what is left of
+#      the budget, so it stops starting cases in time and keeps what it measured.
+#   4. If $OUT is set: the log, results.csv, skipped.csv, gpu_checks.jsonl, up to 3 PNGs and a
+#      tarball of everything (bench_results.tar.gz) go there (8 files at most, no folders).
+#   The short table (ratios) is printed last.
 set -u
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
+MODE=full DRY=0 TESTS=1 BUDGET="" EXTRA=()
+while [ $# -gt 0 ]; do
+    case $1 in
+        --quick) MODE=quick ;;
+        --full) MODE=full ;;
+        --dry-run) DRY=1 ;;
+        --no-tests) TESTS=0 ;;
+        --budget) BUDGET=$2; shift ;;
+        --) shift; EXTRA=("$@"); break ;;
+        *) EXTRA+=("$1") ;;
+    esac
+    shift
+done
+# Seconds for the whole script, and the tests' share of it.
+if [ "$MODE" = quick ]; then BUDGET=${BUDGET:-240}; TEST_TIMEOUT=${TEST_TIMEOUT:-120}
+else BUDGET=${BUDGET:-480}; TEST_TIMEOUT=${TEST_TIMEOUT:-180}; fi
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
+[ $DRY = 1 ] && trap 'rm -rf "$WORK"' EXIT  # a dry run leaves nothing behind but $OUT
+LOG=$WORK/gpu_check.log
+exec > >(tee "$LOG") 2>&1
 OUT_DIR=${OUT:-}
-LOG=$(mktemp /tmp/gpu_check.XXXXXX.log)
-[ -n "$OUT_DIR" ] && mkdir -p "$OUT_DIR" && export TRITON_XENT_GPU_REPORT="$OUT_DIR/gpu_checks.jsonl"
+[ -n "$OUT_DIR" ] && mkdir -p "$OUT_DIR"
+export TRITON_XENT_GPU_REPORT="$WORK/gpu_checks.jsonl"
+echo "gpu_check: mode $MODE$([ $DRY = 1 ] && echo ' (dry run on the CPU)'), budget ${BUDGET}s, $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+
+echo "== peers"
+SITE=/tmp/site
+[ $DRY = 1 ] && SITE=$WORK/site  # a dry run touches nothing outside its scratch folder
+if ls .whl/*.whl >/dev/null 2>&1; then
+    rm -rf "$SITE"
+    if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/*.whl; then
+        # pure-Python wheels are zip files that run from where they are unpacked
+        echo "peers: pip install from .whl/ failed; unpacking the wheels instead"
+        for whl in .whl/*.whl; do "$PY" -m zipfile -e "$whl" "$SITE"; done
+    fi
+    export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+else
+    echo "peers: no wheels in .whl/ (run bench/fetch_peers.sh where there is network and carry" \
+         ".whl to this machine): liger and cce will be skipped"
+fi
+for mod in liger_kernel cut_cross_entropy; do
+    "$PY" -c "import importlib.metadata as m, $mod; print('peers: $mod', m.version('${mod//_/-}'))" \
+        2>/dev/null || echo "peers: $mod not importable: its provider will be skipped"
+done
 
 echo "== device"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
-    --format=csv,noheader 2>&1 || true
-"$PY" -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, \
+if [ $DRY = 0 ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm \
+        --format=csv,noheader 2>&1 || true
+    "$PY" -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, \
 '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name(0))" || { echo "no usable GPU"; exit 1; }
-
-echo "== GPU tests"
-TLOG=$(mktemp /tmp/gpu_tests.XXXXXX.log)
-timeout "${TEST_TIMEOUT:-240}" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests >"$TLOG" 2>&1
-trc=$?
-tail -n 25 "$TLOG"
-[ -n "$OUT_DIR" ] && cp "$TLOG" "$OUT_DIR/gpu_tests.log"
-case $trc in
-    0) tests="exit 0: $(tail -n 1 "$TLOG" | tr -d '=')" ;;
-    5) tests="none collected" ;;
-    124) tests="TIMED OUT after ${TEST_TIMEOUT:-240}s" ;;
-    *) tests="FAILED (exit $trc)" ;;
-esac
-echo "GPU tests: $tests"
-
-echo "== sweep: python -m bench $*"
-timeout "${BENCH_TIMEOUT:-300}" "$PY" -m bench "$@" >"$LOG" 2>&1
-brc=$?
-res_dir=$(sed -n 's/.*; output \(.*\)$/\1/p' "$LOG" | head -n 1)
-if [ -n "$OUT_DIR" ]; then
-    cp "$LOG" "$OUT_DIR/bench.log"
-    if [ -n "$res_dir" ] && [ -d "$res_dir" ]; then
-        cp "$res_dir/results.csv" "$res_dir/skipped.csv" "$OUT_DIR/" 2>/dev/null
-        tar -czf "$OUT_DIR/bench_results.tar.gz" -C "$(dirname "$res_dir")" "$(basename "$res_dir")"
-    fi
+else
+    "$PY" -c "import torch; print('torch', torch.__version__, '| cuda available:', torch.cuda.is_available())"
 fi
-grep -E '^(WARNING|memory of)' "$LOG" | sort -u | tail -n 20
-echo "GPU tests: $tests | sweep exit $brc$([ $brc = 124 ] && echo ' (TIMED OUT)') | results: ${res_dir:-none}"
-# The compact table is the end of the sweep's stdout.
-sed -n '/^== .* | torch /,$p' "$LOG"
-[ $brc = 0 ] && [ "$trc" != 124 ] && { [ "$trc" = 0 ] || [ "$trc" = 5 ]; }
+
+tests="not run (--no-tests)"
+trc=0
+if [ $TESTS = 1 ]; then
+    echo "== GPU tests (python -m pytest -m gpu, at most ${TEST_TIMEOUT}s)"
+    t=$SECONDS
+    timeout -k 20 "$TEST_TIMEOUT" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests \
+        >"$WORK/gpu_tests.log" 2>&1
+    trc=$?
+    grep -E "GPU-CHECK|FAILED|ERROR" "$WORK/gpu_tests.log" | head -n 40
+    tail -n 15 "$WORK/gpu_tests.log"
+    case $trc in
+        0) tests="passed: $(tail -n 1 "$WORK/gpu_tests.log" | tr -d '=')" ;;
+        5) tests="none collected" ;;
+        124|137) tests="TIMED OUT after ${TEST_TIMEOUT}s" ;;
+        *) tests="FAILED (exit $trc): $(tail -n 1 "$WORK/gpu_tests.log" | tr -d '=')" ;;
+    esac
+    tests="$tests ($((SECONDS - t))s)"
+    echo "GPU tests: $tests"
+fi
+
+BENCH=()
+[ "$MODE" = quick ] && BENCH+=(--quick)
+if [ $DRY = 1 ]; then  # the CPU's quick curves, no compilation, into a scratch folder
+    BENCH=(--device cpu --quick --providers triton_xent torch_eager_fp32 torch_eager liger cce
+           --out "$WORK/results")
+fi
+left=$((BUDGET - SECONDS - 25))  # 25 s for plots, tables and packing
+[ $left -lt 30 ] && left=30
+echo "== sweep: python -m bench ${BENCH[*]} ${EXTRA[*]} --time-budget $left"
+# The bench starts no provider run after --time-budget (one run can go over it: a compilation
+# plus timing, under a minute); timeout (SIGINT: it keeps what it has, then SIGKILL) guards
+# against a run that hangs. Worst case, all in: BUDGET - 25 + 75 + 15 s, under 10 minutes.
+timeout -s INT -k 15 $((left + 75)) "$PY" -m bench "${BENCH[@]}" "${EXTRA[@]}" \
+    --time-budget "$left" >"$WORK/bench.log" 2>"$WORK/bench.err"
+brc=$?
+grep -E "^(WARNING|memory of|interrupted|sweep stopped)" "$WORK/bench.log" | sort -u | head -n 20
+grep -E "Error|error" "$WORK/bench.err" | grep -v "^skipped" | head -n 10
+res_dir=$(sed -n 's/.*; output \(.*\)$/\1/p' "$WORK/bench.log" | head -n 1)
+case $brc in
+    0) sweep="complete" ;;
+    3) sweep="CUT SHORT by the time budget (see skipped.csv)" ;;
+    124|130|137) sweep="KILLED by timeout" ;;
+    *) sweep="FAILED (exit $brc)"; tail -n 20 "$WORK/bench.err" ;;
+esac
+
+# The detailed tables, then the short one last.
+sed -n '/^== .* | torch /,/^== summary/p' "$WORK/bench.log" | sed '$d'
+echo
+echo "GPU tests: $tests | sweep: $sweep ($((SECONDS))s so far) | results: ${res_dir:-none}"
+sed -n '/^== summary/,$p' "$WORK/bench.log"
+
+if [ -n "$OUT_DIR" ]; then
+    files=("$LOG")
+    [ -f "$TRITON_XENT_GPU_REPORT" ] && files+=("$TRITON_XENT_GPU_REPORT")
+    if [ -n "$res_dir" ] && [ -d "$res_dir" ]; then
+        files+=("$res_dir/results.csv" "$res_dir/skipped.csv")
+        mapfile -t pngs < <(ls "$res_dir"/*.png 2>/dev/null | head -n 3)
+        files+=("${pngs[@]}")
+        case $res_dir in "$WORK"/*) ;; *) cp -r "$res_dir" "$WORK/results" ;; esac
+    fi
+    cp "${files[@]}" "$OUT_DIR/" 2>/dev/null
+    sleep 1  # let tee catch up
+    tar -czf "$OUT_DIR/bench_results.tar.gz" -C "$WORK" . 2>/dev/null
+    cp "$LOG" "$OUT_DIR/"  # the log again, complete up to here
+    echo "copied to \$OUT: $(cd "$OUT_DIR" && ls | tr '\n' ' ')"
+fi
+[ "$brc" = 0 ] && { [ "$trc" = 0 ] || [ "$trc" = 5 ]; }

@@ -63,19 +63,27 @@ def test_missing_triton(monkeypatch):
         cross_entropy(X, T, backend="triton")
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_opcheck_custom_op(backend, reduction):
-    """torch.library's checks of the custom op (schema, fake tensor, autograd registration, AOT
+def test_opcheck_custom_op(backend):
+    """torch.library's checks of the custom ops (schema, fake tensor, autograd registration, AOT
     dispatch) on every path: the torch backend and the Triton kernel, fused and split."""
-    from triton_xent.autograd import cross_entropy_rows
+    from triton_xent.autograd import ce_backward_op, ce_forward_op
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(5, 70, generator=g, requires_grad=True)
-    t = torch.tensor([1, 2, -100, 4, 69])
-    w = torch.rand(70, generator=g)
-    torch.library.opcheck(
-        cross_entropy_rows, (x, t, w, -100, reduction, 0.1, 1e-3, 3.0, True, backend, False),
-    )
+    x = torch.randn(5, 30, requires_grad=True)
+    t = torch.tensor([1, 2, -100, 4, 29])
+    w = torch.rand(30)
+    for reduction in ("mean", "none"):
+        fwd = (x, t, w, None, -100, reduction, 0.1, 1e-3, 3.0, None, 1.0, True, False, backend,
+               False, torch.float32)
+        torch.library.opcheck(ce_forward_op, fwd)
+        _, _, _, _, stats, dens = (t.detach() for t in ce_forward_op(*fwd))
+        g = torch.randn(5) if reduction == "none" else torch.tensor(1.5)
+        torch.library.opcheck(ce_backward_op, (x.detach(), t, w, None, stats, dens, g, None,
+                                               -100, reduction, 0.1, 1e-3, 3.0, None, 1.0,
+                                               backend, False, False))
+    # logit_scale, and a sum with a device divisor
+    torch.library.opcheck(ce_forward_op, (x, t, None, torch.tensor(7.0), -100, "sum", 0.0, 0.0,
+                                          None, 0.5, 1.0, False, True, backend, False,
+                                          torch.float32))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

@@ -221,7 +221,8 @@ def test_half_precision(backend, dtype):
 
 
 def test_bf16_fp32_dw_accumulation():
-    """Many chunks of one row each: summing them in bf16 drifts, fp32 accumulation does not."""
+    """Many chunks of one row each: summing them in bf16 (the default, the weight's dtype)
+    drifts, accum_dtype=torch.float32 does not."""
     n, d, v = 128, 8, 5
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, generator=g).to(torch.bfloat16)
@@ -231,14 +232,14 @@ def test_bf16_fp32_dw_accumulation():
     _reference(x.double(), w64, None, t, "sum").backward()
 
     errs = {}
-    for acc in (None, torch.bfloat16):
+    for acc in (torch.float32, None):
         w.grad = None
         linear_cross_entropy(x, w, t, reduction="sum", chunk_size=1, accum_dtype=acc,
                              backend="torch").backward()
         assert w.grad.dtype == torch.bfloat16
         errs[acc] = rel_err(w.grad, w64.grad)
-    assert errs[None] <= 8e-3  # one bf16 rounding of the final sum
-    assert errs[torch.bfloat16] > 2 * errs[None], errs
+    assert errs[torch.float32] <= 8e-3  # one bf16 rounding of the final sum
+    assert errs[None] > 2 * errs[torch.float32], errs
 
 
 def test_fullgraph_compile(backend):
@@ -282,19 +283,24 @@ def test_fullgraph_compile(backend):
 def test_opcheck_custom_ops(backend):
     """torch.library's checks of both custom ops on both backends (the split path changes
     nothing at the op's boundary; test_dispatch.py's opcheck runs it for cross_entropy)."""
-    from triton_xent.linear import linear_cross_entropy_rows, linear_cross_entropy_rows_backward
+    from triton_xent.linear_autograd import linear_ce_backward_op, linear_ce_forward_op
 
     (n,), chunk = ROWS[backend]
     x, w, b, t = _problem((n,))
     x.requires_grad_()
     w.requires_grad_()
     b.requires_grad_()
-    cfg = (IGNORE, "mean", 0.1, 1e-3, 3.0, backend, True, True, True, chunk, True, True)
-    torch.library.opcheck(linear_cross_entropy_rows, (x, w, b, t, None) + cfg)
-    cfg_none = (IGNORE, "none") + cfg[2:]
-    torch.library.opcheck(linear_cross_entropy_rows, (x, w, None, t, torch.rand(V)) + cfg_none)
-    torch.library.opcheck(linear_cross_entropy_rows_backward,
-                          (torch.randn(n), x.detach(), w.detach(), b.detach(), t, None) + cfg_none)
+    opts = (IGNORE, "mean", 0.1, 1e-3, 3.0, None, 1.0, backend, torch.float32, chunk, False, True,
+            "", True, True, True)
+    torch.library.opcheck(linear_ce_forward_op, (x, w, b, t, None, None) + opts)
+    none = (IGNORE, "none") + opts[2:]
+    torch.library.opcheck(linear_ce_forward_op, (x, w, None, t, torch.rand(V), None) + none)
+    stats = linear_ce_forward_op(x, w, b, t, None, None, *none)[3].detach()
+    torch.library.opcheck(linear_ce_backward_op, (torch.randn(n), stats, x.detach(), w.detach(),
+                                                  b.detach(), t, None, None) + none)
+    # logit_scale, and a sum with a device divisor
+    total = (IGNORE, "sum", 0.0, 0.0, None, 0.7, 1.0) + opts[7:]
+    torch.library.opcheck(linear_ce_forward_op, (x, w, b, t, None, torch.tensor(5.0)) + total)
 
 
 def test_matches_torch_native_and_module():
@@ -390,10 +396,13 @@ def test_errors():
 
 
 def test_default_chunk_rows():
-    assert default_chunk_rows(65536, torch.float32) == 512
-    assert default_chunk_rows(128256, torch.bfloat16) == 512
-    assert default_chunk_rows(32000, torch.bfloat16) == 2048
-    assert default_chunk_rows(10, torch.float32, chunk_bytes=100) == 2
+    # A fifth of the gradients' bytes, in multiples of 64 rows, between 32 MiB and 1 GiB.
+    assert default_chunk_rows(8192, 4096, 128256, torch.bfloat16) == 832  # reference shape
+    assert default_chunk_rows(8192, 2304, 256000, torch.bfloat16) == 448  # Gemma-2-2B head
+    assert default_chunk_rows(2048, 512, 65536, torch.float32) == 128  # 32 MiB floor
+    # an fp32 accumulator counts towards the gradients' bytes
+    assert default_chunk_rows(8192, 4096, 128256, torch.bfloat16, fp32_accum=True) == 2496
+    assert default_chunk_rows(10, 4, 10, torch.float32, chunk_bytes=100) == 2
 
 
 # ---------------------------------------------------------------------------------------------

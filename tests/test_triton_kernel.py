@@ -1,8 +1,9 @@
-"""The Triton launcher ``ce_forward`` under the Triton interpreter (CPU tensors, no GPU needed).
+"""The Triton launchers under the Triton interpreter (CPU tensors, no GPU needed).
 
-The oracle is float64 autograd through ``log_softmax`` (not the kernel's own gradient formula):
-``loss = sum_i ce_scale * ce_i + z_scale * z_i``. Every buffer the launcher allocates is poisoned
-with a finite sentinel, so an element a kernel forgets to write fails the comparison.
+The oracle is float64 autograd through ``log_softmax`` (not the kernels' own gradient formula):
+``loss = sum_i ce_i / D_ce + z_i / D_z`` with random denominators ``D`` passed to the kernels.
+Every buffer the launcher allocates is poisoned with a finite sentinel, so an element a kernel
+forgets to write fails the comparison.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 import pytest
 import torch
 
+from triton_xent._options import CEOptions
 from triton_xent.ops import cross_entropy as ops
-from triton_xent.ops.cross_entropy import ce_forward
+from triton_xent.ops.cross_entropy import ce_finalize, ce_forward, plan
 
 pytestmark = pytest.mark.skipif(
-    not ops._INTERPRETED,
+    not ops.INTERPRETED,
     reason="triton was imported before TRITON_INTERPRET=1 was set; these tests run the kernels "
     "on CPU tensors under the interpreter (run this file alone, or set it in conftest.py)",
 )
@@ -52,7 +54,7 @@ def poisoned_empty(monkeypatch):
     return shapes
 
 
-def reference(logits, target, weight, scales, *, eps=0.0, z_loss=0.0, softcap=None, ignore_index=IGNORE):
+def reference(logits, target, weight, dens, *, eps=0.0, z_loss=0.0, softcap=None, ignore_index=IGNORE):
     """float64 (ce, z, lse, grad, keep); rows with an ignored or out-of-range target are not kept."""
     x = logits.detach().double().requires_grad_(True)
     V = x.shape[1]
@@ -67,7 +69,7 @@ def reference(logits, target, weight, scales, *, eps=0.0, z_loss=0.0, softcap=No
         ce = (1 - eps) * ce + eps * (-(logp * w).sum(-1) / V)
     ce = torch.where(keep, ce, torch.zeros_like(ce))
     z = torch.where(keep, z_loss * lse**2, torch.zeros_like(lse))
-    (scales[0].double() * ce + scales[1].double() * z).sum().backward()
+    (ce / dens[0].double() + z / dens[1].double()).sum().backward()
     return ce.detach(), z.detach(), lse.detach(), x.grad, keep
 
 
@@ -82,13 +84,20 @@ def make_inputs(N, V, dtype, *, seed=0, strided=False, with_weight=False, ignore
     if ignore_every:
         target[1::ignore_every] = IGNORE
     weight = torch.rand(V, generator=g) + 0.25 if with_weight else None
-    # random upstream scales, not the 1/N of a mean
-    scales = torch.rand(2, generator=g) + 0.5
-    return logits, target, weight, scales
+    # random denominators, not those of a mean
+    dens = torch.rand(2, generator=g) + 0.5
+    return logits, target, weight, dens
+
+
+def run(logits, target, weight, dens, *, eps=0.0, z_loss=0.0, softcap=None, ignore_index=IGNORE,
+        compute_grad=True, inplace=False, **kw):
+    opts = CEOptions(ignore_index, "sum", eps, z_loss, softcap, all_rows=True)
+    return ce_forward(logits, target, weight, opts, dens=dens, compute_grad=compute_grad,
+                      inplace=inplace, **kw)
 
 
 def assert_matches(out, ref, dtype, *, grad_expected=True, nan_rows=None):
-    ce, z, lse, grad = out
+    ce, z, lse, grad = out.ce, out.z, out.lse, out.grad
     ce_r, z_r, lse_r, grad_r, keep = ref
     N = ce.shape[0]
     nan_rows = torch.zeros(N, dtype=torch.bool) if nan_rows is None else nan_rows
@@ -135,57 +144,55 @@ CASES = [
 def test_matches_autograd(
     poisoned_empty, N, V, dtype, block_v, num_splits, with_weight, eps, z_loss, softcap
 ):
-    logits, target, weight, scales = make_inputs(N, V, dtype, with_weight=with_weight)
-    out = ce_forward(
-        logits, target, weight, scales, ignore_index=IGNORE, label_smoothing=eps, z_loss=z_loss,
-        softcap=softcap, compute_grad=True, inplace=False, block_v=block_v, num_splits=num_splits,
-    )
-    ref = reference(logits, target, weight, scales, eps=eps, z_loss=z_loss, softcap=softcap)
+    logits, target, weight, dens = make_inputs(N, V, dtype, with_weight=with_weight)
+    out = run(logits, target, weight, dens, eps=eps, z_loss=z_loss, softcap=softcap,
+              block_v=block_v, num_splits=num_splits)
+    ref = reference(logits, target, weight, dens, eps=eps, z_loss=z_loss, softcap=softcap)
     assert_matches(out, ref, dtype)
     if num_splits is not None:  # the split path ran, with the asked number of chunks
-        assert (N, num_splits) in poisoned_empty
+        assert (6, N, num_splits) in poisoned_empty
+    # the reduced loss, from the per-row values (one program, fixed order)
+    loss, z_term = ce_finalize(out.ce, out.z, dens, has_z=z_loss > 0, out_dtype=torch.float32)
+    want = (ref[0] / dens[0].double()).sum() + (ref[1] / dens[1].double()).sum()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("num_splits", [pytest.param(None, id="fused"), pytest.param(3, id="split3")])
 def test_out_of_range_targets_give_nan_rows(num_splits):
     N, V = 8, 100
-    logits, target, weight, scales = make_inputs(N, V, torch.float32, with_weight=True, ignore_every=0)
+    logits, target, weight, dens = make_inputs(N, V, torch.float32, with_weight=True, ignore_every=0)
     target[1], target[3], target[4], target[6] = V, -1, 10**12, -(10**12)  # far away: a read would crash
     target[7] = IGNORE
     nan_rows = torch.zeros(N, dtype=torch.bool)
     nan_rows[[1, 3, 4, 6]] = True
-    kwargs = dict(ignore_index=IGNORE, label_smoothing=0.1, z_loss=1e-3, softcap=None)
-    out = ce_forward(logits, target, weight, scales, **kwargs, compute_grad=True, inplace=False,
-                     block_v=32, num_splits=num_splits)
-    ref = reference(logits, target, weight, scales, eps=0.1, z_loss=1e-3)
+    out = run(logits, target, weight, dens, eps=0.1, z_loss=1e-3, block_v=32, num_splits=num_splits)
+    ref = reference(logits, target, weight, dens, eps=0.1, z_loss=1e-3)
     assert_matches(out, ref, torch.float32, nan_rows=nan_rows)
-    assert out[0][7] == 0 and out[1][7] == 0
+    assert out.ce[7] == 0 and out.z[7] == 0
 
 
 def test_ignore_index_inside_vocabulary():
     N, V = 8, 100
-    logits, target, _, scales = make_inputs(N, V, torch.float32, ignore_every=0)
+    logits, target, _, dens = make_inputs(N, V, torch.float32, ignore_every=0)
     target[::3] = 5  # class 5 is the padding label
-    out = ce_forward(logits, target, None, scales, ignore_index=5, label_smoothing=0.1, z_loss=1e-3,
-                     softcap=None, compute_grad=True, inplace=False, block_v=32)
-    ref = reference(logits, target, None, scales, eps=0.1, z_loss=1e-3, ignore_index=5)
+    out = run(logits, target, None, dens, eps=0.1, z_loss=1e-3, ignore_index=5, block_v=32)
+    ref = reference(logits, target, None, dens, eps=0.1, z_loss=1e-3, ignore_index=5)
     assert_matches(out, ref, torch.float32)
-    assert (out[0][::3] == 0).all()
+    assert (out.ce[::3] == 0).all()
 
 
 @pytest.mark.parametrize("num_splits", [pytest.param(None, id="fused"), pytest.param(2, id="split2")])
 @pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
 def test_no_grad_writes_nothing(poisoned_empty, num_splits, inplace):
     N, V = 6, 100
-    logits, target, _, scales = make_inputs(N, V, torch.bfloat16)
+    logits, target, _, dens = make_inputs(N, V, torch.bfloat16)
     before = logits.clone()
-    out = ce_forward(logits, target, None, scales, ignore_index=IGNORE, label_smoothing=0.1,
-                     z_loss=1e-3, softcap=None, compute_grad=False, inplace=inplace, block_v=32,
-                     num_splits=num_splits)
-    assert out[3] is None
+    out = run(logits, target, None, dens, eps=0.1, z_loss=1e-3, compute_grad=False,
+              inplace=inplace, block_v=32, num_splits=num_splits)
+    assert out.grad is None
     assert torch.equal(logits, before)
     assert (N, V) not in poisoned_empty  # no N x V buffer allocated either
-    ref = reference(logits, target, None, scales, eps=0.1, z_loss=1e-3)
+    ref = reference(logits, target, None, dens, eps=0.1, z_loss=1e-3)
     assert_matches(out, ref, torch.bfloat16, grad_expected=False)
 
 
@@ -198,17 +205,17 @@ def test_no_grad_writes_nothing(poisoned_empty, num_splits, inplace):
         pytest.param(torch.bfloat16, 2, False, id="bf16-split2"),
     ],
 )
-def test_inplace_overwrites_logits(poisoned_empty, dtype, num_splits, strided):
+@pytest.mark.parametrize("block_v", [64, None], ids=["b64", "one-block"])
+def test_inplace_overwrites_logits(poisoned_empty, dtype, num_splits, strided, block_v):
     N, V = 6, 257
-    logits, target, weight, scales = make_inputs(N, V, dtype, strided=strided, with_weight=True)
+    logits, target, weight, dens = make_inputs(N, V, dtype, strided=strided, with_weight=True)
     original = logits.clone()
     base_before = logits._base.clone() if strided else None
-    out = ce_forward(logits, target, weight, scales, ignore_index=IGNORE, label_smoothing=0.1,
-                     z_loss=1e-3, softcap=5.0, compute_grad=True, inplace=True, block_v=64,
-                     num_splits=num_splits)
-    assert out[3] is logits
+    out = run(logits, target, weight, dens, eps=0.1, z_loss=1e-3, softcap=5.0, inplace=True,
+              block_v=block_v, num_splits=num_splits)
+    assert out.grad is logits
     assert (N, V) not in poisoned_empty
-    ref = reference(original, target, weight, scales, eps=0.1, z_loss=1e-3, softcap=5.0)
+    ref = reference(original, target, weight, dens, eps=0.1, z_loss=1e-3, softcap=5.0)
     assert_matches(out, ref, dtype)
     if strided:  # columns around the view are untouched
         assert torch.equal(logits._base[:, :7], base_before[:, :7])
@@ -225,27 +232,27 @@ def test_inplace_overwrites_logits(poisoned_empty, dtype, num_splits, strided):
 )
 def test_strided_rows(dtype, num_splits):
     N, V = 6, 257
-    logits, target, weight, scales = make_inputs(N, V, dtype, strided=True, with_weight=True)
+    logits, target, weight, dens = make_inputs(N, V, dtype, strided=True, with_weight=True)
     assert logits.stride() == (V + 40, 1)
-    out = ce_forward(logits, target, weight, scales, ignore_index=IGNORE, label_smoothing=0.1,
-                     z_loss=1e-3, softcap=None, compute_grad=True, inplace=False, block_v=64,
-                     num_splits=num_splits)
-    assert out[3].is_contiguous()
-    ref = reference(logits, target, weight, scales, eps=0.1, z_loss=1e-3)
+    out = run(logits, target, weight, dens, eps=0.1, z_loss=1e-3, block_v=64,
+              num_splits=num_splits)
+    assert out.grad.is_contiguous()
+    ref = reference(logits, target, weight, dens, eps=0.1, z_loss=1e-3)
     assert_matches(out, ref, dtype)
 
 
 @pytest.mark.parametrize(
-    "num_splits, softcap",
+    "num_splits, softcap, block_v",
     [
-        pytest.param(None, None, id="fused"),
-        pytest.param(None, 4.0, id="fused-softcap"),
-        pytest.param(4, None, id="split4"),
+        pytest.param(None, None, 32, id="fused"),
+        pytest.param(None, None, None, id="fused-one-block"),
+        pytest.param(None, 4.0, 32, id="fused-softcap"),
+        pytest.param(4, None, 32, id="split4"),
     ],
 )
-def test_minus_inf_logits(num_splits, softcap):
+def test_minus_inf_logits(num_splits, softcap, block_v):
     N, V = 5, 128
-    logits, target, _, scales = make_inputs(N, V, torch.float32, ignore_every=0)
+    logits, target, _, dens = make_inputs(N, V, torch.float32, ignore_every=0)
     ninf = float("-inf")
     logits[0, ::3] = ninf  # scattered
     logits[1, :32] = ninf  # the whole first block (and first chunk with 4 splits): max = -inf there
@@ -254,26 +261,61 @@ def test_minus_inf_logits(num_splits, softcap):
     target[:3] = torch.tensor([1, 40, 70])
     target[3] = V - 1
     target[4] = IGNORE
-    out = ce_forward(logits, target, None, scales, ignore_index=IGNORE, label_smoothing=0.0,
-                     z_loss=1e-3, softcap=softcap, compute_grad=True, inplace=False, block_v=32,
-                     num_splits=num_splits)
-    ref = reference(logits, target, None, scales, z_loss=1e-3, softcap=softcap)
-    assert torch.isfinite(out[0]).all() and torch.isfinite(out[2]).all()
-    assert torch.isfinite(out[3]).all()
+    out = run(logits, target, None, dens, z_loss=1e-3, softcap=softcap, block_v=block_v,
+              num_splits=num_splits)
+    ref = reference(logits, target, None, dens, z_loss=1e-3, softcap=softcap)
+    assert torch.isfinite(out.ce).all() and torch.isfinite(out.lse).all()
+    assert torch.isfinite(out.grad).all()
     assert_matches(out, ref, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "value", [-1e9, 1e8, torch.finfo(torch.float32).min, torch.finfo(torch.float32).max, 0.0],
+    ids=["-1e9", "1e8", "fp32-min", "fp32-max", "0"])
+@pytest.mark.parametrize(
+    "block_v, num_splits", [(None, None), (32, None), (32, 3)],
+    ids=["one-block", "two-sweeps", "split3"])
+def test_equal_large_logits(value, block_v, num_splits):
+    """A row of equal logits: loss log V and gradient p - q (q the smoothed one-hot), however large
+    the logits (the maximum is subtracted before anything is added). With lse - x_t the loss
+    rounds to 0."""
+    import math
+
+    N, V = 3, 100
+    logits = torch.full((N, V), value)
+    target = torch.tensor([1, 57, 99])
+    out = run(logits, target, None, torch.ones(2), eps=0.1, block_v=block_v,
+              num_splits=num_splits)
+    torch.testing.assert_close(out.ce, torch.full((N,), math.log(V)), rtol=1e-6, atol=0)
+    want = torch.full((N, V), 1.0 / V - 0.1 / V)  # p_c - eps / V (label smoothing 0.1)
+    want[torch.arange(N), target] -= 0.9
+    torch.testing.assert_close(out.grad, want, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_gradient_rounds_to_nearest_even():
+    """The interpreter truncates fp32 -> bf16 where a GPU rounds to nearest even; the kernels
+    round on the bits, so CPU tests see the GPU's values: the bf16 gradient is exactly the
+    fp32 gradient rounded by torch."""
+    N, V = 16, 300
+    logits, target, weight, dens = make_inputs(N, V, torch.bfloat16, with_weight=True)
+    out = run(logits, target, weight, dens, eps=0.1, z_loss=1e-3)
+    out32 = run(logits.float(), target, weight, dens, eps=0.1, z_loss=1e-3)
+    rounded = out32.grad.to(torch.bfloat16)
+    mismatched = (out.grad != rounded).sum().item()
+    # (the fp32 math differs only in fp32 rounding, which may move a value across a bf16 tie)
+    assert mismatched <= N * V // 1000, mismatched
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_single_class(dtype):
     N, V = 4, 1
-    logits, target, weight, scales = make_inputs(N, V, dtype, with_weight=True, ignore_every=0)
+    logits, target, weight, dens = make_inputs(N, V, dtype, with_weight=True, ignore_every=0)
     target[:] = torch.tensor([0, 1, IGNORE, 0])  # 1 is out of range
-    out = ce_forward(logits, target, weight, scales, ignore_index=IGNORE, label_smoothing=0.1,
-                     z_loss=1e-2, softcap=None, compute_grad=True, inplace=False)
-    ref = reference(logits, target, weight, scales, eps=0.1, z_loss=1e-2)
+    out = run(logits, target, weight, dens, eps=0.1, z_loss=1e-2)
+    ref = reference(logits, target, weight, dens, eps=0.1, z_loss=1e-2)
     nan_rows = torch.tensor([False, True, False, False])
     assert_matches(out, ref, dtype, nan_rows=nan_rows)
-    assert out[0][0] == 0  # log p = 0 for the only class
+    assert out.ce[0] == 0  # log p = 0 for the only class
 
 
 @pytest.mark.parametrize(
@@ -283,72 +325,85 @@ def test_single_class(dtype):
 )
 def test_empty_batch(compute_grad, inplace):
     logits = torch.empty(0, 50)
-    out = ce_forward(logits, torch.empty(0, dtype=torch.int64), None, torch.ones(2),
-                     ignore_index=IGNORE, label_smoothing=0.0, z_loss=0.0, softcap=None,
-                     compute_grad=compute_grad, inplace=inplace)
-    assert all(t.shape == (0,) and t.dtype == torch.float32 for t in out[:3])
+    out = run(logits, torch.empty(0, dtype=torch.int64), None, torch.ones(2),
+              compute_grad=compute_grad, inplace=inplace)
+    assert all(t.shape == (0,) and t.dtype == torch.float32 for t in (out.ce, out.z, out.lse))
     if not compute_grad:
-        assert out[3] is None
+        assert out.grad is None
     elif inplace:
-        assert out[3] is logits
+        assert out.grad is logits
     else:
-        assert out[3].shape == (0, 50)
-
-
-def _bad(**overrides):
-    args = dict(logits=torch.randn(4, 10), target=torch.zeros(4, dtype=torch.int64), weight=None,
-                scales=torch.ones(2))
-    kwargs = dict(ignore_index=IGNORE, label_smoothing=0.0, z_loss=0.0, softcap=None,
-                  compute_grad=True, inplace=False)
-    for k, v in overrides.items():
-        (args if k in args else kwargs)[k] = v
-    return args, kwargs
+        assert out.grad.shape == (0, 50)
 
 
 @pytest.mark.parametrize(
-    "overrides, match",
+    "logits, match",
     [
-        pytest.param(dict(logits=torch.randn(2, 2, 10)), "2-D", id="logits-3d"),
-        pytest.param(dict(logits=torch.randn(4, 10).double()), "dtype", id="logits-fp64"),
-        pytest.param(dict(logits=torch.randn(10, 4).t()), "stride", id="logits-col-major"),
-        pytest.param(dict(logits=torch.randn(4, 0)), "V = 0", id="logits-no-class"),
-        pytest.param(dict(target=torch.zeros(4, dtype=torch.int32)), "int64", id="target-int32"),
-        pytest.param(dict(target=torch.zeros(3, dtype=torch.int64)), "shape", id="target-shape"),
-        pytest.param(dict(weight=torch.ones(10).half()), "float32", id="weight-fp16"),
-        pytest.param(dict(weight=torch.ones(9)), "shape", id="weight-shape"),
-        pytest.param(dict(scales=torch.ones(3)), "scales", id="scales-shape"),
-        pytest.param(dict(scales=torch.ones(2).double()), "scales", id="scales-fp64"),
-        pytest.param(dict(label_smoothing=1.5), "label_smoothing", id="eps-above-1"),
-        pytest.param(dict(z_loss=-1.0), "z_loss", id="z-loss-negative"),
-        pytest.param(dict(softcap=0.0), "softcap", id="softcap-zero"),
-        pytest.param(dict(block_v=48), "power of two", id="block-not-pow2"),
-        pytest.param(dict(num_splits=0), "num_splits", id="splits-zero"),
+        pytest.param(torch.randn(2, 2, 10), "2-D", id="logits-3d"),
+        pytest.param(torch.randn(4, 10).double(), "dtype", id="logits-fp64"),
+        pytest.param(torch.randn(10, 4).t(), "stride", id="logits-col-major"),
     ],
 )
-def test_bad_arguments_raise(overrides, match):
-    args, kwargs = _bad(**overrides)
+def test_bad_logits_raise(logits, match):
     with pytest.raises(ValueError, match=match):
-        ce_forward(args["logits"], args["target"], args["weight"], args["scales"], **kwargs)
+        run(logits, torch.zeros(4, dtype=torch.int64), None, torch.ones(2))
 
 
-def test_heuristic_tables(monkeypatch):
-    # Block table (CUDA rows, then the interpreter's).
-    assert ops._block_v_and_warps(1000, torch.bfloat16, False) == (1024, 4)
-    assert ops._block_v_and_warps(4099, torch.float32, False) == (8192, 8)
-    assert ops._block_v_and_warps(128256, torch.float32, False) == (8192, 16)
-    assert ops._block_v_and_warps(128256, torch.bfloat16, False) == (8192, 8)
-    assert ops._block_v_and_warps(128256, torch.bfloat16, True) == (4096, 4)
-    # Split table: the examples of its comment, with a fake 132-SM device (no GPU queried).
-    assert ops._auto_num_splits(1, 131072, torch.device("cpu")) == 1
+def test_upstream_recompute_and_scale():
+    """ce_finish with an upstream gradient: rows whose upstream is 1 keep the forward's gradient
+    (not rewritten), the others get g times the gradient, computed from the logits (rounded
+    once); scale_ multiplies in place unless g == 1."""
+    N, V = 6, 257
+    logits, target, weight, dens = make_inputs(N, V, torch.bfloat16, with_weight=True)
+    opts = CEOptions(IGNORE, "none", 0.1, 1e-3, None)
+    out = ce_forward(logits, target, weight, opts, dens=dens, compute_grad=True, block_v=64)
+    g = torch.tensor([1.0, 0.5, 1.0, -2.0, 3.0, 1.0])
+    grad = out.grad.clone()
+    grad[[0, 2, 5]] = 7.0  # sentinel: rows with g == 1 must not be rewritten
+    ops.ce_shard_finish(logits, target, weight, opts, out.stats.unsqueeze(-1), None, dens=dens,
+                        rows=None, grad=grad, upstream=g, block_v=64)
+    assert (grad[[0, 2, 5]] == 7.0).all()
+    fresh = torch.empty_like(grad)
+    ops.ce_shard_finish(logits, target, weight, opts, out.stats.unsqueeze(-1), None, dens=dens,
+                        rows=None, grad=fresh, upstream=g, skip_unit=False, block_v=64)
+    ref = reference(logits, target, weight, dens, eps=0.1, z_loss=1e-3)
+    want = (ref[3] * g.double().unsqueeze(1))
+    keep = [1, 3, 4]
+    torch.testing.assert_close(grad[keep].double(), want[keep], rtol=1e-2, atol=1e-5)
+    torch.testing.assert_close(fresh.double(), want, rtol=1e-2, atol=1e-5)
+    # the recomputed rows are the exact product, rounded once (not the bf16 gradient times g)
+    exact = (out32 := ce_forward(logits.float(), target, weight, opts, dens=dens,
+                                 compute_grad=True).grad) * g.unsqueeze(1)
+    assert torch.equal(fresh[keep], exact[keep].to(torch.bfloat16)) or (
+        (fresh[keep] != exact[keep].to(torch.bfloat16)).sum() <= 2)
+    del out32
+    t = torch.randn(5, 300)
+    before = t.clone()
+    ops.scale_(t, torch.tensor(1.0))
+    assert torch.equal(t, before)
+    ops.scale_(t, torch.tensor(2.5))
+    torch.testing.assert_close(t, before * 2.5)
+    rows = torch.tensor([1.0, 2.0, 1.0, 0.5, 1.0])
+    ops.scale_(t, rows)
+    torch.testing.assert_close(t, before * 2.5 * rows.unsqueeze(1))
 
-    class Props:
-        multi_processor_count = 132
 
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
-    cuda = torch.device("cuda")
-    got = [ops._auto_num_splits(n, 131072, cuda) for n in (1, 64, 256, 512)]
-    assert got == [8, 8, 3, 1]
-    assert ops._auto_num_splits(1, 8192, cuda) == 1  # too short to split
+def test_plan_table():
+    """The launch plan on the H100 planning model (the table in ops/cross_entropy.py)."""
+    p = plan(8192, 32000, torch.bfloat16)
+    assert (p.path, p.single_block, p.block_v, p.num_warps) == ("fused", True, 32768, 32)
+    assert p.programs == 132 * 2
+    p = plan(16, 32000, torch.bfloat16)  # few rows, one block: fused, one program per row
+    assert (p.path, p.programs) == ("fused", 16)
+    p = plan(8192, 128256, torch.bfloat16)  # two sweeps, rows in flight within half the L2
+    assert (p.path, p.single_block, p.block_v, p.programs) == ("fused", False, 8192, 132)
+    p = plan(16, 128256, torch.bfloat16)  # few long rows: split
+    assert p.path == "split" and p.splits == 15 and p.chunk % 16 == 0
+    assert p.splits * p.chunk >= 128256 > (p.splits - 1) * p.chunk
+    p = plan(16, 262144, torch.bfloat16)
+    assert p.path == "split" and p.splits == 17
+    assert plan(300, 262144, torch.bfloat16).path == "fused"  # enough rows to fill the SMs
+    assert plan(4, 1000, torch.float32, block_v=32, num_splits=3).splits == 3
 
 
 _COMPILE_SCRIPT = r"""
@@ -362,13 +417,13 @@ def compile_for_sm90(fn, dtype, num_warps, **constexprs):
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in ("logits_ptr", "grad_ptr"):
+        elif name in ("logits_ptr", "grad_ptr", "t_ptr", "loss_rows_ptr", "loss_ptr"):
             sig[name] = "*" + dtype
-        elif name == "target_ptr":
+        elif name in ("target_ptr", "argmax_ptr", "part_idx_ptr"):
             sig[name] = "*i64"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
-        elif name in ("label_smoothing", "z_loss", "softcap"):
+        elif name in ("label_smoothing", "z_loss", "softcap", "logit_scale", "inv_divisor"):
             sig[name] = "fp32"
         elif name.startswith("stride_"):
             sig[name] = "i64"
@@ -378,18 +433,30 @@ def compile_for_sm90(fn, dtype, num_warps, **constexprs):
                     constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
 
-on = dict(HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, HAS_SOFTCAP=True)
+on = dict(HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, HAS_SCALE=True, HAS_SOFTCAP=True,
+          HAS_ARGMAX=True)
 off = {k: False for k in on}
-compile_for_sm90(K._ce_fwd_kernel, "bf16", 8, BLOCK_V=8192, COMPUTE_GRAD=True, **on)
-compile_for_sm90(K._ce_fwd_kernel, "fp32", 16, BLOCK_V=8192, COMPUTE_GRAD=False, **off)
-stats = {k: v for k, v in on.items() if k != "HAS_Z_LOSS"}
-compile_for_sm90(K._ce_split_stats_kernel, "bf16", 8, BLOCK_V=8192, **stats)
-compile_for_sm90(K._ce_split_merge_kernel, "bf16", 1, SPLIT_BLOCK=8, **on)
-compile_for_sm90(K._ce_split_grad_kernel, "bf16", 8, BLOCK_V=8192, SPLIT_BLOCK=8, **on)
+for flags, dt in ((on, "bf16"), (off, "fp32")):
+    for single in (True, False):
+        compile_for_sm90(K._ce_fused_kernel, dt, 8, BLOCK_V=8192 if not single else 2048,
+                         BLOCK_N=1024, SINGLE_BLOCK=single, REDUCTION=2, DENS_FROM_PTR=False,
+                         HAS_DIVISOR=True, COMPUTE_GRAD=True, ALL_ROWS=True, WRITE_STATS=True,
+                         EMULATE_RTNE=False, **flags)
+    part = {k: v for k, v in flags.items() if k != "HAS_Z_LOSS"}
+    compile_for_sm90(K._ce_partials_kernel, dt, 8, BLOCK_V=8192, BLOCK_N=1024, REDUCTION=2,
+                     COMPUTE_DENS=True, HAS_DIVISOR=False, ALL_ROWS=False, **part)
+    compile_for_sm90(K._ce_finish_kernel, dt, 8, BLOCK_V=8192, P_BLOCK=16, REDUCTION=0,
+                     COMPUTE_LOSS=True, COMPUTE_GRAD=True, HAS_UPSTREAM=True,
+                     HAS_UPSTREAM_LSE=True, SKIP_UNIT=True, WRITE_STATS=True, EMULATE_RTNE=False,
+                     **flags)
+compile_for_sm90(K._ce_finalize_kernel, "fp32", 4, BLOCK_N=1024, HAS_Z_LOSS=True,
+                 EMULATE_RTNE=False)
+compile_for_sm90(K._scale_kernel, "bf16", 8, BLOCK=4096, EMULATE_RTNE=False)
 print("compiled")
 """
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm90():
     """The interpreter is lenient with types; the real compiler (to sm_90 PTX and cubin, no GPU
     needed) checks the all-features and no-features variants of every kernel."""

@@ -8,6 +8,8 @@ on the CPU, or on an accelerator when validation is asked for, because they cost
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -42,37 +44,193 @@ def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ("," if t.dim() == 1 else "") + ")"
 
 
+ENV_VALIDATE = "TRITON_XENT_VALIDATE"
+_ENV_TRUE = ("1", "true", "yes", "on")
+_ENV_FALSE = ("", "0", "false", "no", "off")
+
+
 def validation_requested(validate: bool | None) -> bool:
-    """``validate=None`` defers to ``TRITON_XENT_VALIDATE`` (``1``/``true`` turns it on)."""
+    """``validate=None`` defers to ``TRITON_XENT_VALIDATE`` (``1``/``true``/``yes``/``on`` turn it
+    on, ``0``/``false``/``no``/``off`` or unset leave it off; anything else raises)."""
     if validate is not None:
-        return bool(validate)
-    return os.environ.get("TRITON_XENT_VALIDATE", "").strip().lower() in ("1", "true", "yes", "on")
+        if not isinstance(validate, bool):
+            raise CrossEntropyInputError(
+                f"validate={validate!r} must be True, False or None (None: {ENV_VALIDATE})."
+            )
+        return validate
+    raw = os.environ.get(ENV_VALIDATE, "")
+    value = raw.strip().lower()
+    if value in _ENV_TRUE:
+        return True
+    if value in _ENV_FALSE:
+        return False
+    raise ValueError(
+        f"{ENV_VALIDATE}={raw!r} is not understood: use 1 (or true/yes/on) to check class "
+        "indices on accelerators too, 0 (or false/no/off, or unset it) not to."
+    )
+
+
+def legacy_reduction(size_average, reduce, reduction: str) -> str:
+    """PyTorch's deprecated ``size_average``/``reduce``: when either is given it decides the
+    reduction (``reduction`` is then ignored), with PyTorch's own deprecation warning."""
+    if size_average is None and reduce is None:
+        return reduction
+    for name, value in (("size_average", size_average), ("reduce", reduce)):
+        if value is not None and not isinstance(value, bool):
+            raise CrossEntropyInputError(
+                f"{name}={value!r} must be a bool or None. The positional order is PyTorch's: "
+                "(input, target, weight, size_average, ignore_index, reduce, reduction, "
+                "label_smoothing), where size_average and reduce are deprecated bools; pass "
+                "ignore_index=, reduction= and label_smoothing= by keyword."
+            )
+    from torch.nn import _reduction
+
+    return _reduction.legacy_get_string(size_average, reduce)  # warns as F.cross_entropy does
+
+
+def _real(name: str, value, what: str) -> float:
+    """A real number as PyTorch's float arguments take it: int, float, numpy scalar, 0-d tensor."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            raise CrossEntropyInputError(
+                f"{name} must be a number or a 0-d real tensor, got a {value.dtype} tensor of "
+                f"shape {_shape(value)}. {what}"
+            )
+        if value.requires_grad:
+            raise CrossEntropyInputError(
+                f"{name} requires grad, but the loss is not differentiated with respect to it: "
+                f"pass {name}.detach() or a number. {what}"
+            )
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise CrossEntropyInputError(f"{name}={value!r} must be a number. {what}")
+    return float(value)
 
 
 def check_options(
-    reduction: str, label_smoothing: float, z_loss: float, softcap: float | None, ignore_index: int
-) -> None:
+    reduction: str, label_smoothing, z_loss, softcap, ignore_index: int
+) -> tuple[float, float, float | None]:
+    """Checks the options; returns ``label_smoothing, z_loss, softcap`` as Python floats."""
     if reduction not in REDUCTIONS:
         raise CrossEntropyInputError(
             f"reduction={reduction!r} is not supported: use 'mean' (default), 'sum' or 'none'."
         )
-    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= float(label_smoothing) <= 1.0:
+    smooth_what = (
+        "It is the share of the target mass spread uniformly over the classes, in [0, 1] (0.1 is "
+        "typical, 0.0 turns it off)."
+    )
+    smoothing = _real("label_smoothing", label_smoothing, smooth_what)
+    if not 0.0 <= smoothing <= 1.0:
         raise CrossEntropyInputError(
-            f"label_smoothing={label_smoothing!r} is outside [0, 1]: it is the share of the target "
-            "mass spread uniformly over the classes (0.1 is typical, 0.0 turns it off)."
+            f"label_smoothing={label_smoothing!r} is outside [0, 1]. {smooth_what}"
         )
-    if not isinstance(z_loss, (int, float)) or float(z_loss) < 0.0:
+    z_what = "It is the coefficient of lse**2 (1e-4 in PaLM; 0.0 turns it off)."
+    z = _real("z_loss", z_loss, z_what)
+    if not (math.isfinite(z) and z >= 0.0):
         raise CrossEntropyInputError(
-            f"z_loss={z_loss!r} must be a non-negative float (the coefficient of lse**2, "
-            "1e-4 in PaLM; 0.0 turns it off)."
+            f"z_loss={z_loss!r} must be a finite non-negative float. {z_what}"
         )
-    if softcap is not None and (not isinstance(softcap, (int, float)) or not float(softcap) > 0.0):
-        raise CrossEntropyInputError(
-            f"softcap={softcap!r} must be a positive float (logits become "
-            "softcap * tanh(logits / softcap); Gemma 2 uses 30.0) or None to turn it off."
+    cap = None
+    if softcap is not None:
+        cap_what = (
+            "The logits become softcap * tanh(logits / softcap) (Gemma 2 uses 30.0); None turns "
+            "it off."
         )
+        cap = _real("softcap", softcap, cap_what)
+        if not (math.isfinite(cap) and cap > 0.0):
+            hint = " For no cap pass None, not inf." if cap == math.inf else ""
+            raise CrossEntropyInputError(
+                f"softcap={softcap!r} must be a positive finite float or None.{hint} {cap_what}"
+            )
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise CrossEntropyInputError(f"ignore_index={ignore_index!r} must be an int (default -100).")
+    return smoothing, z, cap
+
+
+def check_loss_dtype(loss_dtype) -> torch.dtype | None:
+    if loss_dtype is None:
+        return None
+    if not isinstance(loss_dtype, torch.dtype) or loss_dtype not in FLOAT_DTYPES:
+        raise CrossEntropyInputError(
+            f"loss_dtype={loss_dtype!r} must be a floating-point torch.dtype (torch.float32 "
+            "returns the fp32 loss unrounded; also float64, bfloat16, float16) or None (the "
+            "input's dtype, as PyTorch)."
+        )
+    return loss_dtype
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def autocast_loss_dtype(input, loss_dtype: torch.dtype | None, *, linear: bool = False):
+    """The loss dtype under ``torch.autocast``, where the caller gave none.
+
+    ``F.cross_entropy`` is on autocast's fp32 list: a 16-bit input is upcast and the loss is
+    fp32 (its gradient keeps the input's dtype). We compute in fp32 anyway, so matching that
+    needs only the loss's dtype, not an fp32 copy of the logits. With ``linear``, the logits are
+    ``F.linear``'s output, which autocast computes in its own dtype (float64 is left alone).
+    """
+    if loss_dtype is not None or not isinstance(input, torch.Tensor):
+        return loss_dtype
+    dev = input.device.type
+    if not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev):
+        return None
+    logits_dtype = input.dtype
+    if linear and input.dtype != torch.float64 and input.is_floating_point():
+        logits_dtype = torch.get_autocast_dtype(dev)
+    return torch.float32 if logits_dtype in _HALF else None
+
+
+def check_logit_scale(logit_scale) -> None:
+    if logit_scale is None:
+        return
+    ok = isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool)
+    if not ok or not math.isfinite(float(logit_scale)) or not float(logit_scale) > 0.0:
+        raise CrossEntropyInputError(
+            f"logit_scale={logit_scale!r} must be a positive finite float (the logits are "
+            "multiplied by it before softcap and the softmax: Cohere's config.logit_scale, or "
+            "1 / config.logits_scaling for Granite) or None to turn it off."
+        )
+
+
+def check_divisor(divisor, reduction: str, device: torch.device | None):
+    """Returns ``(divisor tensor or None, 1 / divisor for a number)``: what the op takes."""
+    if divisor is None:
+        return None, 1.0
+    if reduction != "sum":
+        raise CrossEntropyInputError(
+            f"divisor= needs reduction='sum' (the summed loss is divided by it), got "
+            f"reduction={reduction!r}. For a token-count normaliser such as Hugging Face's "
+            "num_items_in_batch pass reduction='sum', divisor=num_items_in_batch."
+        )
+    if isinstance(divisor, torch.Tensor):
+        if divisor.numel() != 1 or divisor.dim() > 1:
+            raise CrossEntropyInputError(
+                f"divisor must be a number or a 0-d tensor, got a tensor of shape "
+                f"{_shape(divisor)}."
+            )
+        if divisor.requires_grad:
+            raise CrossEntropyInputError(
+                "divisor requires grad: the loss is not differentiated with respect to its "
+                "normaliser; pass divisor.detach()."
+            )
+        if divisor.dtype == torch.bool or divisor.is_complex():
+            raise CrossEntropyInputError(f"divisor has dtype {divisor.dtype}: pass a number.")
+        if device is not None and divisor.device != device:
+            raise CrossEntropyInputError(
+                f"divisor is on {divisor.device} but the logits are on {device}: pass it on the "
+                "logits' device (a host tensor would need a copy each call)."
+            )
+        return divisor.detach().reshape(()), 1.0
+    if isinstance(divisor, bool) or not isinstance(divisor, (int, float)):
+        raise CrossEntropyInputError(
+            f"divisor={divisor!r} must be a number or a 0-d tensor (e.g. num_items_in_batch)."
+        )
+    if not math.isfinite(float(divisor)) or float(divisor) == 0.0:
+        raise CrossEntropyInputError(
+            f"divisor={divisor!r} must be finite and non-zero."
+        )
+    return None, 1.0 / float(divisor)
 
 
 def prepare(
@@ -125,8 +283,11 @@ def prepare(
                 f"read as class probabilities, which must have the input's shape "
                 f"{_shape(input)}.{hint}"
             )
-        if target.dtype != input.dtype:
-            target = target.to(input.dtype)
+        # Under autocast F.cross_entropy upcasts a 16-bit input and its targets to fp32: keep
+        # the targets' precision (the torch backend reads them in fp32 either way).
+        want = torch.float32 if autocast_loss_dtype(input, None) is not None else input.dtype
+        if target.dtype != want:
+            target = target.to(want)
     else:
         if target.dtype == torch.bool or target.dtype not in _INT_DTYPES:
             raise CrossEntropyInputError(
@@ -191,17 +352,104 @@ def prepare(
     return Problem(logits=logits, target=target, weight=weight, batch_shape=batch_shape, probs=probs)
 
 
-def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    """Raises if a class index (other than ``ignore_index``) is outside ``[0, C-1]``. Syncs."""
+def check_inplace(input: torch.Tensor, logits: torch.Tensor) -> None:
+    """Refuses, before anything is written, the inputs an in-place gradient would corrupt."""
+    if logits.data_ptr() != input.data_ptr() or logits.shape != input.reshape(logits.shape).shape:
+        raise CrossEntropyInputError(
+            "inplace_backward=True needs the logits as rows (N, C) with a unit-stride class "
+            "dimension; this input needed a copy, so nothing would be saved. Pass "
+            "input.view(-1, C) of a contiguous (B, T, C) tensor, or drop inplace_backward."
+        )
+    base = input._base if input._base is not None else input
+    if input.is_leaf or (base.is_leaf and base.requires_grad):
+        raise CrossEntropyInputError(
+            "inplace_backward=True on a leaf tensor, or a view of one (a parameter or an input "
+            "created with requires_grad=True): its values would be overwritten by its own "
+            "gradient. Pass the "
+            "output of an op (e.g. the LM head's logits), or drop inplace_backward."
+        )
+    if torch._debug_has_internal_overlap(logits) != 0:
+        raise CrossEntropyInputError(
+            "inplace_backward=True on a tensor whose elements overlap in memory (an expand() or "
+            "as_strided() view): one element would receive several gradients. Pass a "
+            "contiguous tensor (.contiguous()), or drop inplace_backward."
+        )
+
+
+def _range_message(num_classes: int, ignore_index: int) -> str:
+    if num_classes == 0:
+        return (
+            f"there are no classes (C=0), so every target must equal ignore_index={ignore_index}."
+        )
+    return (
+        f"with C={num_classes} classes, class indices must be in [0, {num_classes - 1}] or equal "
+        f"ignore_index={ignore_index}. Check the tokenizer's vocabulary size against the model's "
+        "output size, and the padding label (ignore_index)."
+    )
+
+
+def _check_range_now(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Reads the targets (a host sync on an accelerator) and raises naming the first bad one."""
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
-        idx = int(bad.nonzero()[0, 0])
-        value = int(target[idx])
-        count = int(bad.sum())
+        flat = bad.reshape(-1)
+        idx = int(flat.nonzero()[0, 0])
+        value = int(target.reshape(-1)[idx])
+        count = int(flat.sum())
         raise CrossEntropyInputError(
             f"Target {value} is out of bounds (at flattened position {idx}; {count} such "
-            f"target{'s' if count > 1 else ''}): with C={num_classes} classes, class indices must "
-            f"be in [0, {num_classes - 1}] or equal ignore_index={ignore_index}. Check the "
-            "tokenizer's vocabulary size against the model's output size, and the padding "
-            "label (ignore_index)."
+            f"target{'s' if count > 1 else ''}): {_range_message(num_classes, ignore_index)}"
         )
+
+
+# The same check as an opaque op with no output, for where values cannot be read while the call
+# is traced: torch.compile (it runs when the graph runs), FakeTensorMode (the fake does nothing)
+# and vmap (the rule checks the whole batch at once). Marked side-effectful so that the compiler
+# keeps it although nothing uses its (absent) output.
+@torch.library.custom_op("triton_xent::check_target_range", mutates_args=())
+def _check_range_op(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    if target.device.type != "cpu" and torch.cuda.is_available() and (
+            torch.cuda.is_current_stream_capturing()):
+        # Inside a CUDA graph nothing may sync: a device-side assert (fatal to the context).
+        bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+        torch._assert_async(
+            ~bad.any(),
+            f"triton_xent: a target is out of bounds: {_range_message(num_classes, ignore_index)}",
+        )
+        return
+    _check_range_now(target, num_classes, ignore_index)
+
+
+@_check_range_op.register_fake
+def _(target, num_classes, ignore_index):
+    return None
+
+
+@_check_range_op.register_vmap
+def _(info, in_dims, target, num_classes, ignore_index):
+    _check_range_op(target, num_classes, ignore_index)  # the physical tensor: every batch
+    return None, None
+
+
+torch.fx.node.has_side_effect(torch.ops.triton_xent.check_target_range.default)
+
+
+def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raises :class:`CrossEntropyInputError` if a class index (other than ``ignore_index``) is
+    outside ``[0, C-1]``, naming the first one.
+
+    Eager, it reads the targets at once (a host sync on an accelerator). Where values cannot be
+    read while the call is traced -- under torch.compile, FakeTensorMode, vmap (and vmap inside
+    torch.compile) -- the check is an opaque op in the graph that raises the same error when the
+    graph runs, for the whole batch under vmap; FakeTensorMode runs nothing, so checks nothing.
+    Inside a CUDA graph capture (eager or compiled) nothing may sync: there it is a device-side
+    assert (``torch._assert_async``), fatal to the CUDA context when it fires.
+    """
+    from torch._subclasses.fake_tensor import is_fake
+
+    if (torch.compiler.is_compiling() or is_fake(target) or target.device.type == "meta"
+            or torch._C._functorch.is_functorch_wrapped_tensor(target)
+            or (target.is_cuda and torch.cuda.is_current_stream_capturing())):
+        _check_range_op(target, num_classes, ignore_index)
+    else:
+        _check_range_now(target, num_classes, ignore_index)

@@ -1,15 +1,23 @@
-"""The op layer: one ``torch.library`` custom op with its autograd formula, for every backend.
+"""The op layer: autograd for the pipeline (``triton_xent.pipeline``), eager and compiled.
 
-``triton_xent::cross_entropy_rows`` takes rows of logits ``(N, V)`` and computes the reduced loss,
-the per-row log-sum-exp, the reduced z-loss term and, when the logits need a gradient, that
-gradient already (gradient in the forward: one pass over the logits instead of two). The
-backward only multiplies the stored gradient by the upstream gradient (a scalar, or one value
-per row for ``reduction="none"``), in place outside torch.compile.
+Three paths, one pipeline:
 
-Being a custom op with a fake (meta) implementation, it is opaque to torch.compile: a model that
-calls ``cross_entropy`` compiles with ``fullgraph=True`` and the op can be captured in a CUDA
-graph (it never syncs with the host). ``inplace_backward=True`` uses a plain autograd.Function
-instead, because it writes the gradient over the logits, which a functional op may not do.
+* eager, with a gradient: :class:`_CrossEntropyFunction`. The forward computes the gradient for
+  an upstream gradient of 1 (one read of the logits, one write of the gradient); the backward
+  returns it untouched when the upstream gradient is 1 (a tiny launch that reads it on the
+  device: no host sync, CUDA-graph safe), and otherwise recomputes the rows that need it from
+  the logits, once rounded. The buffer is kept on ``ctx`` (not ``save_for_backward``) and handed
+  to autograd, which adopts it instead of cloning it.
+* functional, under torch.compile and functorch transforms (vmap): the custom ops
+  ``triton_xent::ce_forward`` (statistics and loss, one read) and ``triton_xent::ce_backward``
+  (the gradient with the upstream folded in: one read, one write). A custom op may not write
+  its input nor keep a buffer aside, so this path moves 3 passes where the eager one moves 2;
+  it is exact for any upstream gradient.
+* no gradient: the pipeline's forward alone (one read).
+
+Second derivatives (``create_graph=True``) go through the float64-exact reference formula on the
+saved logits, so gradient penalties get PyTorch's answer; an in-place gradient cannot (its
+logits are gone) and says so.
 """
 
 from __future__ import annotations
@@ -18,176 +26,248 @@ from typing import Optional
 
 import torch
 
-from . import _config
+from . import pipeline
+from ._options import CEOptions, compute_dtype
+from .pipeline import Call
 
 _LIB = "triton_xent"
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _to_opts(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, inv_divisor,
+             all_rows, argmax) -> CEOptions:
+    return CEOptions(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
+                     inv_divisor, all_rows, argmax)
 
 
-def reduction_scales(
-    target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int, reduction: str,
-    probs: bool, num_rows: int, V: int, dtype: torch.dtype,
-) -> torch.Tensor:
-    """``[ce_scale, z_scale]`` on the device, without a host sync.
-
-    A weighted mean divides the cross-entropy part by the summed weights of the kept targets (as
-    PyTorch does) and the z-loss part by the number of kept rows; probability targets divide both
-    by the number of rows. An empty or all-ignored mean divides by zero: NaN, as in PyTorch.
-    """
-    dev = target.device
-    if reduction != "mean":
-        return torch.ones(2, dtype=dtype, device=dev)
-    if probs:
-        return torch.full((2,), 1.0 / num_rows if num_rows else float("nan"), dtype=dtype, device=dev)
-    keep = target != ignore_index
-    n_kept = keep.sum().to(dtype)
-    if weight is None:
-        w_kept = n_kept
-    else:
-        w_kept = torch.where(keep, weight.to(dtype)[target.clamp(0, max(V - 1, 0))], 0).sum()
-    return torch.stack([w_kept, n_kept]).reciprocal()
+def _empty_argmax(res, logits):
+    return res.argmax if res.argmax is not None else logits.new_empty(0, dtype=torch.int64)
 
 
-def _reduce(rows: torch.Tensor, reduction: str, scale: torch.Tensor) -> torch.Tensor:
-    if reduction == "none":
-        return rows
-    total = rows.sum()
-    return total * scale if reduction == "mean" else total
+# ---------------------------------------------------------------------------------------------
+# Second derivatives: the reference formula, differentiable.
 
 
-def forward_rows(
-    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int,
-    reduction: str, label_smoothing: float, z_loss: float, softcap: float | None,
-    compute_grad: bool, backend: str, probs: bool, inplace: bool,
-):
-    """Runs one backend on rows; returns ``loss, lse, z_term, grad`` (grad may be None)."""
-    N, V = logits.shape
-    cdt = _compute_dtype(logits.dtype)
-    scales = reduction_scales(target, weight, ignore_index, reduction, probs, N, V, cdt)
-    kwargs = dict(
-        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-        compute_grad=compute_grad, inplace=inplace,
+def _reference_grads(call: Call, logits, target, g_loss, g_lse):
+    """d(g_loss . loss + g_lse . lse)/d(logits, target) with differentiable torch ops, for
+    ``create_graph=True`` (gradient penalties, Hessian-vector products)."""
+    from .reference import cross_entropy_reference
+
+    opts = call.opts
+    with torch.enable_grad():
+        x = logits.to(compute_dtype(logits.dtype))
+        tgt = target.to(x.dtype) if call.probs else target
+        divisor = None
+        if opts.reduction == "sum":
+            divisor = call.divisor if call.divisor is not None else 1.0 / opts.inv_divisor
+        w = call.weight.to(x.dtype) if call.weight is not None else None
+        loss, lse, _ = cross_entropy_reference(
+            x, tgt, w, opts.ignore_index, opts.reduction, opts.label_smoothing,
+            z_loss=opts.z_loss, softcap=opts.softcap, logit_scale=opts.logit_scale,
+            divisor=divisor, return_aux=True)
+        objective = (loss * g_loss.to(loss.dtype)).sum()
+        if g_lse is not None:
+            objective = objective + (lse * g_lse.to(lse.dtype)).sum()
+        inputs = [logits] + ([target] if call.probs and target.requires_grad else [])
+        grads = torch.autograd.grad(objective, inputs, create_graph=True, allow_unused=True)
+    return grads[0], (grads[1] if len(grads) > 1 else None)
+
+
+def _no_second_order(what: str):
+    return RuntimeError(
+        f"triton_xent: a second derivative (create_graph=True) of {what} is not supported: the "
+        "first derivative was written over the logits (inplace_backward=True) or lives on other "
+        "ranks. Drop inplace_backward / the process group for this loss, or compute it with "
+        "triton_xent.reference.cross_entropy_reference."
     )
-    if backend == "triton":
-        from .ops.cross_entropy import ce_forward
-
-        w = weight.float() if weight is not None else None
-        ce_rows, z_rows, lse, grad = ce_forward(
-            logits, target, w, scales.float(), ignore_index=ignore_index,
-            block_v=_config.TRITON_BLOCK_V, num_splits=_config.TRITON_NUM_SPLITS, **kwargs,
-        )
-    else:
-        from .backends import torch_ce
-
-        if probs:
-            ce_rows, z_rows, lse, grad = torch_ce.ce_forward_probs(
-                logits, target, weight, scales, chunk_rows=_config.TORCH_CHUNK_ROWS, **kwargs
-            )
-        else:
-            ce_rows, z_rows, lse, grad = torch_ce.ce_forward(
-                logits, target, weight, scales, ignore_index=ignore_index,
-                chunk_rows=_config.TORCH_CHUNK_ROWS, **kwargs,
-            )
-    scales = scales.to(ce_rows.dtype)
-    loss_ce = _reduce(ce_rows, reduction, scales[0])
-    z_term = _reduce(z_rows, reduction, scales[1])
-    loss = loss_ce + z_term if z_loss else loss_ce
-    return loss, lse, z_term, grad
 
 
-@torch.library.custom_op(f"{_LIB}::cross_entropy_rows", mutates_args=())
-def cross_entropy_rows(
-    logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int,
-    reduction: str, label_smoothing: float, z_loss: float, softcap: Optional[float],
-    compute_grad: bool, backend: str, probs: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    loss, lse, z_term, grad = forward_rows(
-        logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-        compute_grad, backend, probs, inplace=False,
-    )
-    if grad is None:
-        grad = logits.new_empty(0)
-    return loss, lse, z_term, grad
-
-
-@cross_entropy_rows.register_fake
-def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-      compute_grad, backend, probs):
-    N = logits.shape[0]
-    cdt = _compute_dtype(logits.dtype)
-    red_shape = (N,) if reduction == "none" else ()
-    loss = logits.new_empty(red_shape, dtype=cdt)
-    grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty(0)
-    return loss, logits.new_empty((N,), dtype=cdt), logits.new_empty(red_shape, dtype=cdt), grad
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.reduction = inputs[4]
-    ctx.compute_grad = inputs[8]
-    ctx.save_for_backward(output[3])
-
-
-def _backward(ctx, g_loss, g_lse, g_z, g_grad):
-    # Functional (out of place): this path runs under torch.compile, which owns the buffers.
-    (grad,) = ctx.saved_tensors
-    if g_loss is None or not ctx.compute_grad:
-        return (None,) * 11
-    g = g_loss.unsqueeze(1) if ctx.reduction == "none" else g_loss
-    return (grad * g.to(grad.dtype),) + (None,) * 10
-
-
-cross_entropy_rows.register_autograd(_backward, setup_context=_setup_context)
+# ---------------------------------------------------------------------------------------------
+# Eager path
 
 
 class _CrossEntropyFunction(torch.autograd.Function):
-    """The eager path: the gradient is kept on ``ctx`` (not ``save_for_backward``) and released
-    as it is returned, so autograd's gradient accumulation adopts the buffer instead of cloning
-    it: fwd+bwd holds one N x V gradient, or none with ``inplace`` (written over the logits)."""
-
     @staticmethod
-    def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                softcap, backend, probs, inplace):
-        loss, lse, z_term, grad = forward_rows(
-            logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-            True, backend, probs, inplace=inplace,
-        )
-        ctx.reduction = reduction
+    def forward(ctx, logits, target, weight, divisor, call: Call, inplace: bool,
+                target_grad: bool):
+        call = call._replace(logits=logits, target=target, weight=weight, divisor=divisor)
+        gt = torch.empty(target.shape, dtype=compute_dtype(logits.dtype),
+                         device=target.device) if target_grad else None
+        res = pipeline.forward(call, compute_grad=True, inplace=inplace, grad_target=gt)
+        if inplace:
+            # The kernels write through a raw pointer: tell autograd the logits changed, so a
+            # later use of the old values (e.g. by the op that produced them) raises.
+            torch.autograd.graph.increment_version(logits)
+        ctx.call = call._replace(logits=None, target=None, weight=None, divisor=None)
+        ctx.inplace = inplace
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
         # detach(): with ``inplace`` the buffer is the logits tensor itself; a fresh alias lets
         # autograd adopt it as the gradient instead of copying it.
-        ctx.grad = grad.detach()
-        ctx.mark_non_differentiable(lse, z_term)
-        return loss, lse, z_term
+        ctx.grad = res.grad.detach()
+        ctx.grad_target = gt
+        ctx.save_for_backward(None if inplace else logits, target, weight, divisor, res.stats,
+                              res.dens)
+        ctx.mark_non_differentiable(res.z_term)
+        outs = (res.loss, res.lse, res.z_term, _empty_argmax(res, logits))
+        ctx.mark_non_differentiable(outs[3])
+        return outs
 
     @staticmethod
-    def backward(ctx, g_loss, g_lse, g_z):
+    def backward(ctx, g_loss, g_lse, g_z, g_argmax):
+        logits, target, weight, divisor, stats, dens = ctx.saved_tensors
+        call = ctx.call._replace(logits=logits, target=target, weight=weight, divisor=divisor)
+        if torch.is_grad_enabled():  # create_graph=True
+            if ctx.inplace or call.shard is not None:
+                raise _no_second_order("cross_entropy")
+            if g_loss is None:
+                g_loss = torch.zeros((), device=stats.device)
+            gx, gt = _reference_grads(call, logits, target, g_loss, g_lse)
+            return gx, gt, None, None, None, None, None
         grad, ctx.grad = ctx.grad, None
         if grad is None:
             raise RuntimeError(
                 "triton_xent: backward through the same cross_entropy call a second time is not "
-                "supported (the gradient is computed in the forward and scaled in place). "
-                "Compute the loss again for a second backward."
+                "supported (the gradient is computed in the forward and reused). Compute the "
+                "loss again, or pass retain_graph=False."
             )
-        g = g_loss.unsqueeze(1) if ctx.reduction == "none" else g_loss
-        return (grad.mul_(g),) + (None,) * 10
+        if g_loss is None:  # only the aux lse carries a gradient
+            g_loss = torch.zeros(stats.shape[1] if call.opts.reduction == "none" else (),
+                                 device=stats.device)
+        if g_lse is not None and ctx.inplace:
+            raise RuntimeError(
+                "triton_xent: the aux lse was differentiated, which needs the logits, but "
+                "inplace_backward=True wrote the gradient over them. Drop inplace_backward."
+            )
+        gt = ctx.grad_target
+        if gt is not None:
+            gt.mul_(g_loss.to(gt.dtype).unsqueeze(-1) if g_loss.dim() else g_loss.to(gt.dtype))
+        grad = pipeline.backward(call, stats, dens, grad, g_loss, g_lse, inplace=ctx.inplace)
+        return grad, gt, None, None, None, None, None
 
 
-def run_rows(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-             backend, probs, inplace):
-    """Picks the autograd path: ``loss, lse, z_term``.
+# ---------------------------------------------------------------------------------------------
+# Functional path: custom ops (torch.compile, vmap)
 
-    Eager calls that need a gradient use :class:`_CrossEntropyFunction` (leanest); under
-    torch.compile, or without a gradient, the custom op (opaque to the compiler, functional).
-    ``inplace`` is eager only: under torch.compile the gradient gets its own buffer.
-    """
-    compute_grad = logits.requires_grad and torch.is_grad_enabled()
-    if compute_grad and not torch.compiler.is_compiling():
-        return _CrossEntropyFunction.apply(logits, target, weight, ignore_index, reduction,
-                                           label_smoothing, z_loss, softcap, backend, probs,
-                                           inplace)
-    loss, lse, z_term, _ = cross_entropy_rows(logits, target, weight, ignore_index, reduction,
-                                              label_smoothing, z_loss, softcap, compute_grad,
-                                              backend, probs)
-    return loss, lse, z_term
+
+def _call(logits, target, weight, divisor, opts, backend, probs, out_dtype) -> Call:
+    return Call(logits, target, weight, divisor, opts, backend, probs, out_dtype)
+
+
+@torch.library.custom_op(f"{_LIB}::ce_forward", mutates_args=())
+def ce_forward_op(
+    logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+    divisor: Optional[torch.Tensor], ignore_index: int, reduction: str, label_smoothing: float,
+    z_loss: float, softcap: Optional[float], logit_scale: Optional[float], inv_divisor: float,
+    all_rows: bool, argmax: bool, backend: str, probs: bool, out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    opts = _to_opts(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
+                    inv_divisor, all_rows, argmax)
+    res = pipeline.forward(_call(logits, target, weight, divisor, opts, backend, probs,
+                                 out_dtype), compute_grad=False)
+    return res.loss, res.lse, res.z_term, _empty_argmax(res, logits), res.stats, res.dens
+
+
+@ce_forward_op.register_fake
+def _(logits, target, weight, divisor, ignore_index, reduction, label_smoothing, z_loss, softcap,
+      logit_scale, inv_divisor, all_rows, argmax, backend, probs, out_dtype):
+    N = logits.shape[0]
+    cdt = compute_dtype(logits.dtype)
+    red = (N,) if reduction == "none" else ()
+    return (logits.new_empty(red, dtype=out_dtype), logits.new_empty((N,), dtype=cdt),
+            logits.new_empty(red, dtype=cdt),
+            logits.new_empty((N,) if argmax else (0,), dtype=torch.int64),
+            logits.new_empty((6, N), dtype=cdt), logits.new_empty((2,), dtype=cdt))
+
+
+@torch.library.custom_op(f"{_LIB}::ce_backward", mutates_args=())
+def ce_backward_op(
+    logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
+    divisor: Optional[torch.Tensor], stats: torch.Tensor, dens: torch.Tensor,
+    g_loss: torch.Tensor, g_lse: Optional[torch.Tensor], ignore_index: int, reduction: str,
+    label_smoothing: float, z_loss: float, softcap: Optional[float],
+    logit_scale: Optional[float], inv_divisor: float, backend: str, probs: bool,
+    target_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    opts = _to_opts(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
+                    inv_divisor, False, False)
+    call = _call(logits, target, weight, divisor, opts, backend, probs, logits.dtype)
+    gt = torch.empty(target.shape, dtype=compute_dtype(logits.dtype),
+                     device=target.device) if target_grad else logits.new_empty(0)
+    grad = pipeline.backward(call, stats, dens, None, g_loss, g_lse, inplace=False,
+                             grad_target=gt if target_grad else None)
+    return grad, gt
+
+
+@ce_backward_op.register_fake
+def _(logits, target, weight, divisor, stats, dens, g_loss, g_lse, ignore_index, reduction,
+      label_smoothing, z_loss, softcap, logit_scale, inv_divisor, backend, probs, target_grad):
+    gt = (torch.empty_like(target, dtype=compute_dtype(logits.dtype)) if target_grad
+          else logits.new_empty(0))
+    return torch.empty_like(logits, memory_format=torch.contiguous_format), gt
+
+
+_FWD_OPTS = slice(4, 13)  # ignore_index ... argmax in ce_forward's inputs
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, weight, divisor = inputs[:4]
+    ctx.opts = inputs[_FWD_OPTS]
+    ctx.backend, ctx.probs = inputs[13], inputs[14]
+    ctx.target_grad = bool(inputs[14]) and target.requires_grad
+    ctx.save_for_backward(logits, target, weight, divisor, output[4], output[5])
+
+
+def _backward(ctx, g_loss, g_lse, g_z, g_argmax, g_stats, g_dens):
+    logits, target, weight, divisor, stats, dens = ctx.saved_tensors
+    opts = ctx.opts
+    if g_loss is None:
+        g_loss = torch.zeros(stats.shape[1] if opts[1] == "none" else (), device=stats.device)
+    grad, gt = ce_backward_op(logits, target, weight, divisor, stats, dens, g_loss, g_lse,
+                              *opts[:7], ctx.backend, ctx.probs, ctx.target_grad)
+    return (grad, gt if ctx.target_grad else None) + (None,) * 14
+
+
+ce_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "triton_xent: a second derivative (create_graph=True) of cross_entropy under "
+        "torch.compile or vmap is not supported. Compute it eagerly (outside the compiled "
+        "region), where it goes through the reference formula."
+    )
+
+
+ce_backward_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def _in_transform(t: torch.Tensor) -> bool:
+    """True inside vmap/grad (functorch wraps the tensors)."""
+    try:
+        return torch._C._functorch.is_functorch_wrapped_tensor(t)
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def run(call: Call, *, inplace: bool):
+    """Runs one call on the right path; returns ``loss, lse, z_term, argmax`` (argmax empty
+    unless asked for)."""
+    logits, target = call.logits, call.target
+    target_grad = call.probs and target.requires_grad
+    needs_grad = torch.is_grad_enabled() and (logits.requires_grad or target_grad)
+    functional = torch.compiler.is_compiling() or _in_transform(logits) or _in_transform(target)
+    if functional and call.shard is None:
+        o = call.opts
+        loss, lse, z_term, argmax, _, _ = ce_forward_op(
+            logits, target, call.weight, call.divisor, o.ignore_index, o.reduction,
+            o.label_smoothing, o.z_loss, o.softcap, o.logit_scale, o.inv_divisor, o.all_rows,
+            o.argmax, call.backend, call.probs, call.out_dtype)
+        return loss, lse, z_term, argmax
+    if needs_grad:
+        return _CrossEntropyFunction.apply(logits, target, call.weight, call.divisor, call,
+                                           inplace, target_grad)
+    res = pipeline.forward(call, compute_grad=False)
+    return res.loss, res.lse, res.z_term, _empty_argmax(res, logits)

@@ -1,19 +1,24 @@
 """Which backend runs a call, and why.
 
 ``backend="auto"`` (the default, or ``TRITON_XENT_BACKEND=auto``) picks the Triton kernel when
-Triton can run for this input -- a CUDA/ROCm tensor, or any tensor while ``TRITON_INTERPRET=1``
-(how CI runs the kernels on the CPU) -- and the kernel covers the arguments; otherwise the
-torch backend, logging the reason once. ``backend="triton"`` that cannot run raises
-:class:`BackendUnavailableError` with that reason; ``backend="torch"`` always works.
+Triton can run for this input -- a CUDA/ROCm tensor, or any tensor while Triton's interpreter is
+on (``TRITON_INTERPRET=1``, set before ``import triton``: how CI runs the kernels on the CPU;
+see :mod:`triton_xent._interpreter`) -- and the kernel covers the arguments; otherwise the torch
+backend, logging the reason once (never while torch.compile traces: Dynamo cannot trace a
+logger call). ``backend="triton"`` that cannot run raises :class:`BackendUnavailableError` with
+that reason; ``backend="torch"`` always works.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
 
 import torch
+
+from . import _interpreter
 
 logger = logging.getLogger("triton_xent")
 
@@ -55,7 +60,22 @@ def triton_import_error() -> str | None:
 
 
 def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
+    """Whether Triton's interpreter runs our kernels now (see :mod:`triton_xent._interpreter`)."""
+    return triton_import_error() is None and _interpreter.gap() is None
+
+
+def serialised(fn):
+    """Runs ``fn`` under :data:`triton_xent._interpreter.LOCK` while the interpreter is on: it
+    is not thread-safe. No lock otherwise, nor while torch.compile traces."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling() or not _interpreter.requested():
+            return fn(*args, **kwargs)
+        with _interpreter.LOCK:
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def requested_backend(backend: str | None) -> str:
@@ -72,11 +92,13 @@ def kernel_gap(logits: torch.Tensor, *, probs: bool) -> str | None:
     err = triton_import_error()
     if err is not None:
         return err
-    if logits.device.type != "cuda" and not interpreter_enabled():
-        return (
-            f"input is on {logits.device.type}; the Triton kernel needs a CUDA/ROCm tensor "
-            "(or TRITON_INTERPRET=1 to run it, slowly, on the CPU)"
-        )
+    if logits.device.type != "cuda":
+        why = _interpreter.gap()
+        if why is not None:
+            return (
+                f"input is on {logits.device.type}; the Triton kernel needs a CUDA/ROCm tensor "
+                f"(or Triton's interpreter, TRITON_INTERPRET=1, to run it slowly on the CPU: {why})"
+            )
     if logits.dtype not in _KERNEL_DTYPES:
         return (
             f"{logits.dtype} input: the kernel reads fp32/fp16/bf16 and computes in fp32; the "
@@ -100,7 +122,7 @@ def choose_backend(logits: torch.Tensor, *, probs: bool, backend: str | None) ->
             f"backend='triton' cannot run this call: {gap}. Use backend='auto' to fall back to "
             "the torch backend."
         )
-    if gap not in _logged_reasons:
+    if gap not in _logged_reasons and not torch.compiler.is_compiling():
         _logged_reasons.add(gap)
         logger.info("triton_xent: using the torch backend: %s", gap)
     return BackendChoice("torch", gap)

@@ -1,18 +1,7 @@
 """``linear_cross_entropy``: the LM head and the loss in one op, without the ``(N, V)`` logits.
 
-Layers, as for ``cross_entropy``: the chunk loop is a plain torch function
-(:func:`triton_xent.backends.torch_linear.linear_ce_chunks`); here are the op layer (a
-``torch.library`` custom op with its fake and autograd formula, so that a model using it compiles
-with ``fullgraph=True``; a leaner ``autograd.Function`` in eager mode) and the functional API.
-
-Gradients are computed during the forward, for ``reduction="mean"``/``"sum"``: the chunk loop
-writes ``dX``, ``dW``, ``db`` already scaled by the reduction (``reduction_scales``: device
-tensors, known before the first chunk, no host sync), and the backward only multiplies them by
-the scalar upstream gradient. For ``reduction="none"`` the per-token upstream gradient is not
-known in the forward, so the forward computes the per-row losses only (one GEMM) and the backward
-runs the loop again with that gradient folded in (logits recomputed: three GEMMs). ``"none"``
-therefore costs 4 GEMMs of ``N x D x V`` and two softmax passes instead of 3 and one; it saves
-no gradient between forward and backward, only references to the inputs.
+The functional API (validation, dispatch, PyTorch's signature); the op layer is
+:mod:`triton_xent.linear_autograd` and the chunk loop :mod:`triton_xent.backends.torch_linear`.
 """
 
 from __future__ import annotations
@@ -23,223 +12,16 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import _config
 from . import _validation as V
-from .autograd import _compute_dtype, _reduce, reduction_scales
-from .backends.torch_linear import default_chunk_rows, linear_ce_chunks
-from .dispatch import choose_backend
+from . import parallel
+from ._options import CEOptions
+from .backends.torch_linear import default_chunk_rows
+from .dispatch import BackendUnavailableError, choose_backend, requested_backend, serialised
 from .functional import CrossEntropyAux, cross_entropy
+from .linear_autograd import LinearCall, run
 
-_LIB = "triton_xent"
 _HALF = (torch.float16, torch.bfloat16)
-
-
-class _Cfg(NamedTuple):
-    """The non-tensor arguments of the op, in the custom op's order."""
-
-    ignore_index: int
-    reduction: str
-    label_smoothing: float
-    z_loss: float
-    softcap: float | None
-    backend: str
-    need_x: bool
-    need_w: bool
-    need_b: bool
-    chunk_rows: int
-    fp32_accum: bool
-    skip_ignored: bool
-
-
-def _ce_step(cfg: _Cfg, weight, scales):
-    """The CE launcher for one chunk, options bound: ``step(logits, target, compute_grad)``."""
-    kw = dict(ignore_index=cfg.ignore_index, label_smoothing=cfg.label_smoothing,
-              z_loss=cfg.z_loss, softcap=cfg.softcap, inplace=True)
-    if cfg.backend == "triton":
-        from .ops.cross_entropy import ce_forward
-
-        w = weight.float() if weight is not None else None
-        sc = scales.float()
-
-        def step(logits, target, compute_grad):
-            return ce_forward(logits, target, w, sc, compute_grad=compute_grad,
-                              block_v=_config.TRITON_BLOCK_V, num_splits=_config.TRITON_NUM_SPLITS,
-                              **kw)
-    else:
-        from .backends import torch_ce
-
-        def step(logits, target, compute_grad):
-            return torch_ce.ce_forward(logits, target, weight, scales, compute_grad=compute_grad,
-                                       chunk_rows=_config.TORCH_CHUNK_ROWS, **kw)
-    return step
-
-
-def _no_autocast(device: torch.device):
-    # The inputs were cast already (see linear_cross_entropy); inside, every op runs as written.
-    return torch.autocast(device.type, enabled=False)
-
-
-def _forward(x, linear_weight, linear_bias, target, weight, cfg: _Cfg):
-    """``loss, lse, z_term, dX, dW, db``; no gradients for ``"none"`` (see module docstring)."""
-    N, V = x.shape[0], linear_weight.shape[0]
-    cdt = _compute_dtype(x.dtype)
-    grads = cfg.reduction != "none"
-    scales = reduction_scales(target, weight, cfg.ignore_index, cfg.reduction, False, N, V, cdt)
-    with _no_autocast(x.device):
-        ce_rows, z_rows, lse, dX, dW, db = linear_ce_chunks(
-            x, linear_weight, linear_bias, target, ce_step=_ce_step(cfg, weight, scales),
-            ignore_index=cfg.ignore_index, need_x=grads and cfg.need_x,
-            need_w=grads and cfg.need_w, need_b=grads and cfg.need_b, chunk_rows=cfg.chunk_rows,
-            fp32_accum=cfg.fp32_accum, skip_ignored=cfg.skip_ignored,
-        )
-    scales = scales.to(ce_rows.dtype)
-    loss = _reduce(ce_rows, cfg.reduction, scales[0])
-    z_term = _reduce(z_rows, cfg.reduction, scales[1])
-    if cfg.z_loss:
-        loss = loss + z_term
-    return loss, lse, z_term, dX, dW, db
-
-
-def _backward_none(grad_rows, x, linear_weight, linear_bias, target, weight, cfg: _Cfg):
-    """``reduction="none"``: the chunks again, each row's gradient times ``grad_rows``."""
-    cdt = _compute_dtype(x.dtype)
-    ones = torch.ones(2, dtype=cdt, device=x.device)
-    with _no_autocast(x.device):
-        _, _, _, dX, dW, db = linear_ce_chunks(
-            x, linear_weight, linear_bias, target, ce_step=_ce_step(cfg, weight, ones),
-            ignore_index=cfg.ignore_index, need_x=cfg.need_x, need_w=cfg.need_w,
-            need_b=cfg.need_b, chunk_rows=cfg.chunk_rows, fp32_accum=cfg.fp32_accum,
-            skip_ignored=cfg.skip_ignored, grad_rows=grad_rows,
-        )
-    return dX, dW, db
-
-
-# ---------------------------------------------------------------------------------------------
-# The custom op (torch.compile) and its autograd formula.
-
-
-def _or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    # A custom op returns tensors only: an absent gradient is an empty one.
-    return t if t is not None else like.new_empty(0)
-
-
-@torch.library.custom_op(f"{_LIB}::linear_cross_entropy_rows", mutates_args=())
-def linear_cross_entropy_rows(
-    x: torch.Tensor, linear_weight: torch.Tensor, linear_bias: torch.Tensor | None,
-    target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int, reduction: str,
-    label_smoothing: float, z_loss: float, softcap: float | None, backend: str, need_x: bool,
-    need_w: bool, need_b: bool, chunk_rows: int, fp32_accum: bool, skip_ignored: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    cfg = _Cfg(ignore_index, reduction, label_smoothing, z_loss, softcap, backend, need_x, need_w,
-               need_b, chunk_rows, fp32_accum, skip_ignored)
-    loss, lse, z_term, dX, dW, db = _forward(x, linear_weight, linear_bias, target, weight, cfg)
-    return loss, lse, z_term, _or_empty(dX, x), _or_empty(dW, x), _or_empty(db, x)
-
-
-def _grad_shapes_fake(x, linear_weight, linear_bias, need_x, need_w, need_b, grads: bool):
-    dX = x.new_empty(x.shape) if grads and need_x else x.new_empty(0)
-    dW = linear_weight.new_empty(linear_weight.shape) if grads and need_w else x.new_empty(0)
-    has_b = grads and need_b and linear_bias is not None
-    db = linear_bias.new_empty(linear_bias.shape) if has_b else x.new_empty(0)
-    return dX, dW, db
-
-
-@linear_cross_entropy_rows.register_fake
-def _(x, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing,
-      z_loss, softcap, backend, need_x, need_w, need_b, chunk_rows, fp32_accum, skip_ignored):
-    N = x.shape[0]
-    cdt = _compute_dtype(x.dtype)
-    red_shape = (N,) if reduction == "none" else ()
-    loss = x.new_empty(red_shape, dtype=cdt)
-    grads = _grad_shapes_fake(x, linear_weight, linear_bias, need_x, need_w, need_b,
-                              reduction != "none")
-    return (loss, x.new_empty((N,), dtype=cdt), x.new_empty(red_shape, dtype=cdt)) + grads
-
-
-@torch.library.custom_op(f"{_LIB}::linear_cross_entropy_rows_backward", mutates_args=())
-def linear_cross_entropy_rows_backward(
-    grad_rows: torch.Tensor, x: torch.Tensor, linear_weight: torch.Tensor,
-    linear_bias: torch.Tensor | None, target: torch.Tensor, weight: torch.Tensor | None,
-    ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
-    softcap: float | None, backend: str, need_x: bool, need_w: bool, need_b: bool,
-    chunk_rows: int, fp32_accum: bool, skip_ignored: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    cfg = _Cfg(ignore_index, reduction, label_smoothing, z_loss, softcap, backend, need_x, need_w,
-               need_b, chunk_rows, fp32_accum, skip_ignored)
-    dX, dW, db = _backward_none(grad_rows, x, linear_weight, linear_bias, target, weight, cfg)
-    return _or_empty(dX, x), _or_empty(dW, x), _or_empty(db, x)
-
-
-@linear_cross_entropy_rows_backward.register_fake
-def _(grad_rows, x, linear_weight, linear_bias, target, weight, ignore_index, reduction,
-      label_smoothing, z_loss, softcap, backend, need_x, need_w, need_b, chunk_rows, fp32_accum,
-      skip_ignored):
-    return _grad_shapes_fake(x, linear_weight, linear_bias, need_x, need_w, need_b, True)
-
-
-_N_INPUTS = 17
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.cfg = _Cfg(*inputs[5:])
-    ctx.has_bias = inputs[2] is not None
-    if ctx.cfg.reduction == "none":
-        ctx.save_for_backward(*inputs[:5])
-    else:
-        ctx.save_for_backward(*output[3:])
-
-
-def _backward(ctx, g_loss, g_lse, g_z, g_dx, g_dw, g_db):
-    # Functional (out of place): this path runs under torch.compile, which owns the buffers.
-    cfg = ctx.cfg
-    if g_loss is None:
-        return (None,) * _N_INPUTS
-    if cfg.reduction == "none":
-        dX, dW, db = linear_cross_entropy_rows_backward(g_loss, *ctx.saved_tensors, *cfg)
-    else:
-        dX, dW, db = (t * g_loss.to(t.dtype) for t in ctx.saved_tensors)
-    return (dX if cfg.need_x else None, dW if cfg.need_w else None,
-            db if cfg.need_b and ctx.has_bias else None) + (None,) * (_N_INPUTS - 3)
-
-
-linear_cross_entropy_rows.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _LinearCrossEntropyFunction(torch.autograd.Function):
-    """The eager path. ``"mean"``/``"sum"``: the gradients are kept on ``ctx`` and scaled in
-    place by the backward, which hands the buffers to autograd (no copies). ``"none"``: the
-    inputs are saved and the backward recomputes (see the module docstring)."""
-
-    @staticmethod
-    def forward(ctx, x, linear_weight, linear_bias, target, weight, cfg):
-        loss, lse, z_term, dX, dW, db = _forward(x, linear_weight, linear_bias, target, weight, cfg)
-        ctx.cfg = cfg
-        if cfg.reduction == "none":
-            ctx.save_for_backward(x, linear_weight, linear_bias, target, weight)
-        else:
-            ctx.grads = (dX, dW, db)
-        ctx.mark_non_differentiable(lse, z_term)
-        return loss, lse, z_term
-
-    @staticmethod
-    def backward(ctx, g_loss, g_lse, g_z):
-        cfg = ctx.cfg
-        if cfg.reduction == "none":
-            grads = _backward_none(g_loss, *ctx.saved_tensors, cfg)
-        else:
-            grads, ctx.grads = ctx.grads, None
-            if grads is None:
-                raise RuntimeError(
-                    "triton_xent: backward through the same linear_cross_entropy call a second "
-                    "time is not supported with reduction='mean'/'sum' (the gradients are "
-                    "computed in the forward and scaled in place). Compute the loss again."
-                )
-            grads = tuple(None if t is None else t.mul_(g_loss.to(t.dtype)) for t in grads)
-        return grads + (None, None, None)
-
-
-# ---------------------------------------------------------------------------------------------
-# The functional API.
+_LOCAL_ERRORS = (V.CrossEntropyInputError, BackendUnavailableError, ValueError, TypeError)
 
 
 class _Problem(NamedTuple):
@@ -320,7 +102,8 @@ def _prepare(input, linear_weight, linear_bias, target, weight, ignore_index, ch
     return _Problem(input.reshape(N, D), p.target, p.weight, batch_shape)
 
 
-def _resolve_chunk_rows(chunk_size, chunk_bytes, num_classes: int, dtype: torch.dtype) -> int:
+def _resolve_chunk_rows(chunk_size, chunk_bytes, N: int, D: int, num_classes: int,
+                        dtype: torch.dtype, weight_dtype: torch.dtype, fp32_accum: bool) -> int:
     if chunk_size is not None and chunk_bytes is not None:
         raise V.CrossEntropyInputError("pass chunk_size (rows) or chunk_bytes, not both.")
     if chunk_size is not None:
@@ -334,31 +117,33 @@ def _resolve_chunk_rows(chunk_size, chunk_bytes, num_classes: int, dtype: torch.
         raise V.CrossEntropyInputError(
             f"chunk_bytes={chunk_bytes!r} must be a positive int (bytes of the logits chunk)."
         )
-    return default_chunk_rows(num_classes, dtype, chunk_bytes)
+    return default_chunk_rows(N, D, num_classes, dtype, weight_dtype=weight_dtype,
+                              fp32_accum=fp32_accum, chunk_bytes=chunk_bytes)
 
 
 def _resolve_fp32_accum(accum_dtype, weight_dtype: torch.dtype) -> bool:
-    if accum_dtype is None:
-        return weight_dtype in _HALF
-    if accum_dtype == weight_dtype:
+    if accum_dtype is None or accum_dtype == weight_dtype:
         return False
     if accum_dtype == torch.float32 and weight_dtype in _HALF:
         return True
     raise V.CrossEntropyInputError(
-        f"accum_dtype={accum_dtype} with a {weight_dtype} linear_weight: use None (fp32 for 16-bit "
-        f"weights), torch.float32 or {weight_dtype}."
+        f"accum_dtype={accum_dtype} with a {weight_dtype} linear_weight: use None (the weight's "
+        f"dtype), torch.float32 (an fp32 accumulator for 16-bit weights) or {weight_dtype}."
     )
 
 
 def _autocast(input, linear_weight, linear_bias):
-    """What ``F.linear`` does under ``torch.autocast``: the operands in the autocast dtype."""
+    """What ``F.linear`` does under ``torch.autocast``: the operands in the autocast dtype
+    (float64 is not cast, as autocast leaves it alone)."""
     dev = input.device.type
-    if not torch.is_autocast_enabled(dev):
+    if not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev):
         return input, linear_weight, linear_bias
     dt = torch.get_autocast_dtype(dev)
 
     def cast(t):
-        return t if t is None or t.dtype == dt or not t.is_floating_point() else t.to(dt)
+        if t is None or t.dtype in (dt, torch.float64) or not t.is_floating_point():
+            return t
+        return t.to(dt)
 
     return cast(input), cast(linear_weight), cast(linear_bias)
 
@@ -375,8 +160,9 @@ def _linear_probs(input, linear_weight, target, linear_bias, weight, reduction, 
             f"{_shape(target.shape)}. For class indices pass an integer tensor (target.long())."
         )
     batch_shape = tuple(logits.shape[:-1])
-    out = cross_entropy(logits.reshape(-1, Vn), target.reshape(-1, Vn), weight, ignore_index,
-                        reduction, label_smoothing, **extras)
+    out = cross_entropy(logits.reshape(-1, Vn), target.reshape(-1, Vn), weight,
+                        ignore_index=ignore_index, reduction=reduction,
+                        label_smoothing=label_smoothing, **extras)
     if not extras.get("return_aux"):
         return out.view(batch_shape) if reduction == "none" else out
     loss, aux = out
@@ -385,6 +171,7 @@ def _linear_probs(input, linear_weight, target, linear_bias, weight, reduction, 
     return loss, CrossEntropyAux(aux.lse.view(batch_shape), z)
 
 
+@serialised
 def linear_cross_entropy(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
@@ -406,6 +193,8 @@ def linear_cross_entropy(
     validate: bool | None = None,
     process_group=None,
     loss_dtype: torch.dtype | None = None,
+    divisor: float | torch.Tensor | None = None,
+    logit_scale: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, CrossEntropyAux]:
     """``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` without the logits.
 
@@ -434,11 +223,13 @@ def linear_cross_entropy(
         return_aux: also return :class:`CrossEntropyAux` (per-row lse, z-loss term). Skipped
             ignored rows have ``lse = 0``.
         chunk_size: rows per chunk. Default: as many as fit ``chunk_bytes``.
-        chunk_bytes: bytes of the ``(chunk, V)`` logits buffer; default 128 MiB (512 rows at
-            V=128k in bf16). Pass one of ``chunk_size``, ``chunk_bytes``.
-        accum_dtype: dtype of the dW accumulator. None: fp32 for bf16/fp16 weights (summing
-            many chunks in bf16 drifts; costs ``V * D * 4`` bytes during the call), else the
-            weight's dtype. ``linear_weight.dtype`` accumulates in place, no extra buffer.
+        chunk_bytes: bytes of the ``(chunk, V)`` logits buffer. Default: a fifth of the
+            gradients' bytes, between 32 MiB and 1 GiB (832 rows at N=8192, D=4096, V=128256
+            in bf16). Pass one of ``chunk_size``, ``chunk_bytes``.
+        accum_dtype: dtype of the dW accumulator. None (default): the weight's dtype: each
+            chunk's GEMM accumulates in fp32 and adds its product into dW once (a 16-bit dW is
+            rounded once per chunk; chunks are large). ``torch.float32`` for 16-bit weights keeps
+            an fp32 accumulator (exact to fp32; ``4 V D`` more bytes during the call).
         skip_ignored: gather the rows to keep first so ignored rows cost no GEMM. That takes
             one ``nonzero``: free on the CPU, a host sync on an accelerator. None (default):
             on for CPU tensors, off on accelerators (no sync, CUDA-graph safe: fixed chunks over
@@ -453,12 +244,19 @@ def linear_cross_entropy(
             shard of the vocabulary, in rank order; ``input`` and ``target`` are the same on
             every rank, and every rank gets the full gradient of ``input``. See
             :mod:`triton_xent.distributed`.
-        loss_dtype: dtype of the returned loss; default the input's (before autocast). It is
-            computed in fp32 either way; ``torch.float32`` returns it unrounded.
+        loss_dtype: dtype of the returned loss (a floating ``torch.dtype``); default the
+            input's, and fp32 under ``torch.autocast`` (``F.linear`` runs in the autocast dtype,
+            ``F.cross_entropy`` upcasts: torch's result). It is computed in fp32 either way;
+            ``torch.float32`` returns it unrounded.
+        divisor: with ``reduction="sum"``, the loss and every gradient are divided by this
+            number or 0-d tensor inside the op (no extra pass), e.g. Hugging Face's
+            ``num_items_in_batch``. See :func:`triton_xent.cross_entropy`.
+        logit_scale: the logits (bias included) are multiplied by it before ``softcap``
+            (Cohere, Granite heads).
 
     Returns:
-        The loss (0-d, or shaped like ``target`` for ``"none"``) in the input's dtype (its dtype
-        before autocast), and the aux tuple when asked.
+        The loss (0-d, or shaped like ``target`` for ``"none"``) in the input's dtype (fp32
+        under autocast), and the aux tuple when asked.
 
     Examples::
 
@@ -468,59 +266,102 @@ def linear_cross_entropy(
         >>> loss = triton_xent.linear_cross_entropy(hidden, lm_head.weight, labels)
         >>> loss.backward()
     """
-    if process_group is not None:
-        from .distributed import vocab_parallel_linear_cross_entropy
-
-        # A group of one rank comes back here with process_group=None.
-        return vocab_parallel_linear_cross_entropy(
-            input, linear_weight, target, linear_bias=linear_bias, weight=weight,
-            reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-            z_loss=z_loss, softcap=softcap, return_aux=return_aux, chunk_size=chunk_size,
-            chunk_bytes=chunk_bytes, accum_dtype=accum_dtype, skip_ignored=skip_ignored,
-            process_group=process_group, backend=backend, validate=validate,
-            loss_dtype=loss_dtype,
-        )
     if ignore_index is None:
         ignore_index = -100
-    V.check_options(reduction, label_smoothing, z_loss, softcap, ignore_index)
+    label_smoothing, z_loss, softcap = V.check_options(
+        reduction, label_smoothing, z_loss, softcap, ignore_index)
+    V.validation_requested(validate)  # a bad value, or environment variable, raises here
+    requested_backend(backend)  # likewise
+    # F.linear runs in autocast's dtype, then F.cross_entropy (autocast's fp32 list) in fp32.
+    loss_dtype = V.autocast_loss_dtype(input, V.check_loss_dtype(loss_dtype), linear=True)
+    group = process_group if parallel.world_size(process_group) > 1 else None
     out_dtype = loss_dtype or (input.dtype if isinstance(input, torch.Tensor) else None)
     if isinstance(input, torch.Tensor):
         input, linear_weight, linear_bias = _autocast(input, linear_weight, linear_bias)
-    extras = dict(z_loss=z_loss, softcap=softcap, return_aux=return_aux, backend=backend,
-                  validate=validate, loss_dtype=loss_dtype)
     if isinstance(target, torch.Tensor) and target.is_floating_point():
+        if group is not None:
+            raise V.CrossEntropyInputError(
+                "class-probability targets are not supported by linear_cross_entropy with a "
+                "process group: form the logits shard (F.linear) and call cross_entropy with the "
+                "group and this rank's shard of the target distribution.")
+        V.check_options(reduction, label_smoothing, z_loss, softcap, ignore_index)
         _check_linear(input, linear_weight, linear_bias, target)
         return _linear_probs(input, linear_weight, target, linear_bias, weight, reduction,
-                             ignore_index, label_smoothing, **extras)
-
-    on_cpu = isinstance(input, torch.Tensor) and input.device.type == "cpu"
-    check_values = V.validation_requested(validate) or (
-        on_cpu and not torch.compiler.is_compiling()
-    )
-    p = _prepare(input, linear_weight, linear_bias, target, weight, ignore_index, check_values)
-    choice = choose_backend(p.x, probs=False, backend=backend)
-    Vn = linear_weight.shape[0]
-    grad_on = torch.is_grad_enabled()
-    cfg = _Cfg(
-        ignore_index, reduction, float(label_smoothing), float(z_loss),
-        None if softcap is None else float(softcap), choice.backend,
-        grad_on and p.x.requires_grad, grad_on and linear_weight.requires_grad,
-        grad_on and linear_bias is not None and linear_bias.requires_grad,
-        _resolve_chunk_rows(chunk_size, chunk_bytes, Vn, p.x.dtype),
-        _resolve_fp32_accum(accum_dtype, linear_weight.dtype),
-        on_cpu if skip_ignored is None else bool(skip_ignored),
-    )
-    args = (p.x, linear_weight, linear_bias, p.target, p.weight)
-    if torch.compiler.is_compiling():
-        loss, lse, z_term = linear_cross_entropy_rows(*args, *cfg)[:3]
-    elif cfg.need_x or cfg.need_w or cfg.need_b:
-        loss, lse, z_term = _LinearCrossEntropyFunction.apply(*args, cfg)
-    else:
-        loss, lse, z_term = _forward(*args, cfg)[:3]
+                             ignore_index, label_smoothing, z_loss=z_loss, softcap=softcap,
+                             return_aux=return_aux, backend=backend, validate=validate,
+                             loss_dtype=loss_dtype, divisor=divisor, logit_scale=logit_scale)
+    error = lc = need = None
+    try:
+        lc, need, batch_shape = _build(
+            input, linear_weight, linear_bias, target, weight, reduction, ignore_index,
+            label_smoothing, z_loss, softcap, chunk_size, chunk_bytes, accum_dtype, skip_ignored,
+            backend, validate, out_dtype, divisor, logit_scale, check_values=group is None)
+    except _LOCAL_ERRORS as exc:
+        if group is None:
+            raise
+        error = exc  # raised on every rank by the agreement below
+    if group is not None:
+        lc = _with_shard(lc, need, group, error, input, validate)
+    loss, lse, z_term = run(lc, need)
     if reduction == "none":
-        loss = loss.view(p.batch_shape)
-        z_term = z_term.view(p.batch_shape)
-    loss = loss.to(out_dtype)
+        loss = loss.view(batch_shape)
+        z_term = z_term.view(batch_shape)
     if return_aux:
-        return loss, CrossEntropyAux(lse.view(p.batch_shape), z_term)
+        return loss, CrossEntropyAux(lse.view(batch_shape), z_term)
     return loss
+
+
+def _build(input, linear_weight, linear_bias, target, weight, reduction, ignore_index,
+           label_smoothing, z_loss, softcap, chunk_size, chunk_bytes, accum_dtype, skip_ignored,
+           backend, validate, out_dtype, divisor, logit_scale, *, check_values: bool):
+    """Validates and normalises one call: ``(LinearCall, need (x, W, b), batch_shape)``."""
+    V.check_options(reduction, label_smoothing, z_loss, softcap, ignore_index)
+    V.check_logit_scale(logit_scale)
+    div_t, inv_div = V.check_divisor(
+        divisor, reduction, input.device if isinstance(input, torch.Tensor) else None)
+    # The range of class indices: always on the CPU, with validation on accelerators; under
+    # torch.compile it runs when the graph runs. With a group: after the ranks agree.
+    on_cpu = isinstance(input, torch.Tensor) and input.device.type == "cpu"
+    check = check_values and (V.validation_requested(validate) or on_cpu)
+    p = _prepare(input, linear_weight, linear_bias, target, weight, ignore_index, check)
+    if p.weight is not None and p.weight.requires_grad and torch.is_grad_enabled():
+        raise V.CrossEntropyInputError(
+            "weight (the class weights) requires grad, but the loss is not differentiated with "
+            "respect to them (PyTorch raises too). Pass weight.detach().")
+    choice = choose_backend(p.x, probs=False, backend=backend)
+    grad_on = torch.is_grad_enabled()
+    need = (grad_on and p.x.requires_grad, grad_on and linear_weight.requires_grad,
+            grad_on and linear_bias is not None and linear_bias.requires_grad)
+    fp32_accum = _resolve_fp32_accum(accum_dtype, linear_weight.dtype)
+    N, D = p.x.shape
+    chunk_rows = _resolve_chunk_rows(chunk_size, chunk_bytes, N, D, linear_weight.shape[0],
+                                     p.x.dtype, linear_weight.dtype, fp32_accum)
+    opts = CEOptions(ignore_index, reduction, float(label_smoothing), float(z_loss),
+                     None if softcap is None else float(softcap),
+                     None if logit_scale is None else float(logit_scale), inv_div)
+    lc = LinearCall(p.x, linear_weight, linear_bias, p.target, p.weight, div_t, opts,
+                    choice.backend, out_dtype, chunk_rows, fp32_accum,
+                    on_cpu if skip_ignored is None else bool(skip_ignored))
+    return lc, need, p.batch_shape
+
+
+def _with_shard(lc, need, group, error, input, validate):
+    """Agrees on the vocabulary shard with the other ranks (every rank raises a local error)."""
+    if torch.compiler.is_compiling():  # the op agrees at run time (see parallel.py)
+        return lc._replace(shard=parallel.Shard(group, -1, -1, -1))
+    ok = lc is not None
+    device = input.device if isinstance(input, torch.Tensor) else torch.device("cpu")
+    options = parallel.linear_options(lc.opts, divisor=lc.divisor, weight=lc.weight, bias=lc.b,
+                                      skip_ignored=lc.skip_ignored) if ok else ()
+    validating = V.validation_requested(validate)
+    shard = parallel.agree(
+        group, device, kind=parallel.KIND_LINEAR, error=error, N=lc.x.shape[0] if ok else -1,
+        V_local=lc.W.shape[0] if ok else -1,
+        weight_len=lc.weight.shape[0] if ok and lc.weight is not None else -1,
+        bias_len=lc.b.shape[0] if ok and lc.b is not None else -1, D=lc.x.shape[1] if ok else -1,
+        dtype=lc.x.dtype if ok else None, options=options, validate=validating,
+        target=lc.target if ok else None, input=lc.x if ok else None,
+        need_dx=bool(need[0]) if ok else False, chunk_rows=lc.chunk_rows if ok else 0)
+    if (validating or device.type == "cpu") and lc.target.numel():
+        V.check_target_range(lc.target, shard.vocab_size, lc.opts.ignore_index)
+    return lc._replace(shard=shard, chunk_rows=shard.chunk_rows)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._validation import legacy_reduction
 from .functional import cross_entropy
 
 
 class CrossEntropyLoss(nn.Module):
     """Drop-in for ``nn.CrossEntropyLoss`` with the extras of :func:`triton_xent.cross_entropy`.
+
+    PyTorch's positional order, with its deprecated ``size_average``/``reduce`` mapped to
+    ``reduction`` (and its warning) as ``nn.CrossEntropyLoss`` does.
 
     Examples::
 
@@ -20,7 +24,9 @@ class CrossEntropyLoss(nn.Module):
     def __init__(
         self,
         weight: torch.Tensor | None = None,
+        size_average: bool | None = None,
         ignore_index: int = -100,
+        reduce: bool | None = None,
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         *,
@@ -32,13 +38,15 @@ class CrossEntropyLoss(nn.Module):
         validate: bool | None = None,
         process_group=None,
         loss_dtype: torch.dtype | None = None,
+        logit_scale: float | None = None,
     ) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
+        self.logit_scale = logit_scale
         self.process_group = process_group
         self.loss_dtype = loss_dtype
         self.ignore_index = ignore_index
-        self.reduction = reduction
+        self.reduction = legacy_reduction(size_average, reduce, reduction)
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
         self.softcap = softcap
@@ -47,12 +55,16 @@ class CrossEntropyLoss(nn.Module):
         self.backend = backend
         self.validate = validate
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor):
+    def forward(self, input: torch.Tensor, target: torch.Tensor, *, divisor=None):
+        """``divisor``: with ``reduction="sum"``, divide the loss by it inside the op (a number
+        or a 0-d tensor, e.g. ``num_items_in_batch``); see :func:`triton_xent.cross_entropy`."""
         return cross_entropy(
-            input, target, self.weight, self.ignore_index, self.reduction, self.label_smoothing,
-            z_loss=self.z_loss, softcap=self.softcap, return_aux=self.return_aux,
-            inplace_backward=self.inplace_backward, backend=self.backend, validate=self.validate,
-            process_group=self.process_group, loss_dtype=self.loss_dtype,
+            input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+            return_aux=self.return_aux, inplace_backward=self.inplace_backward,
+            backend=self.backend, validate=self.validate, process_group=self.process_group,
+            loss_dtype=self.loss_dtype, divisor=divisor,
+            logit_scale=self.logit_scale,
         )
 
     def extra_repr(self) -> str:
@@ -95,8 +107,10 @@ class LinearCrossEntropyLoss(nn.Module):
         validate: bool | None = None,
         process_group=None,
         loss_dtype: torch.dtype | None = None,
+        logit_scale: float | None = None,
     ) -> None:
         super().__init__()
+        self.logit_scale = logit_scale
         self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
         self.register_buffer("weight", weight)
         self.num_classes = num_classes
@@ -115,7 +129,8 @@ class LinearCrossEntropyLoss(nn.Module):
         self.process_group = process_group
         self.loss_dtype = loss_dtype
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor):
+    def forward(self, input: torch.Tensor, target: torch.Tensor, *, divisor=None):
+        """``divisor``: as in :meth:`CrossEntropyLoss.forward`."""
         from .linear import linear_cross_entropy
 
         return linear_cross_entropy(
@@ -125,6 +140,7 @@ class LinearCrossEntropyLoss(nn.Module):
             return_aux=self.return_aux, chunk_size=self.chunk_size, chunk_bytes=self.chunk_bytes,
             accum_dtype=self.accum_dtype, skip_ignored=self.skip_ignored, backend=self.backend,
             validate=self.validate, process_group=self.process_group, loss_dtype=self.loss_dtype,
+            divisor=divisor, logit_scale=self.logit_scale,
         )
 
     def extra_repr(self) -> str:

@@ -3,6 +3,7 @@
 It is the test oracle (run it on float64 inputs) and the benchmark's "what training code writes"
 baseline. It defines the extras the same way the kernels do:
 
+* ``logit_scale``: logits are multiplied by it first; ``divisor``: a ``"sum"`` divided by it.
 * ``softcap``: logits become ``softcap * tanh(logits / softcap)`` before everything else.
 * ``z_loss``: each kept row adds ``z_loss * lse**2`` (PaLM); the term is not class-weighted, and
   with ``reduction="mean"`` it is averaged over the kept rows (rows whose target is not
@@ -26,6 +27,8 @@ def cross_entropy_reference(
     z_loss: float = 0.0,
     softcap: float | None = None,
     return_aux: bool = False,
+    logit_scale: float | None = None,
+    divisor=None,
 ):
     """Cross-entropy by composition of torch ops, with the same arguments as ``cross_entropy``.
 
@@ -34,6 +37,8 @@ def cross_entropy_reference(
     like the loss.
     """
     x = input
+    if logit_scale is not None:
+        x = x * logit_scale
     if softcap is not None:
         x = softcap * torch.tanh(x / softcap)
     loss = F.cross_entropy(
@@ -54,6 +59,8 @@ def cross_entropy_reference(
         z_term = z_rows.sum() / keep.sum()
     if z_loss:
         loss = loss + z_term.to(loss.dtype)
+    if divisor is not None:
+        loss, z_term = loss / divisor, z_term / divisor
     if return_aux:
         return loss, lse, z_term
     return loss

@@ -1,24 +1,31 @@
-"""The lean pure-torch backend: rows in chunks, gradient computed during the forward.
+"""The lean pure-torch backend: the phases of the Triton launchers, on rows in chunks.
 
-It has the launcher signature of the Triton kernel (``triton_xent.ops.cross_entropy.ce_forward``)
-so the autograd layer drives either. Per chunk of rows it upcasts the logits to fp32 (fp64 for
-fp64 inputs), computes the row statistics and writes the gradient of the chunk straight into the
-gradient buffer (or into the logits with ``inplace``). Nothing of size N x V beyond that one
-gradient buffer is ever held, so fwd+bwd peaks at about the logits' size plus one chunk, where
-``F.cross_entropy`` on upcast logits holds the fp32 copy, log-softmax and its gradient.
+Same functions, arguments and results as ``triton_xent.ops.cross_entropy`` (``ce_forward``,
+``ce_partials``, ``ce_finish``, ``ce_finalize``, ``scale_``), so the op layer drives either
+backend through one pipeline. Per chunk of rows the logits are upcast to fp32 (fp64 for fp64
+inputs), the statistics and the gradient of the chunk are written straight into the gradient
+buffer (or into the logits with ``inplace``); nothing of size N x V beyond that one buffer is
+held, where ``F.cross_entropy`` on upcast logits holds the fp32 copy, log-softmax and its gradient.
+
+The math is the kernels' (see ``triton_xent/kernels/cross_entropy.py`` for the derivation): the
+row maximum is subtracted before anything is added, ``ce = (1 - eps) w_t ((M - x_t) + log s) +
+(eps / V) (T + W log s)`` with ``T = sum_c w_c (M - x_c)``. It also runs what the kernels do not:
+float64, and class-probability targets ``q`` (the loss ``sum_c q_c (lse - x_c)`` is the smoothing
+term with per-row weights ``q``: ``T_q + Q log s``, gradient ``Q p - q``), whose gradient with
+respect to ``q`` it can compute too.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .._options import CEOptions, RowOutputs, compute_dtype
+
 # Bytes of fp32 scratch per chunk: large enough that per-op overhead vanishes, small enough to
 # stay in the last-level cache of a CPU and far below the logits' size.
 _CHUNK_BYTES = 32 << 20
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+NUM_FIELDS = 6
+F_M, F_S, F_T, F_W, F_XT, F_WT = range(NUM_FIELDS)
 
 
 def chunk_rows_for(V: int, dtype: torch.dtype, budget: int = _CHUNK_BYTES) -> int:
@@ -26,160 +33,437 @@ def chunk_rows_for(V: int, dtype: torch.dtype, budget: int = _CHUNK_BYTES) -> in
     return max(1, budget // max(1, V * item))
 
 
-def _row_factor(target, ignore_index, V, dtype):
-    """1 for a row that counts, 0 for an ignored row, NaN for an out-of-range class index."""
+def _transform(raw: torch.Tensor, cdt, opts: CEOptions):
+    """``x = softcap * tanh(logit_scale * raw / softcap)`` (each part optional) and the tanh (or
+    None). Without either, ``raw`` is returned in its own dtype (the reductions accumulate in
+    ``cdt``); otherwise ``x`` is in ``cdt``."""
+    if opts.logit_scale is None and opts.softcap is None:
+        return raw, None
+    x = raw.to(cdt)
+    if opts.logit_scale is not None:
+        x = x * opts.logit_scale
+    th = None
+    if opts.softcap is not None:
+        th = torch.tanh(x / opts.softcap)
+        x = th * opts.softcap
+    return x, th
+
+
+def _chain(p: torch.Tensor, th: torch.Tensor | None, opts: CEOptions) -> None:
+    """Chain rule back to the raw logits, in place: times ``1 - tanh**2`` (softcap) and times
+    ``logit_scale``."""
+    if th is not None:
+        p.mul_(1.0 - th.square())
+    if opts.logit_scale is not None:
+        p.mul_(opts.logit_scale)
+
+
+def _target_info(target, ignore_index, V, offset, V_local):
+    """``(t_local clamped, owned, ignored, invalid)`` of class-index targets (see the kernels)."""
     ignored = target == ignore_index
-    bad = ~ignored & ((target < 0) | (target >= V))
-    f = (~ignored).to(dtype)
-    return f.masked_fill_(bad, float("nan")), target.clamp(0, max(V - 1, 0))
+    invalid = ~ignored & ((target < 0) | (target >= V))
+    t_loc = target - offset
+    owned = ~ignored & ~invalid & (t_loc >= 0) & (t_loc < V_local)
+    return t_loc.clamp(0, max(V_local - 1, 0)), owned, ignored, invalid
 
 
-def _outputs(logits: torch.Tensor, compute_grad: bool, inplace: bool):
-    """The compute dtype, the three per-row outputs and the gradient buffer (or None)."""
-    N = logits.shape[0]
-    cdt = _compute_dtype(logits.dtype)
-    rows = [torch.empty(N, dtype=cdt, device=logits.device) for _ in range(3)]
-    grad = None
-    if compute_grad:
-        grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
-    return cdt, *rows, grad
+def _mask_rows(v: torch.Tensor, ignored, invalid) -> torch.Tensor:
+    nan = torch.full_like(v, float("nan"))
+    return torch.where(ignored, torch.zeros_like(v), torch.where(invalid, nan, v))
+
+
+def _probs_q(q_raw, weight, eps, V, cdt):
+    """Per-row weights of class-probability targets: ``((1 - eps) q + eps / V) * w``."""
+    q = q_raw.to(cdt)
+    if eps > 0.0:
+        q = q * (1.0 - eps) + eps / V
+    if weight is not None:
+        q = q * weight.to(cdt)
+    return q
+
+
+class _Rows:
+    """Per-row outputs (as ``ops.cross_entropy.RowOutputs``), allocated once."""
+
+    def __init__(self, N, device, opts: CEOptions, out_dtype, cdt):
+        self.ce, self.z, self.lse = (torch.empty(N, dtype=cdt, device=device) for _ in range(3))
+        self.loss_rows = (torch.empty(N, dtype=out_dtype, device=device)
+                          if opts.reduction == "none" else None)
+        self.argmax = torch.empty(N, dtype=torch.int64, device=device) if opts.argmax else None
+        self.stats = torch.zeros((NUM_FIELDS, N), dtype=cdt, device=device)
+
+    def as_tuple(self):
+        return self.ce, self.z, self.lse, self.loss_rows, self.argmax, self.stats
+
+
+def _row_loss(st, w_t, eps, z_loss, V, probs):
+    """``(ce, z, lse)`` per row from merged statistics ``st`` (fields x rows)."""
+    M, s, T, W, x_t = st[F_M], st[F_S], st[F_T], st[F_W], st[F_XT]
+    mref = torch.where(M == float("-inf"), torch.zeros_like(M), M)
+    log_s = s.log()
+    lse = M + log_s
+    if probs:
+        ce = T + W * log_s
+    else:
+        ce = w_t * ((mref - x_t) + log_s)
+        if eps > 0.0:
+            ce = (1.0 - eps) * ce + (eps / V) * (T + W * log_s)
+    return ce, z_loss * lse.square(), lse
+
+
+def _grad_from_p(p, t_loc, owned, kept, w_t, W, lse, dens, g, g_lse, q, weight, th,
+                 opts: CEOptions, V: int):
+    """dL/dx_raw of a chunk of rows, in place over ``p`` (the chunk's softmax, ``cdt``).
+
+    ``dL/dx_c = p_c coef_p - coef_t [c == t] - coef_w w_c`` (class indices) or
+    ``p_c coef_p - ce_scale q_c`` (probabilities ``q``), times the transform's derivative;
+    ``g`` and ``g_lse`` are the rows' upstream gradients. Rows not ``kept`` get zeros: where(),
+    not a product, as an all-ignored mean has an infinite scale (1/0) and its rows must still
+    get a zero gradient, as in PyTorch."""
+    eps = opts.label_smoothing
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    ce_scale = torch.where(kept, g / dens[0], zero)
+    if q is not None:
+        coef_p = ce_scale * W
+    else:
+        coef_t = ce_scale * (1.0 - eps) * w_t
+        coef_p = coef_t + (ce_scale * (eps / V)) * W if eps > 0.0 else coef_t
+    if opts.z_loss:
+        coef_p = coef_p + torch.where(kept, g / dens[1], zero) * (2.0 * opts.z_loss) * lse
+    if g_lse is not None:  # the aux lse's gradient, on every row (ignored ones too)
+        coef_p = coef_p + g_lse
+    p.mul_(coef_p.unsqueeze(1))
+    if q is not None:
+        p.sub_(q * ce_scale.unsqueeze(1))
+    else:
+        if p.shape[1]:
+            p.scatter_add_(1, t_loc.unsqueeze(1), torch.where(owned, -coef_t, zero).unsqueeze(1))
+        if eps > 0.0:
+            coef_w = (ce_scale * (eps / V)).unsqueeze(1)
+            if weight is not None:
+                p.addcmul_(coef_w, weight.to(p.dtype).unsqueeze(0), value=-1.0)
+            else:
+                p.sub_(coef_w)
+    _chain(p, th, opts)
+
+
+def _stats_into(st, x, M, s, target, weight, opts: CEOptions, V, offset, probs, cdt):
+    """Writes one chunk's statistics (fields x rows view ``st``) from its transformed logits
+    ``x`` (``cdt``), row max ``M`` and ``s = sum exp(x - M)``."""
+    V_local = x.shape[1]
+    eps = opts.label_smoothing
+    mref = torch.where(M == float("-inf"), torch.zeros_like(M), M)
+    st[F_M] = M
+    st[F_S] = s
+    if probs or eps > 0.0:
+        wq = _probs_q(target, weight, eps, V, cdt) if probs else (
+            None if weight is None else weight.to(cdt))
+        d = mref.unsqueeze(1) - x  # T = sum_c w_c (M - x_c): no cancellation for equal logits
+        st[F_T] = (d * wq).sum(1) if wq is not None else d.sum(1)
+        st[F_W] = wq.sum(-1) if wq is not None else V_local
+    if not probs and V_local:
+        t_loc, owned, _, _ = _target_info(target, opts.ignore_index, V, offset, V_local)
+        x_t = x.gather(1, t_loc.unsqueeze(1)).squeeze(1)
+        st[F_XT] = torch.where(owned, x_t, torch.zeros_like(x_t))
+        w_t = weight.to(cdt)[t_loc] if weight is not None else torch.ones_like(x_t)
+        st[F_WT] = torch.where(owned, w_t, torch.zeros_like(w_t))
+
+
+def ce_partials(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    opts: CEOptions,
+    *,
+    offset: int = 0,
+    vocab_size: int | None = None,
+    probs: bool = False,
+    chunk_rows: int | None = None,
+    **_unused,
+):
+    """Partial statistics of this part's columns, per row: ``part`` ``(NUM_FIELDS, N, 1)`` and
+    ``part_idx`` ``(N, 1)`` (global argmax column) with ``opts.argmax``. See the Triton
+    launcher of the same name."""
+    N, V_local = logits.shape
+    V = V_local if vocab_size is None else vocab_size
+    cdt = compute_dtype(logits.dtype)
+    dev = logits.device
+    part = torch.zeros((NUM_FIELDS, N, 1), dtype=cdt, device=dev)
+    part_idx = torch.full((N, 1), offset, dtype=torch.int64, device=dev) if opts.argmax else None
+    part[F_M].fill_(float("-inf"))
+    if N == 0 or V_local == 0:
+        return part, part_idx
+    step = chunk_rows or chunk_rows_for(V_local, cdt)
+    for s in range(0, N, step):
+        e = min(N, s + step)
+        x = _transform(logits[s:e], cdt, opts)[0].to(cdt)
+        M = x.amax(1)
+        mref = torch.where(M == float("-inf"), torch.zeros_like(M), M)
+        ssum = (x - mref.unsqueeze(1)).exp_().sum(1)
+        _stats_into(part[:, s:e, 0], x, M, ssum, target[s:e], weight, opts, V, offset, probs, cdt)
+        if part_idx is not None:
+            part_idx[s:e, 0] = x.argmax(1) + offset
+    return part, part_idx
+
+
+def merge_parts(part: torch.Tensor, part_idx: torch.Tensor | None):
+    """Log-sum-exp merge of ``part`` ``(NUM_FIELDS, N, P)`` into ``(NUM_FIELDS, N)`` (and the
+    argmax of the part holding the maximum, the first one on a tie)."""
+    m_k = part[F_M]
+    M = m_k.amax(1)
+    mref = torch.where(M == float("-inf"), torch.zeros_like(M), M).unsqueeze(1)
+    mref_k = torch.where(m_k == float("-inf"), torch.zeros_like(m_k), m_k)
+    st = part.sum(2)
+    st[F_M] = M
+    st[F_S] = (part[F_S] * torch.exp(m_k - mref)).sum(1)
+    W_k = part[F_W]
+    shift = torch.where(W_k == 0, torch.zeros_like(W_k), W_k * (mref - mref_k))
+    st[F_T] = (part[F_T] + shift).sum(1)
+    idx = None
+    if part_idx is not None:
+        best = (m_k == M.unsqueeze(1)).to(torch.int8).argmax(1, keepdim=True)
+        idx = part_idx.gather(1, best).squeeze(1)
+    return st, idx
+
+
+class _RowInfo:
+    """What the gradient of a chunk needs of its rows, from the merged statistics."""
+
+    def __init__(self, st, target, weight, opts: CEOptions, V, offset, V_local, probs, cdt):
+        N = st.shape[1]
+        if probs:
+            self.ignored = self.invalid = torch.zeros(N, dtype=torch.bool, device=st.device)
+            self.t_loc = self.owned = self.w_t = None
+        else:
+            self.t_loc, self.owned, self.ignored, self.invalid = _target_info(
+                target, opts.ignore_index, V, offset, V_local)
+            self.w_t = st[F_WT] if weight is not None else (~self.ignored & ~self.invalid).to(cdt)
+        self.ce, self.z, self.lse = _row_loss(st, self.w_t, opts.label_smoothing, opts.z_loss, V,
+                                              probs)
+
+    def write(self, rows, st, idx, opts: CEOptions):
+        if rows is None:
+            return
+        r_ce, r_z, r_lse, r_loss, r_argmax, r_stats = rows
+        ce = _mask_rows(self.ce, self.ignored, self.invalid)
+        z = _mask_rows(self.z, self.ignored, self.invalid)
+        r_ce.copy_(ce)
+        r_z.copy_(z)
+        r_lse.copy_(self.lse)
+        if r_loss is not None:
+            r_loss.copy_(ce + z if opts.z_loss else ce)
+        if r_argmax is not None:
+            r_argmax.copy_(idx)
+        if r_stats is not None:
+            r_stats.copy_(st.to(r_stats.dtype))
+
+    def grad(self, p, sl, kept, st, dens, g, g_lse, target, weight, th, opts, V, probs, cdt):
+        """The chunk ``sl``'s gradient, in place over its softmax ``p``."""
+        q = _probs_q(target, weight, opts.label_smoothing, V, cdt) if probs else None
+        _grad_from_p(p, None if probs else self.t_loc[sl], None if probs else self.owned[sl],
+                     kept, None if probs else self.w_t[sl], st[F_W, sl], self.lse[sl], dens, g,
+                     g_lse, q, weight, th, opts, V)
+
+
+def _grad_target(x, lse, g, dens, weight, eps, cdt):
+    """d loss / d q_c of class-probability targets: ``(1 - eps) w_c (lse - x_c)`` times the
+    reduction's scale and the upstream gradient (PyTorch differentiates soft targets too)."""
+    gt = (lse.unsqueeze(1) - x) * ((1.0 - eps) * g / dens[0]).unsqueeze(1)
+    return gt * weight.to(cdt) if weight is not None else gt
+
+
+def ce_finish(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    opts: CEOptions,
+    part: torch.Tensor,
+    part_idx: torch.Tensor | None,
+    *,
+    dens: torch.Tensor,
+    rows=None,
+    grad: torch.Tensor | None = None,
+    upstream: torch.Tensor | None = None,
+    upstream_lse: torch.Tensor | None = None,
+    skip_unit: bool = True,
+    offset: int = 0,
+    vocab_size: int | None = None,
+    probs: bool = False,
+    grad_target: torch.Tensor | None = None,
+    chunk_rows: int | None = None,
+    **_unused,
+) -> None:
+    """Merges the partials, writes the row outputs into ``rows`` and the gradient of this part's
+    columns into ``grad`` (see the Triton launcher of the same name). With ``upstream`` this is
+    the backward's recompute: rows whose upstream is 1 (and lse upstream 0) are left as they are.
+    ``grad_target``: also write d(loss)/d(target) of class-probability targets."""
+    N, V_local = logits.shape
+    V = V_local if vocab_size is None else vocab_size
+    cdt = compute_dtype(logits.dtype)
+    st, idx = merge_parts(part, part_idx)
+    info = _RowInfo(st, target, weight, opts, V, offset, V_local, probs, cdt)
+    info.write(rows, st, idx, opts)
+    if (grad is None and grad_target is None) or N == 0 or V_local == 0:
+        return
+    kept = ~info.ignored
+    g = torch.ones(N, dtype=cdt, device=logits.device)  # per-row upstream gradient
+    g_lse = None
+    write = None  # rows to write (None: all)
+    if upstream is not None:
+        g = upstream.to(cdt).expand(N)
+        if upstream_lse is not None:
+            g_lse = upstream_lse.to(cdt)
+        if skip_unit:
+            write = kept & (g != 1)
+            if g_lse is not None:
+                write = write | (g_lse != 0)
+            if logits.device.type == "cpu" and not bool(write.any()):
+                return  # nothing to recompute (a free check on the CPU)
+    step = chunk_rows or chunk_rows_for(V_local, cdt)
+    direct = grad is not None and grad.dtype == cdt and write is None
+    for s in range(0, N, step):
+        e = min(N, s + step)
+        sl = slice(s, e)
+        x, th = _transform(logits[sl], cdt, opts)
+        x = x.to(cdt)
+        M = st[F_M, sl]
+        mref = torch.where(M == float("-inf"), torch.zeros_like(M), M).unsqueeze(1)
+        p = torch.sub(x, mref, out=grad[sl]) if direct else x - mref
+        p.exp_().div_(st[F_S, sl].unsqueeze(1))
+        if grad_target is not None:
+            grad_target[sl].copy_(_grad_target(x, info.lse[sl], g[sl], dens, weight,
+                                               opts.label_smoothing, cdt))
+        if grad is None:
+            continue
+        info.grad(p, sl, kept[sl], st, dens, g[sl], None if g_lse is None else g_lse[sl],
+                  target[sl], weight, th, opts, V, probs, cdt)
+        if write is not None:
+            # The recompute writes only the rows whose upstream differs from 1.
+            grad[sl][write[sl]] = p[write[sl]].to(grad.dtype)
+        elif not direct:
+            grad[sl].copy_(p)
 
 
 def ce_forward(
     logits: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None,
-    scales: torch.Tensor,
+    opts: CEOptions,
     *,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
+    divisor: torch.Tensor | None = None,
+    dens: torch.Tensor | None = None,
     compute_grad: bool,
-    inplace: bool,
+    inplace: bool = False,
+    out_dtype: torch.dtype = torch.float32,
+    probs: bool = False,
+    grad_target: torch.Tensor | None = None,
     chunk_rows: int | None = None,
-):
-    """Class-index targets. Returns ``ce_rows, z_rows, lse, grad`` (see the Triton launcher)."""
+    **_unused,
+) -> RowOutputs:
+    """One process, the whole vocabulary, one pass per chunk of rows: a fused softmax gives the
+    statistics and, in place, the gradient (merge: none). Returns ``RowOutputs`` (fields in the
+    compute dtype)."""
     N, V = logits.shape
-    cdt, ce_rows, z_rows, lse_all, grad = _outputs(logits, compute_grad, inplace)
-    eps = float(label_smoothing)
-    w = weight.to(cdt) if weight is not None else None
-    w_sum = w.sum() if w is not None else float(V)
-    sc = scales.to(cdt)
-    ce_scale, z_scale = sc[0], sc[1]
+    cdt = compute_dtype(logits.dtype)
+    dev = logits.device
+    rows = _Rows(N, dev, opts, out_dtype, cdt)
+    if dens is None:
+        dens = denominators(target, weight, opts, divisor=divisor, probs=probs, V=V, dtype=cdt)
+    grad = None
+    if compute_grad:
+        grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
     step = chunk_rows or chunk_rows_for(V, cdt)
-
     for s in range(0, N, step):
         e = min(N, s + step)
-        raw = logits[s:e]
-        th = None
-        if softcap is not None:
-            th = torch.tanh(raw.to(cdt) / softcap)
-            x = th * softcap
-        else:
-            x = raw  # read in its own dtype; the reductions below accumulate in cdt
-        f, t = _row_factor(target[s:e], ignore_index, V, cdt)
-        t = t.unsqueeze(1)
-        x_t = x.gather(1, t).squeeze(1).to(cdt)
-        w_t = w[t.squeeze(1)] if w is not None else torch.ones_like(x_t)
-        s_wx = None
-        if eps > 0.0:
-            s_wx = (x.to(cdt) @ w) if w is not None else x.sum(1, dtype=cdt)
-
-        # One fused softmax (ATen's vectorised kernel) gives p; the row max gives lse exactly:
-        # p's own max sits at x's arg-max and is exp(0) / sum, so lse = max(x) - log(max(p)),
-        # with max(p) >= 1/V (no underflow). amax is cheaper than max-with-indices + gather.
-        # The softmax goes straight into the gradient slice when that holds cdt, in place over
-        # the logits too (everything read from x was read above).
-        m = x.amax(1, keepdim=True)
+        sl = slice(s, e)
+        x, th = _transform(logits[sl], cdt, opts)
+        M = x.amax(1).to(cdt)
+        # One fused softmax (ATen's vectorised kernel) gives p, straight into the gradient slice
+        # when that holds cdt (over the logits too: what is read from x is read before); the
+        # row's s = 1 / max(p), as p's max sits at x's arg-max and is exp(0) / s (>= 1/V).
+        st = rows.stats[:, sl]
+        xc = x.to(cdt)  # a copy only for 16-bit logits without a transform
+        _stats_into(st, xc, M, M, target[sl], weight, opts, V, 0, probs, cdt)  # s: below
+        idx = xc.argmax(1) if opts.argmax else None
+        ones = torch.ones(e - s, dtype=cdt, device=dev)
+        gt = None
+        if grad_target is not None:
+            lse = M + (xc - torch.where(M == float("-inf"), 0.0, M).unsqueeze(1)).exp().sum(1).log()
+            gt = _grad_target(xc, lse, ones, dens, weight, opts.label_smoothing, cdt)
         direct = grad is not None and grad.dtype == cdt
-        if direct:
-            p = grad[s:e]
-            torch.softmax(x, 1, out=p) if x.dtype == cdt else p.copy_(torch.softmax(x, 1, dtype=cdt))
-        else:
-            p = torch.softmax(x, 1, dtype=cdt)
-        lse = (m.to(cdt) - p.amax(1, keepdim=True).log()).squeeze(1)
-
-        ce = (1.0 - eps) * w_t * (lse - x_t)
-        if eps > 0.0:
-            ce = ce + (eps / V) * (lse * w_sum - s_wx)
-        ce_rows[s:e] = torch.where(f == 0, torch.zeros_like(ce), ce * f)
-        z_rows[s:e] = torch.where(f == 0, torch.zeros_like(lse), z_loss * lse.square() * f)
-        lse_all[s:e] = lse
-
+        p = torch.softmax(xc, 1, out=grad[sl]) if direct else torch.softmax(xc, 1)
+        st[F_S] = p.amax(1).reciprocal()
+        info = _RowInfo(st, target[sl], weight, opts, V, 0, V, probs, cdt)
+        info.write(tuple(None if t is None else t[sl] for t in rows.as_tuple()[:5]) + (None,),
+                   st, idx, opts)
+        if gt is not None:
+            grad_target[sl].copy_(gt)
         if grad is None:
             continue
-        # d/dx_c = ce_scale * [(1-eps) w_t (p_c - [c==t]) + eps/V (W p_c - w_c)] + z_scale 2 z lse p_c
-        # p_c enters with one per-row coefficient; the one-hot and the smoothing terms follow.
-        # Per-row factors are zeroed with where(), not multiplied by f: an all-ignored mean has
-        # an infinite scale (1/0), and its rows must still get a zero gradient, as in PyTorch.
-        kept = f != 0
-        coef = ce_scale * ((1.0 - eps) * w_t + (eps / V) * w_sum) + z_scale * (2.0 * z_loss) * lse
-        p.mul_(torch.where(kept, coef * f, 0.0).unsqueeze(1))
-        p.scatter_add_(1, t, torch.where(kept, -ce_scale * (1.0 - eps) * w_t * f, 0.0).unsqueeze(1))
-        if eps > 0.0:
-            keep = torch.where(kept, ce_scale * (eps / V) * f, 0.0).unsqueeze(1)
-            if w is not None:
-                p.addcmul_(keep, w.unsqueeze(0), value=-1.0)
-            else:
-                p.sub_(keep)
-        if th is not None:
-            # softcap chain rule: d(s tanh(x/s))/dx = 1 - tanh(x/s)**2
-            p.mul_(1.0 - th.square())
+        info.grad(p, slice(0, e - s), ~info.ignored, st, dens, ones, None, target[sl], weight, th,
+                  opts, V, probs, cdt)
         if not direct:
-            grad[s:e].copy_(p)
-    return ce_rows, z_rows, lse_all, grad
+            grad[sl].copy_(p)
+    return RowOutputs(rows.ce, rows.z, rows.lse, rows.loss_rows, rows.argmax, rows.stats, dens,
+                      grad)
 
 
-def ce_forward_probs(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    scales: torch.Tensor,
-    *,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
-    compute_grad: bool,
-    inplace: bool,
-    chunk_rows: int | None = None,
-):
-    """Class-probability targets ``(N, V)``: loss_i = -sum_c w_c q_ic log_softmax(x_i)_c with
-    q = (1 - eps) * target + eps / V. Same outputs as :func:`ce_forward`."""
-    N, V = logits.shape
-    cdt, ce_rows, z_rows, lse_all, grad = _outputs(logits, compute_grad, inplace)
-    eps = float(label_smoothing)
-    w = weight.to(cdt) if weight is not None else None
-    sc = scales.to(cdt)
-    ce_scale, z_scale = sc[0], sc[1]
-    step = chunk_rows or chunk_rows_for(V, cdt)
-    for s in range(0, N, step):
-        e = min(N, s + step)
-        x = logits[s:e].to(cdt)
-        th = None
-        if softcap is not None:
-            th = torch.tanh(x / softcap)
-            x = th * softcap
-        q = target[s:e].to(cdt)
-        if eps > 0.0:
-            q = q * (1.0 - eps) + eps / V
-        if w is not None:
-            q = q * w
-        q_sum = q.sum(1)
-        qx = (q * x).sum(1)
-        m = x.amax(1, keepdim=True)
-        p = (x - m).exp_()
-        ssum = p.sum(1, keepdim=True)
-        lse = (m + ssum.log()).squeeze(1)
-        ce_rows[s:e] = lse * q_sum - qx
-        z_rows[s:e] = z_loss * lse.square()
-        lse_all[s:e] = lse
-        if grad is None:
-            continue
-        # d/dx_c = ce_scale (Q p_c - q_c) + z_scale 2 z lse p_c, with Q = sum_c q_c
-        coef = (ce_scale * q_sum + z_scale * (2.0 * z_loss) * lse) / ssum.squeeze(1)
-        p.mul_(coef.unsqueeze(1)).sub_(q * ce_scale)
-        if th is not None:
-            p.mul_(1.0 - th.square())
-        grad[s:e].copy_(p)
-    return ce_rows, z_rows, lse_all, grad
+def denominators(target, weight, opts: CEOptions, *, divisor=None, probs=False, V=None,
+                 dtype=torch.float32) -> torch.Tensor:
+    """``(D_ce, D_z)`` on the device, without a host sync (see the kernels)."""
+    dev = target.device
+    if opts.reduction != "mean":
+        if divisor is not None:
+            return divisor.to(dtype).reshape(1).expand(2).clone()
+        return torch.full((2,), 1.0 / opts.inv_divisor, dtype=dtype, device=dev)
+    if probs:
+        return torch.full((2,), float(target.shape[0]), dtype=dtype, device=dev)
+    keep = target != opts.ignore_index
+    n_kept = keep.sum().to(dtype)
+    if weight is None:
+        return torch.stack([n_kept, n_kept])
+    ok = keep & (target >= 0) & (target < V)
+    w_kept = torch.where(ok, weight.to(dtype)[target.clamp(0, max(V - 1, 0))], 0).sum()
+    return torch.stack([w_kept, n_kept])
+
+
+def ce_finalize(ce, z, dens, *, has_z: bool, out_dtype: torch.dtype):
+    """``(loss, z_term)`` from per-row values (see the Triton launcher)."""
+    nan = torch.full((), float("nan"), dtype=ce.dtype, device=ce.device)
+    d = dens.to(ce.dtype)
+    loss_ce = torch.where(d[0] == 0, nan, ce.sum() / d[0])
+    z_term = torch.where(d[1] == 0, nan, z.sum() / d[1]) if has_z else torch.zeros_like(loss_ce)
+    return (loss_ce + z_term).to(out_dtype), z_term
+
+
+def scale_(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``t *= g`` in place (``g`` 0-d, or one value per row); skipped when ``g`` is 1 on the CPU,
+    where reading it is free."""
+    if t.numel() == 0:
+        return t
+    if t.device.type == "cpu" and bool((g == 1).all()):
+        return t
+    return t.mul_(g.to(t.dtype) if g.dim() == 0 else g.to(t.dtype).unsqueeze(1))
+
+
+def ce_shard_partials(logits, target, weight, opts: CEOptions, *, offset: int, vocab_size: int,
+                      probs: bool = False, chunk_rows: int | None = None, **_unused):
+    """Partials of this shard's columns ``(NUM_FIELDS, N, 1)`` (see the Triton launcher)."""
+    return ce_partials(logits, target, weight, opts, offset=offset, vocab_size=vocab_size,
+                       probs=probs, chunk_rows=chunk_rows)
+
+
+def ce_shard_finish(logits, target, weight, opts: CEOptions, merged, merged_idx, *, dens, rows,
+                    grad, offset: int = 0, vocab_size: int | None = None, upstream=None,
+                    upstream_lse=None, skip_unit: bool = True, probs: bool = False,
+                    grad_target=None, chunk_rows: int | None = None, **_unused) -> None:
+    """Row outputs and this shard's gradient from merged statistics (see the Triton launcher)."""
+    idx = None if merged_idx is None else merged_idx.reshape(-1, 1)
+    ce_finish(logits, target, weight, opts, merged, idx, dens=dens, rows=rows, grad=grad,
+              upstream=upstream, upstream_lse=upstream_lse, skip_unit=skip_unit, offset=offset,
+              vocab_size=vocab_size, probs=probs, grad_target=grad_target, chunk_rows=chunk_rows)
+
+
+def row_buffers(N: int, device, opts: CEOptions, out_dtype, dtype):
+    """``(ce, z, lse, loss_rows, argmax, stats)`` to be filled by :func:`ce_shard_finish`."""
+    return _Rows(N, device, opts, out_dtype, compute_dtype(dtype)).as_tuple()

@@ -1,26 +1,27 @@
 """Chunked linear + cross-entropy: ``loss(x @ W.T + b)`` without the ``(N, V)`` logits.
 
-A plain torch function (no autograd), testable alone; ``triton_xent.linear`` wraps it in the op
-and autograd layers. The GEMMs are torch's (cuBLAS on CUDA, MKL/oneDNN on the CPU) on every
-backend; the cross-entropy step on a chunk of logits is a ``ce_forward`` launcher -- the Triton
-kernel or the torch backend -- that turns the logits, in place, into d(loss)/d(logits).
+A plain torch function (no autograd), testable alone; ``triton_xent.linear_autograd`` wraps it
+in the op layer. The GEMMs are torch's (cuBLAS on CUDA, MKL/oneDNN on the CPU) on every backend;
+the cross-entropy step on a chunk of logits (the Triton kernels or the torch backend, through the
+op layer's pipeline) turns the logits, in place, into d(loss)/d(logits).
 
 Per chunk of ``n`` rows (``W`` is ``(V, D)``)::
 
     logits = x_c @ W.T + b                 # (n, V), the only large buffer, reused by every chunk
-    ce, z, lse, dlogits = ce_forward(logits, ..., inplace=True)
+    ce, z, lse, stats, dlogits = step(logits, rows)   # in place
     dX[rows] = dlogits @ W                 # (n, D)
-    dW += dlogits.T @ x_c                  # (V, D), fp32 accumulation for 16-bit weights
+    dW += dlogits.T @ x_c                  # (V, D): beta=1 GEMM into dW, in dW's dtype
     db += dlogits.sum(0)
 
-Working memory beyond the outputs: one ``(chunk, V)`` logits buffer (``chunk_bytes``, 128 MiB by
-default), the fp32 dW accumulator for 16-bit weights (``V * D * 4`` bytes; the final dW in the
-weight's dtype is made from it at the end), and ``(chunk, D)`` slices.
+Three GEMMs of ``2 n D V`` FLOPs per chunk, the floor. ``dW`` is accumulated in the weight's
+dtype by default: each chunk's GEMM accumulates in fp32 inside and adds its product to ``dW`` in
+its epilogue, so a 16-bit ``dW`` is rounded once per chunk (chunks are large, see
+:func:`default_chunk_rows`), with no fp32 read-modify-write of a ``V x D`` buffer per chunk;
+``fp32_accum`` keeps an fp32 accumulator instead (exact to fp32, ``4 V D`` more bytes).
 
-Rows whose target is ``ignore_index`` cost no GEMM: their indices are gathered once
-(``nonzero``: one host sync on an accelerator) and the chunks take kept rows only
-(``index_select``). ``skip_ignored=False`` avoids that sync (CUDA graphs): fixed chunks over all
-rows, the ignored ones computed and given a zero gradient by the CE step.
+Rows whose target is ``ignore_index`` cost no GEMM with ``skip_ignored``: their indices are
+gathered once (``nonzero``: one host sync on an accelerator) and the chunks take kept rows only.
+Without it (CUDA-graph safe) the chunks are fixed and ignored rows get a zero gradient.
 """
 
 from __future__ import annotations
@@ -29,22 +30,40 @@ from collections.abc import Callable
 
 import torch
 
-# Bytes of the per-chunk logits buffer. 128 MiB gives 512 rows at V = 128k in bf16 (or
-# V = 64k in fp32): GEMMs of 512 x D x V run near peak on GPUs and CPUs alike, and the buffer
-# is small next to the dW accumulator and the model.
-CHUNK_BYTES = 128 << 20
 # Chunks are a multiple of this many rows (GEMM tiles), except a chunk holding all the rows.
 _ROW_ALIGN = 64
+# The default logits chunk: a fifth of the gradients' own bytes, between these bounds (see
+# default_chunk_rows).
+CHUNK_SHARE = 0.2
+CHUNK_MIN_BYTES = 32 << 20
+CHUNK_MAX_BYTES = 1 << 30
 # Scratch bytes for the blocked fp32 dW accumulation when no fused mixed-dtype GEMM exists.
 _DW_BLOCK_BYTES = 32 << 20
 
-CeStep = Callable[[torch.Tensor, torch.Tensor, bool], tuple]
+Step = Callable[[torch.Tensor, object, bool], tuple]
 
 
-def default_chunk_rows(V: int, dtype: torch.dtype, chunk_bytes: int | None = None) -> int:
-    """Rows per chunk so that the ``(rows, V)`` logits buffer fits ``chunk_bytes``."""
-    budget = CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
-    rows = budget // max(1, V * torch.empty((), dtype=dtype).element_size())
+def _elt(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def default_chunk_rows(N: int, D: int, V: int, dtype: torch.dtype, *,
+                       weight_dtype: torch.dtype | None = None, fp32_accum: bool = False,
+                       chunk_bytes: int | None = None) -> int:
+    """Rows per chunk.
+
+    ``chunk_bytes`` given: as many rows as fit a ``(rows, V)`` logits buffer of that size.
+    Otherwise the buffer gets a fifth of the gradients' own bytes (``dX`` and ``dW``, plus the
+    fp32 accumulator), between 32 MiB and 1 GiB: the extra memory stays within 1.2x the
+    gradients, and chunks stay large, so the dW update of each chunk's GEMM is compute-bound
+    (each chunk re-reads and re-writes ``dW`` once, inside the GEMM). At N=8192, D=4096,
+    V=128256 in bf16: 832 rows (204 MiB), 10 chunks. Rows are a multiple of 64 (GEMM tiles)."""
+    elt = _elt(dtype)
+    if chunk_bytes is None:
+        w_elt = _elt(weight_dtype or dtype)
+        grads = V * D * w_elt + N * D * elt + (V * D * 4 if fp32_accum else 0)
+        chunk_bytes = int(min(CHUNK_MAX_BYTES, max(CHUNK_MIN_BYTES, CHUNK_SHARE * grads)))
+    rows = int(chunk_bytes) // max(1, V * elt)
     if rows >= _ROW_ALIGN:
         return rows // _ROW_ALIGN * _ROW_ALIGN
     return max(1, rows)
@@ -59,14 +78,14 @@ def kept_rows(target: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
 _fused_fp32_addmm_ok: dict[str, bool] = {}
 
 
-def _accumulate_dw(acc: torch.Tensor, dlogits: torch.Tensor, x_c: torch.Tensor, first: bool) -> None:
+def accumulate_dw(acc: torch.Tensor, dlogits: torch.Tensor, x_c: torch.Tensor, first: bool) -> None:
     """``acc += dlogits.T @ x_c`` (``acc = ...`` for the ``first`` chunk when the dtypes agree:
     ``acc`` is then uninitialised); ``acc`` may be fp32 while the operands are 16-bit (zeroed)."""
     if acc.dtype == dlogits.dtype:
         if first:
             torch.mm(dlogits.t(), x_c, out=acc)  # saves zero-filling V x D
         else:
-            acc.addmm_(dlogits.t(), x_c)
+            acc.addmm_(dlogits.t(), x_c)  # beta=1: the GEMM's epilogue adds into acc
         return
     dev = acc.device.type
     if dev == "cuda" and _fused_fp32_addmm_ok.get(dev, True):
@@ -99,7 +118,7 @@ def linear_ce_chunks(
     linear_bias: torch.Tensor | None,
     target: torch.Tensor,
     *,
-    ce_step: CeStep,
+    step: Step,
     ignore_index: int,
     need_x: bool,
     need_w: bool,
@@ -107,98 +126,89 @@ def linear_ce_chunks(
     chunk_rows: int,
     fp32_accum: bool,
     skip_ignored: bool,
-    grad_rows: torch.Tensor | None = None,
+    stats_dtype: torch.dtype,
 ):
-    """Runs the chunks; returns ``ce_rows, z_rows, lse, dX, dW, db`` (the grads may be None).
+    """Runs the chunks; returns ``ce, z, lse, stats, dX, dW, db`` (the grads may be None).
 
     Args:
         x: ``(N, D)`` rows of the input; ``linear_weight``: ``(V, D)``; ``linear_bias``: ``(V,)``
             or None, all of one dtype. ``target``: ``(N,)`` int64.
-        ce_step: ``ce_step(logits, target, compute_grad) -> (ce, z, lse, grad)``, a CE launcher
-            with the class weights, ``scales`` and options bound, writing the gradient over
-            ``logits`` (``inplace=True``). With ``scales`` from ``reduction_scales`` the
-            gradients are those of the reduced loss.
+        step: ``step(logits, rows, compute_grad) -> (ce, z, lse, stats, grad)``: the
+            cross-entropy of one chunk (``rows``: the chunk's rows, a slice or an index tensor),
+            writing the gradient over ``logits``; ``stats`` are the rows' merged statistics
+            ``(6, n)`` (a backward recompute reuses them).
         need_x, need_w, need_b: which gradients to compute (any subset).
         chunk_rows: rows per chunk (>= 1).
         fp32_accum: accumulate dW in fp32 when the weight is 16-bit (db always is).
         skip_ignored: spend no GEMM on ignored rows (one host sync, see the module docstring).
-        grad_rows: ``(N,)`` per-row upstream gradient (``reduction="none"`` backward, with
-            ``scales`` = 1): every row's gradient is multiplied by it. Folded into the small
-            operands: ``dW += dlogits.T @ (g * x_c)``, ``dX = g * (dlogits @ W)``,
-            ``db += dlogits.T @ g``.
+        stats_dtype: dtype of the per-row outputs.
 
     Returns:
-        Per-row ``ce``, ``z``, ``lse`` ``(N,)`` in the compute dtype (zeros on skipped ignored
+        Per-row ``ce``, ``z``, ``lse`` ``(N,)`` and ``stats`` ``(6, N)`` (zeros on skipped ignored
         rows), and ``dX (N, D)``, ``dW (V, D)``, ``db (V,)`` in the dtypes of ``x``,
         ``linear_weight``, ``linear_bias``, or None where not asked for.
     """
     N, D = x.shape
     V = linear_weight.shape[0]
     dev, dt = x.device, x.dtype
-    cdt = torch.float64 if dt == torch.float64 else torch.float32
     need_grad = need_x or need_w or (need_b and linear_bias is not None)
 
     idx = kept_rows(target, ignore_index) if skip_ignored and N else None
     M = N if idx is None else idx.numel()
     new_rows = torch.empty if idx is None else torch.zeros  # skipped rows read as 0
-    ce_rows, z_rows, lse_rows = (new_rows(N, dtype=cdt, device=dev) for _ in range(3))
+    ce_rows, z_rows, lse_rows = (new_rows(N, dtype=stats_dtype, device=dev) for _ in range(3))
+    stats = new_rows((6, N), dtype=stats_dtype, device=dev)
     dX = dW_acc = db_acc = None
     if need_x:
         dX = new_rows((N, D), dtype=dt, device=dev)
     if need_w:
         half = linear_weight.dtype in (torch.float16, torch.bfloat16)
         acc_dt = torch.float32 if fp32_accum and half else linear_weight.dtype
-        # Uninitialised when the first chunk's GEMM overwrites it (see _accumulate_dw).
+        # Uninitialised when the first chunk's GEMM overwrites it (see accumulate_dw).
         new_acc = torch.empty if M and acc_dt == dt else torch.zeros
         dW_acc = new_acc((V, D), dtype=acc_dt, device=dev)
     if need_b and linear_bias is not None:
-        db_acc = torch.zeros(V, dtype=cdt, device=dev)  # V values: always accumulated in fp32
+        db_acc = torch.zeros(V, dtype=stats_dtype, device=dev)  # V values: accumulated in fp32
 
-    step = max(1, min(int(chunk_rows), M))
-    buf = torch.empty((step, V), dtype=dt, device=dev) if M else None
+    step_rows = max(1, min(int(chunk_rows), M))
+    buf = torch.empty((step_rows, V), dtype=dt, device=dev) if M else None
     w_t = linear_weight.t()
-    for s in range(0, M, step):
-        e = min(M, s + step)
+    for s in range(0, M, step_rows):
+        e = min(M, s + step_rows)
         if idx is None:
-            x_c, t_c = x[s:e], target[s:e]
-            g_c = grad_rows[s:e] if grad_rows is not None else None
+            rows = slice(s, e)
+            x_c = x[s:e]
         else:
             rows = idx[s:e]
-            x_c, t_c = x.index_select(0, rows), target.index_select(0, rows)
-            g_c = grad_rows.index_select(0, rows) if grad_rows is not None else None
+            x_c = x.index_select(0, rows)
         logits = buf[: e - s]
         if linear_bias is None:
             torch.mm(x_c, w_t, out=logits)
         else:
             torch.addmm(linear_bias, x_c, w_t, out=logits)
-        ce, z, lse, dlogits = ce_step(logits, t_c, need_grad)
+        ce, z, lse, st, dlogits = step(logits, rows, need_grad)
         for out, val in ((ce_rows, ce), (z_rows, z), (lse_rows, lse)):
             if idx is None:
                 out[s:e] = val
             else:
-                out.index_copy_(0, rows, val.to(cdt))
+                out.index_copy_(0, rows, val.to(stats_dtype))
+        if idx is None:
+            stats[:, s:e] = st
+        else:
+            stats.index_copy_(1, rows, st.to(stats_dtype))
         if not need_grad:
             continue
         # dlogits is the logits buffer, now d(loss)/d(logits); three reads, no more writes.
-        if g_c is not None:
-            g_c = g_c.to(dt)
         if db_acc is not None:
-            if g_c is None:
-                db_acc.add_(dlogits.sum(0, dtype=db_acc.dtype))
-            else:
-                db_acc.add_(torch.mv(dlogits.t(), g_c).to(db_acc.dtype))
+            db_acc.add_(dlogits.sum(0, dtype=db_acc.dtype))
         if dW_acc is not None:
-            _accumulate_dw(dW_acc, dlogits, x_c if g_c is None else x_c * g_c.unsqueeze(1), s == 0)
+            accumulate_dw(dW_acc, dlogits, x_c, s == 0)
         if dX is not None:
             if idx is None:
-                dx_c = torch.mm(dlogits, linear_weight, out=dX[s:e])
+                torch.mm(dlogits, linear_weight, out=dX[s:e])
             else:
-                dx_c = torch.mm(dlogits, linear_weight)
-            if g_c is not None:
-                dx_c.mul_(g_c.unsqueeze(1))
-            if idx is not None:
-                dX.index_copy_(0, rows, dx_c)
+                dX.index_copy_(0, rows, torch.mm(dlogits, linear_weight))
     del buf
     dW = None if dW_acc is None else dW_acc.to(linear_weight.dtype)
     db = None if db_acc is None else db_acc.to(linear_bias.dtype)
-    return ce_rows, z_rows, lse_rows, dX, dW, db
+    return ce_rows, z_rows, lse_rows, stats, dX, dW, db

@@ -1,280 +1,505 @@
-"""Launcher of the Triton cross-entropy kernels: checks, allocation, grid and block sizes.
+"""Launchers of the Triton cross-entropy kernels: the launch plan, checks, allocation, grids.
 
-A plain torch function (no autograd) so that it can be tested alone; the autograd layer calls
-``ce_forward`` once per forward and keeps the gradient it returns for the backward.
+Plain torch functions (no autograd), testable alone. One function, :func:`plan`, decides every
+launch parameter from the shape, the dtype and the device; tests and the traffic meter import it.
+The phases of the pipeline are separate launchers so the op layer can put a merge between them:
+
+* :func:`ce_forward`: one process, the whole vocabulary: the fused kernel, or the split path
+  (partials + finish) for few long rows; then :func:`ce_finalize` for ``"mean"``/``"sum"``;
+* :func:`ce_partials` / :func:`ce_finish`: the two halves, for vocabulary parallelism (each rank's
+  shard; the op layer merges the partials across ranks in between) and for the backward
+  recompute (``ce_finish`` with an upstream gradient);
+* :func:`scale_`: ``t *= g`` unless ``g == 1``, on the device.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 
+from triton_xent import _interpreter
+from triton_xent._options import CEOptions, RowOutputs
 from triton_xent.kernels.cross_entropy import (
-    _ce_fwd_kernel,
-    _ce_split_grad_kernel,
-    _ce_split_merge_kernel,
-    _ce_split_stats_kernel,
+    NUM_FIELDS,
+    _ce_finalize_kernel,
+    _ce_finish_kernel,
+    _ce_fused_kernel,
+    _ce_partials_kernel,
+    _scale_kernel,
 )
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_RED = {"none": 0, "sum": 1, "mean": 2}
 
 # Under TRITON_INTERPRET=1, @triton.jit returns interpreted functions that run on CPU tensors.
-_INTERPRETED = isinstance(_ce_fwd_kernel, InterpretedFunction)
-
-# Block size and warps, keyed on the vocabulary size and the logits' element size. UNTUNED: this
-# session had no GPU; the values follow the usual rules of thumb, to be replaced by measurements.
-#
-#   V bucket          | BLOCK_V         | num_warps        | why
-#   ------------------+-----------------+------------------+------------------------------------
-#   V <= 2048         | next_pow2(V)    | 4                | one block holds the row
-#   2048 < V <= 8192  | next_pow2(V)    | 8                | one block, <= 32 elements per thread
-#   V > 8192, fp32    | 8192            | 16               | 16 elements (64 B) per thread per load
-#   V > 8192, 16-bit  | 8192            | 8                | 32 elements (64 B) per thread per load
-#
-# The gradient sweep keeps ~6 fp32 values per element live, so elements per thread stay <= 32 (at
-# 8 warps a thread may use 255 registers, at 16 warps 128). Under the interpreter (CPU tensors)
-# the block is only a cost in Python steps: take the whole row up to 4096.
-_MAX_BLOCK_V_CUDA = 8192
-_MAX_BLOCK_V_INTERPRETER = 4096
-
-# Split-vocabulary heuristic (CUDA, num_splits=None). UNMEASURED as well.
-#
-#   condition                     | num_splits S
-#   ------------------------------+--------------------------------------------------------------
-#   N >= 2 * SMs                  | 1: the rows alone fill every SM at least twice
-#   otherwise                     | ceil(4 * SMs / N): about 4 programs per SM ...
-#                                 | ... capped at V // 16384 (a chunk keeps >= 16k columns, so the
-#                                 | per-program fixed cost and the merge stay small) and at 64
-#   CPU / interpreter             | 1 unless forced
-#
-# e.g. H100 (132 SMs), V = 128k: N = 1 -> 8 splits, N = 64 -> 8, N = 256 -> 3, N = 512 -> 1.
-_SPLIT_PROGRAMS_PER_SM = 4
-_SPLIT_MIN_CHUNK = 16384
-_SPLIT_MAX = 64
-# Chunks start on multiples of 16 columns: with an aligned row, vector loads stay aligned (the
-# compiler sees CHUNK % 16 == 0 through Triton's integer specialization).
-_CHUNK_ALIGN = 16
+INTERPRETED = isinstance(_ce_fused_kernel, InterpretedFunction)
 
 
-def _block_v_and_warps(V: int, dtype: torch.dtype, interpreted: bool) -> tuple[int, int]:
-    """The heuristic table above."""
-    if interpreted:
-        return min(triton.next_power_of_2(V), _MAX_BLOCK_V_INTERPRETER), 4
-    if V <= 2048:
-        return triton.next_power_of_2(V), 4
-    if V <= 8192:
-        return triton.next_power_of_2(V), 8
-    return _MAX_BLOCK_V_CUDA, (16 if dtype == torch.float32 else 8)
+# ----------------------------------------------------------------------------------------------
+# The launch plan
+# ----------------------------------------------------------------------------------------------
 
 
-def _auto_num_splits(N: int, V: int, device: torch.device) -> int:
-    """The split heuristic above (1 off CUDA)."""
+@dataclass(frozen=True)
+class DeviceSpec:
+    """What the plan needs to know of a GPU."""
+
+    name: str
+    sms: int
+    l2_bytes: int
+
+
+# Off CUDA (the interpreter, the traffic meter) the plan is made for this GPU, so that the CPU runs
+# and counts exactly what an H100 would launch.
+H100 = DeviceSpec("H100 SXM (planning model)", 132, 50 << 20)
+
+
+def device_spec(device: torch.device) -> DeviceSpec:
     if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count  # cached, no sync
-    if N >= 2 * sms:
-        return 1
-    want = triton.cdiv(_SPLIT_PROGRAMS_PER_SM * sms, N)
-    return max(1, min(want, V // _SPLIT_MIN_CHUNK, _SPLIT_MAX))
+        return H100
+    props = torch.cuda.get_device_properties(device)  # cached by torch, no sync
+    return DeviceSpec(props.name, props.multi_processor_count,
+                      int(getattr(props, "L2_cache_size", H100.l2_bytes)))
 
 
-def _check(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    scales: torch.Tensor,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
-    block_v: int | None,
-    num_splits: int | None,
-) -> None:
+class Plan(NamedTuple):
+    """Launch parameters of one call. ``path``: ``"fused"`` (grid ``programs``, persistent over
+    rows) or ``"split"`` (grid ``N * splits`` of ``chunk`` columns each)."""
+
+    path: str
+    block_v: int
+    num_warps: int
+    single_block: bool
+    programs: int
+    splits: int
+    chunk: int
+
+
+# The knobs, in one table. UNTUNED: no GPU has measured them yet; each value follows a rule of
+# thumb stated here, and a GPU session replaces them with measurements (bench/gpu_check.sh).
+#
+#   knob                  | value                         | why
+#   ----------------------+-------------------------------+----------------------------------------
+#   SINGLE_BLOCK_MAX      | 32768 columns                 | the whole row in registers: 32 fp32 per
+#                         |                               | thread at 32 warps; read once (4 B/logit
+#                         |                               | bf16 with the gradient)
+#   BLOCK_V (two sweeps)  | 8192                          | 64 B per thread per load (16-bit, 8 warps)
+#   programs per SM       | single block: 2048 threads /  | full occupancy; two sweeps: the rows in
+#   (fused, persistent)   | block threads; two sweeps: as | flight (programs x row bytes) stay under
+#                         | many rows as half the L2 holds| half the L2, so the second sweep hits L2
+#                         | (1..2)                        | (evict_last, then evict_first)
+#   split path            | rows > SINGLE_BLOCK_MAX and   | too few rows to fill the SMs
+#                         | N < 2 x SMs                   |
+#   splits S              | ceil(2 x SMs / N), capped at  | about two waves of programs; a chunk
+#                         | V / 8192 and 64               | keeps >= 8192 columns (fixed costs small)
+#   chunk                 | multiple of 16 columns        | aligned vector loads (Triton's divisibility
+#                         |                               | specialization sees CHUNK % 16 == 0)
+SINGLE_BLOCK_MAX = 32768
+BLOCK_V_TWO_SWEEPS = 8192
+SPLIT_MIN_CHUNK = 8192
+SPLIT_MAX = 64
+CHUNK_ALIGN = 16
+THREADS_PER_SM = 2048
+BLOCK_N = 1024  # targets per step of the denominators' and the finalize's loops
+
+
+def _warps_for_block(block: int) -> int:
+    return max(4, min(32, block // 1024))
+
+
+def plan(N: int, V: int, dtype: torch.dtype, spec: DeviceSpec = H100, *,
+         block_v: int | None = None, num_splits: int | None = None) -> Plan:
+    """The launch plan of one call (see the table above). ``block_v`` / ``num_splits`` force a
+    block size (a power of two) or a number of chunks per row (1 = fused path), for tests."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    V = max(V, 1)
+    if block_v is None:
+        full = triton.next_power_of_2(V)
+        block_v = full if full <= SINGLE_BLOCK_MAX else BLOCK_V_TWO_SWEEPS
+    single = block_v >= V
+    warps = _warps_for_block(block_v)
+    if num_splits is None:
+        num_splits = 1
+        if not single and N < 2 * spec.sms:
+            want = triton.cdiv(2 * spec.sms, max(N, 1))
+            num_splits = max(1, min(want, V // SPLIT_MIN_CHUNK, SPLIT_MAX))
+    chunk = triton.cdiv(triton.cdiv(V, num_splits), CHUNK_ALIGN) * CHUNK_ALIGN
+    splits = triton.cdiv(V, chunk)
+    if splits > 1:
+        return Plan("split", block_v, warps, False, N * splits, splits, chunk)
+    if single:
+        per_sm = max(1, THREADS_PER_SM // (32 * warps))
+    else:
+        per_sm = max(1, min(2, spec.l2_bytes // 2 // max(1, spec.sms * V * elt)))
+    return Plan("fused", block_v, warps, single, max(1, min(N, spec.sms * per_sm)), 1, V)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks and small helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _guard(device: torch.device):
+    # Triton launches on the current CUDA device: make it the logits' one. The interpreter is not
+    # thread-safe: its launches hold the package's interpreter lock (re-entrant); it computes
+    # with numpy, whose warnings on inf/NaN arithmetic (silent on a GPU: an ignored row's
+    # unread statistics, a -inf logit) are not the caller's concern.
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            yield
+    elif INTERPRETED:
+        import numpy as np
+
+        with _interpreter.LOCK, np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            yield
+    else:
+        yield
+
+
+def check_logits(logits: torch.Tensor) -> None:
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        shape = tuple(getattr(logits, "shape", ()))
-        raise ValueError(f"logits must be a 2-D (N, V) tensor, got shape {shape}.")
-    N, V = logits.shape
+        raise ValueError(f"logits must be a 2-D (N, V) tensor, got shape "
+                         f"{tuple(getattr(logits, 'shape', ()))}.")
     if logits.dtype not in _LOGIT_DTYPES:
-        raise ValueError(f"logits dtype {logits.dtype} is not supported: use float32, float16 or bfloat16.")
-    if V < 1:
-        raise ValueError("logits has V = 0 classes; cross-entropy needs at least one class.")
-    if V >= 2**30:
-        raise ValueError(f"V = {V} classes is too large for the kernel's int32 column offsets (< 2**30).")
-    # The kernels step along a row with unit stride; the row stride itself is free (slices of a
-    # wider buffer are fine).
-    if V > 1 and logits.stride(1) != 1:
-        raise ValueError(
-            f"logits must be contiguous along the class dimension (stride(1) == 1), got strides "
-            f"{logits.stride()}: pass logits.contiguous()."
-        )
-    if logits.device.type == "cpu" and not _INTERPRETED:
-        raise ValueError(
-            "logits is on the CPU: the Triton kernels need a GPU tensor, or TRITON_INTERPRET=1 set "
-            "before triton is imported (interpreter, for tests)."
-        )
-    if target.dim() != 1 or target.shape[0] != N:
-        raise ValueError(f"target must have shape ({N},), got {tuple(target.shape)}.")
-    if target.dtype != torch.int64:
-        raise ValueError(f"target must be int64 class indices, got {target.dtype}.")
-    if target.device != logits.device:
-        raise ValueError(f"target is on {target.device} but logits is on {logits.device}.")
-    if weight is not None:
-        if weight.dim() != 1 or weight.shape[0] != V:
-            raise ValueError(f"weight must have shape ({V},), got {tuple(weight.shape)}.")
-        if weight.dtype != torch.float32:
-            raise ValueError(f"weight must be float32, got {weight.dtype}.")
-        if weight.device != logits.device:
-            raise ValueError(f"weight is on {weight.device} but logits is on {logits.device}.")
-    if scales.shape != (2,) or scales.dtype != torch.float32:
-        raise ValueError(
-            f"scales must be a float32 tensor of shape (2,) = [ce_scale, z_scale], got "
-            f"{scales.dtype} {tuple(scales.shape)}."
-        )
-    if scales.device != logits.device:
-        raise ValueError(f"scales is on {scales.device} but logits is on {logits.device}.")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}.")
-    if not z_loss >= 0.0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}.")
-    if softcap is not None and not softcap > 0.0:
-        raise ValueError(f"softcap must be > 0 or None, got {softcap}.")
-    if block_v is not None and (block_v < 1 or block_v & (block_v - 1)):
-        raise ValueError(f"block_v must be a power of two, got {block_v}.")
-    if num_splits is not None and num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}.")
+        raise ValueError(f"logits dtype {logits.dtype} is not supported: use float32, float16 or "
+                         "bfloat16.")
+    if logits.shape[1] >= 2**30:
+        raise ValueError(f"V = {logits.shape[1]} classes is too large for the kernel's int32 "
+                         "column offsets (< 2**30).")
+    # The kernels step along a row with unit stride; the row stride is free.
+    if logits.shape[1] > 1 and logits.stride(1) != 1:
+        raise ValueError(f"logits must be contiguous along the class dimension (stride(1) == 1), "
+                         f"got strides {logits.stride()}: pass logits.contiguous().")
+    if logits.device.type == "cpu" and not INTERPRETED:
+        raise ValueError("logits is on the CPU: the Triton kernels need a GPU tensor, or "
+                         "TRITON_INTERPRET=1 set before triton is imported (interpreter, for tests).")
+
+
+def _flags(opts: CEOptions, weight) -> dict:
+    return dict(
+        HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=opts.label_smoothing > 0.0,
+        HAS_SCALE=opts.logit_scale is not None,
+        HAS_SOFTCAP=opts.softcap is not None,
+        HAS_ARGMAX=bool(opts.argmax),
+    )
+
+
+def _scalars(opts: CEOptions):
+    return (1.0 if opts.logit_scale is None else float(opts.logit_scale),
+            1.0 if opts.softcap is None else float(opts.softcap))
+
+
+def _row_buffers(N, device, opts: CEOptions, out_dtype):
+    f32 = dict(dtype=torch.float32, device=device)
+    ce, z, lse = (torch.empty(N, **f32) for _ in range(3))
+    loss_rows = torch.empty(N, dtype=out_dtype, device=device) if opts.reduction == "none" else None
+    argmax = torch.empty(N, dtype=torch.int64, device=device) if opts.argmax else None
+    stats = torch.empty((NUM_FIELDS, N), **f32)
+    return ce, z, lse, loss_rows, argmax, stats
+
+
+def dens_for_empty(opts: CEOptions, divisor: torch.Tensor | None, device) -> torch.Tensor:
+    """The denominators when there are no rows (no kernel program runs to compute them)."""
+    if opts.reduction == "mean":
+        return torch.zeros(2, dtype=torch.float32, device=device)
+    if divisor is not None:
+        return divisor.float().reshape(1).expand(2).contiguous()
+    return torch.full((2,), 1.0 / opts.inv_divisor, dtype=torch.float32, device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
 
 
 def ce_forward(
     logits: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None,
-    scales: torch.Tensor,
+    opts: CEOptions,
     *,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float | None,
+    divisor: torch.Tensor | None = None,
+    dens: torch.Tensor | None = None,
     compute_grad: bool,
-    inplace: bool,
+    inplace: bool = False,
+    out_dtype: torch.dtype = torch.float32,
     block_v: int | None = None,
     num_splits: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per-row cross-entropy, z-loss and log-sum-exp, and optionally dL/dlogits, in one pass.
+) -> RowOutputs:
+    """Per-row cross-entropy (and dL/dlogits) of one process holding the whole vocabulary.
 
     Args:
         logits: ``(N, V)`` float32/float16/bfloat16, ``stride(1) == 1`` (any row stride).
-        target: ``(N,)`` int64 class indices. A row whose target is ``ignore_index`` gives zeros;
-            one outside ``[0, V)`` gives NaN (loss and gradient row), never a bad memory access.
+        target: ``(N,)`` int64 class indices (``ignore_index`` rows give zeros; a target outside
+            ``[0, V)`` gives NaN for its row, never a bad memory access).
         weight: ``(V,)`` float32 class weights, or None.
-        scales: ``(2,)`` float32 on the logits' device, ``[ce_scale, z_scale]``: the gradient is
-            that of ``sum_i ce_scale * ce_i + z_scale * z_i``. Read by the kernel (no host sync).
-        ignore_index: target value of rows to skip.
-        label_smoothing: ``eps`` in [0, 1] (PyTorch's definition, class weights included).
-        z_loss: coefficient of ``lse**2`` (>= 0).
-        softcap: ``softcap * tanh(x / softcap)`` is applied to the logits first, or None.
-        compute_grad: if False no gradient is computed and nothing of size N x V is written.
-        inplace: with ``compute_grad``, write the gradient over ``logits`` and return it.
-        block_v: force the vocabulary block (a power of two); None = heuristic table.
-        num_splits: force the split-vocabulary path with this many chunks per row (fewer if a
-            chunk would be empty; 1 = fused path); None = heuristic (1 off CUDA).
+        opts: the options; ``opts.reduction`` decides the gradient's scale (the denominators).
+        divisor: a 0-d device tensor dividing a ``"sum"`` (else ``opts.inv_divisor``).
+        dens: ``(2,)`` float32 denominators to use instead of computing them from ``target``
+            (the fused linear head passes the whole batch's to each chunk).
+        compute_grad: write the gradient (of the reduced loss, upstream 1).
+        inplace: write it over ``logits``.
+        out_dtype: dtype of ``loss_rows`` (``"none"``).
+        block_v, num_splits: force the plan (tests).
 
     Returns:
-        ``(ce_rows, z_rows, lse)``, float32 ``(N,)`` each, and the gradient: ``(N, V)`` in the
-        logits' dtype, ``logits`` itself when ``inplace``, or None without ``compute_grad``.
+        :class:`RowOutputs`.
     """
-    label_smoothing = float(label_smoothing)
-    z_loss = float(z_loss)
-    softcap = None if softcap is None else float(softcap)
-    _check(logits, target, weight, scales, label_smoothing, z_loss, softcap, block_v, num_splits)
+    check_logits(logits)
     N, V = logits.shape
     device = logits.device
-    # Tiny (N,) / (V,) / (2,) tensors: the kernels index them with unit stride.
+    # (N,) / (V,) vectors: the kernels index them with unit stride (a copy only when strided).
     target = target.contiguous()
     weight = None if weight is None else weight.contiguous()
-    scales = scales.contiguous()
-
-    ce = torch.empty(N, dtype=torch.float32, device=device)
-    z = torch.empty(N, dtype=torch.float32, device=device)
-    lse = torch.empty(N, dtype=torch.float32, device=device)
+    flags = _flags(opts, weight)
+    scale, cap = _scalars(opts)
+    ce, z, lse, loss_rows, argmax, stats = _row_buffers(N, device, opts, out_dtype)
     grad = None
     if compute_grad:
         grad = logits if inplace else torch.empty((N, V), dtype=logits.dtype, device=device)
-    if N == 0:
-        return ce, z, lse, grad
-
-    BLOCK_V, num_warps = _block_v_and_warps(V, logits.dtype, _INTERPRETED)
-    if block_v is not None:
-        BLOCK_V = block_v
-    if num_splits is None:
-        num_splits = _auto_num_splits(N, V, device)
-    # Chunks of CHUNK columns (a multiple of 16); with few columns this may need fewer chunks than
-    # asked for, never an empty one.
-    CHUNK = triton.cdiv(triton.cdiv(V, num_splits), _CHUNK_ALIGN) * _CHUNK_ALIGN
-    S = triton.cdiv(V, CHUNK)
-
-    flags = dict(
-        HAS_WEIGHT=weight is not None,
-        HAS_SMOOTHING=label_smoothing > 0.0,
-        HAS_Z_LOSS=z_loss > 0.0,
-        HAS_SOFTCAP=softcap is not None,
-    )
-    weight_arg = weight if weight is not None else scales  # never read without HAS_WEIGHT
+    dens_given = dens is not None
+    if not dens_given:
+        dens = (torch.empty(2, dtype=torch.float32, device=device) if N
+                else dens_for_empty(opts, divisor, device))
+    if N == 0 or V == 0:
+        if V == 0 and N:  # no class at all: PyTorch's empty softmax (NaN), zero gradient
+            raise ValueError("logits has V = 0 classes; cross-entropy needs at least one class.")
+        return RowOutputs(ce, z, lse, loss_rows, argmax, stats, dens, grad)
+    p = plan(N, V, logits.dtype, device_spec(device), block_v=block_v, num_splits=num_splits)
+    weight_arg = weight if weight is not None else ce  # never read without HAS_WEIGHT
+    div_arg = divisor if divisor is not None else dens
     grad_arg = grad if grad is not None else logits  # never written without COMPUTE_GRAD
-    softcap_arg = softcap if softcap is not None else 1.0
-
-    # Triton launches on the current CUDA device: make it the logits' one.
-    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with guard:
-        if S == 1:
-            _ce_fwd_kernel[(N,)](
-                logits, target, weight_arg, scales,
-                ce, z, lse, grad_arg,
-                V,
-                logits.stride(0), grad_arg.stride(0),
-                ignore_index, label_smoothing, z_loss, softcap_arg,
-                BLOCK_V=BLOCK_V, COMPUTE_GRAD=grad is not None, **flags,
-                num_warps=num_warps,
+    loss_rows_arg = loss_rows if loss_rows is not None else ce
+    argmax_arg = argmax if argmax is not None else target
+    red = _RED[opts.reduction]
+    with _guard(device):
+        if p.path == "fused":
+            _ce_fused_kernel[(p.programs,)](
+                logits, target, weight_arg, div_arg, dens,
+                ce, z, lse, stats, argmax_arg, loss_rows_arg, grad_arg,
+                N, V,
+                logits.stride(0), grad_arg.stride(0), N,
+                opts.ignore_index, opts.label_smoothing, opts.z_loss, scale, cap, opts.inv_divisor,
+                BLOCK_V=p.block_v, BLOCK_N=BLOCK_N, SINGLE_BLOCK=p.single_block, REDUCTION=red,
+                DENS_FROM_PTR=dens_given, HAS_DIVISOR=divisor is not None,
+                HAS_Z_LOSS=opts.z_loss > 0.0, COMPUTE_GRAD=grad is not None,
+                ALL_ROWS=bool(opts.all_rows), WRITE_STATS=True, EMULATE_RTNE=INTERPRETED,
+                num_warps=p.num_warps, **flags,
             )
-            return ce, z, lse, grad
+            return RowOutputs(ce, z, lse, loss_rows, argmax, stats, dens, grad)
+        part, part_idx = ce_partials(logits, target, weight, opts, splits=p.splits, chunk=p.chunk,
+                                     block_v=p.block_v, num_warps=p.num_warps, divisor=divisor,
+                                     dens_out=None if dens_given else dens)
+        ce_finish(logits, target, weight, opts, part, part_idx, P=p.splits, dens=dens,
+                  splits=p.splits, chunk=p.chunk, block_v=p.block_v, num_warps=p.num_warps,
+                  rows=(ce, z, lse, loss_rows, argmax, stats), grad=grad)
+    return RowOutputs(ce, z, lse, loss_rows, argmax, stats, dens, grad)
 
-        # Split path: (N, S) fp32 partials, a few KB; smoothing sums only when they are used.
-        def partials():
-            return torch.empty((N, S), dtype=torch.float32, device=device)
 
-        part_max, part_sum = partials(), partials()
-        part_swx = partials() if flags["HAS_SMOOTHING"] else part_max  # unused otherwise
-        part_w = partials() if flags["HAS_SMOOTHING"] and flags["HAS_WEIGHT"] else part_max
-        SPLIT_BLOCK = triton.next_power_of_2(S)
+def ce_partials(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    opts: CEOptions,
+    *,
+    splits: int,
+    chunk: int,
+    block_v: int,
+    num_warps: int,
+    offset: int = 0,
+    vocab_size: int | None = None,
+    divisor: torch.Tensor | None = None,
+    dens_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Partial statistics of ``splits`` chunks of ``chunk`` columns of each row: ``part``
+    ``(NUM_FIELDS, N, splits)`` fp32 and, with ``opts.argmax``, ``part_idx`` ``(N, splits)``
+    int64 (global column of each chunk's max).
 
-        _ce_split_stats_kernel[(N, S)](
-            logits, weight_arg,
-            part_max, part_sum, part_swx, part_w,
-            V, CHUNK,
-            logits.stride(0), S,
-            softcap_arg,
-            BLOCK_V=BLOCK_V, HAS_WEIGHT=flags["HAS_WEIGHT"], HAS_SMOOTHING=flags["HAS_SMOOTHING"],
-            HAS_SOFTCAP=flags["HAS_SOFTCAP"],
-            num_warps=num_warps,
+    The logits are this part's columns ``[offset, offset + V_local)`` of a vocabulary of
+    ``vocab_size`` classes (vocabulary parallelism), or all of them. ``dens_out``: also compute the
+    reduction's denominators into it (one more program)."""
+    N, V_local = logits.shape
+    V = V_local if vocab_size is None else vocab_size
+    device = logits.device
+    part = torch.empty((NUM_FIELDS, N, splits), dtype=torch.float32, device=device)
+    part_idx = torch.empty((N, splits), dtype=torch.int64, device=device) if opts.argmax else None
+    S = splits if V_local else 0
+    if V_local == 0:  # an empty shard: neutral partials (merging them changes nothing)
+        part[0].fill_(float("-inf"))
+        part[1:].zero_()
+        if part_idx is not None:
+            part_idx.fill_(offset)
+    grid = N * S + (1 if dens_out is not None else 0)
+    if grid == 0:
+        return part, part_idx
+    scale, cap = _scalars(opts)
+    with _guard(device):
+        _ce_partials_kernel[(grid,)](
+            logits, target, weight if weight is not None else part,
+            divisor if divisor is not None else part, dens_out if dens_out is not None else part,
+            part, part_idx if part_idx is not None else target,
+            N, V, V_local, offset, chunk, S,
+            logits.stride(0), N * splits,
+            opts.ignore_index, scale, cap, opts.inv_divisor,
+            BLOCK_V=block_v, BLOCK_N=BLOCK_N, REDUCTION=_RED[opts.reduction],
+            COMPUTE_DENS=dens_out is not None, HAS_DIVISOR=divisor is not None,
+            ALL_ROWS=bool(opts.all_rows), num_warps=num_warps, **_flags(opts, weight),
         )
-        _ce_split_merge_kernel[(N,)](
-            logits, target, weight_arg,
-            part_max, part_sum, part_swx, part_w,
-            ce, z, lse,
-            V, S,
-            logits.stride(0), S,
-            ignore_index, label_smoothing, z_loss, softcap_arg,
-            SPLIT_BLOCK=SPLIT_BLOCK, **flags,
-            num_warps=1,
+    return part, part_idx
+
+
+def ce_finish(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    opts: CEOptions,
+    part: torch.Tensor,
+    part_idx: torch.Tensor | None,
+    *,
+    P: int,
+    dens: torch.Tensor,
+    splits: int,
+    chunk: int,
+    block_v: int,
+    num_warps: int,
+    rows=None,
+    grad: torch.Tensor | None = None,
+    upstream: torch.Tensor | None = None,
+    upstream_lse: torch.Tensor | None = None,
+    skip_unit: bool = True,
+    offset: int = 0,
+    vocab_size: int | None = None,
+) -> None:
+    """Merges each row's ``P`` partials (``part`` ``(NUM_FIELDS, N, P)``), then writes the row
+    outputs into ``rows`` (a tuple ``(ce, z, lse, loss_rows, argmax, stats)``; None: no loss) and
+    the gradient of this part's columns into ``grad`` (None: no gradient).
+
+    With ``upstream`` (``(N,)`` or a 0-d tensor: the gradient of the loss rows or of the reduced
+    loss) and ``upstream_lse`` (``(N,)`` or None) this is the backward's recompute, on the
+    statistics a forward stored (``P == 1``): with ``skip_unit`` rows whose upstream is exactly 1
+    (and lse upstream 0) keep the gradient the forward wrote; without, every row is written."""
+    N, V_local = logits.shape
+    V = V_local if vocab_size is None else vocab_size
+    if N == 0 or (V_local == 0 and rows is None):
+        return
+    device = logits.device
+    scale, cap = _scalars(opts)
+    compute_loss = rows is not None
+    if not compute_loss:
+        rows = (None,) * 6
+    ce, z, lse, loss_rows, argmax, stats = rows
+    dummy = part
+    up = upstream if upstream is not None else dummy
+    stride_up = 0 if upstream is None or upstream.dim() == 0 else upstream.stride(0)
+    with _guard(device):
+        _ce_finish_kernel[(N * max(splits, 1),)](
+            logits, target, weight if weight is not None else dummy, dens, part,
+            part_idx if part_idx is not None else target, up,
+            upstream_lse if upstream_lse is not None else dummy,
+            *(t if t is not None else dummy for t in (ce, z, lse, stats)),
+            argmax if argmax is not None else target, loss_rows if loss_rows is not None else dummy,
+            grad if grad is not None else logits,
+            N, V, V_local, offset, chunk, max(splits, 1), P,
+            logits.stride(0), (grad if grad is not None else logits).stride(0), part.stride(0),
+            N, stride_up, 0 if upstream_lse is None else upstream_lse.stride(0),
+            opts.ignore_index, opts.label_smoothing, opts.z_loss, scale, cap,
+            BLOCK_V=block_v, P_BLOCK=triton.next_power_of_2(max(P, 1)),
+            REDUCTION=_RED[opts.reduction], HAS_Z_LOSS=opts.z_loss > 0.0,
+            COMPUTE_LOSS=compute_loss, COMPUTE_GRAD=grad is not None and V_local > 0,
+            HAS_UPSTREAM=upstream is not None, HAS_UPSTREAM_LSE=upstream_lse is not None,
+            SKIP_UNIT=skip_unit,
+            WRITE_STATS=compute_loss and stats is not None, EMULATE_RTNE=INTERPRETED,
+            num_warps=num_warps, **_flags(opts, weight),
         )
-        if grad is not None:
-            _ce_split_grad_kernel[(N, S)](
-                logits, target, weight_arg, scales, lse, part_w, grad,
-                V, CHUNK, S,
-                logits.stride(0), grad.stride(0), S,
-                ignore_index, label_smoothing, z_loss, softcap_arg,
-                BLOCK_V=BLOCK_V, SPLIT_BLOCK=SPLIT_BLOCK, **flags,
-                num_warps=num_warps,
-            )
-    return ce, z, lse, grad
+
+
+def ce_finalize(ce: torch.Tensor, z: torch.Tensor, dens: torch.Tensor, *, has_z: bool,
+                out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, z_term)``: the reduced loss (0-d, ``out_dtype``) and z-loss term (0-d fp32) from
+    per-row values and the denominators, summed in a fixed order (one program)."""
+    device = ce.device
+    loss = torch.empty((), dtype=out_dtype, device=device)
+    z_term = torch.empty((), dtype=torch.float32, device=device)
+    with _guard(device):
+        _ce_finalize_kernel[(1,)](ce, z, dens, loss, z_term, ce.shape[0], BLOCK_N=BLOCK_N,
+                                  HAS_Z_LOSS=has_z, EMULATE_RTNE=INTERPRETED, num_warps=4)
+    return loss, z_term
+
+
+SCALE_BLOCK = 4096
+
+
+def scale_(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``t *= g`` in place on the device and returns ``t``: ``g`` a 0-d tensor, or one value per
+    row of ``t`` (2-D, unit stride along rows). Programs whose ``g`` is exactly 1 touch nothing,
+    so an upstream gradient of 1 costs one tiny launch and no pass over ``t``."""
+    if t.numel() == 0:
+        return t
+    rows = 1 if g.dim() == 0 else t.shape[0]
+    row_len = t.numel() // rows
+    if g.dim() == 0 and not t.is_contiguous():
+        raise ValueError("scale_ needs a contiguous tensor for a scalar g")
+    if g.dim() and (t.dim() != 2 or t.stride(1) != 1):
+        raise ValueError("scale_ with one g per row needs a 2-D tensor with unit column stride")
+    stride_t = row_len if g.dim() == 0 else t.stride(0)
+    blocks = triton.cdiv(row_len, SCALE_BLOCK)
+    with _guard(t.device):
+        _scale_kernel[(rows * blocks,)](t, g, row_len, blocks, stride_t,
+                                        0 if g.dim() == 0 else g.stride(0), BLOCK=SCALE_BLOCK,
+                                        EMULATE_RTNE=INTERPRETED, num_warps=8)
+    return t
+
+
+# ----------------------------------------------------------------------------------------------
+# The phases of a vocabulary shard (vocabulary parallelism) and the backward recompute, with the
+# plan chosen here: the same entry points as the torch backend's.
+# ----------------------------------------------------------------------------------------------
+
+
+def _shard_plan(logits, block_v, num_splits) -> Plan:
+    N, V_local = logits.shape
+    return plan(N, max(V_local, 1), logits.dtype, device_spec(logits.device), block_v=block_v,
+                num_splits=num_splits)
+
+
+def ce_shard_partials(logits, target, weight, opts: CEOptions, *, offset: int, vocab_size: int,
+                      block_v: int | None = None, num_splits: int | None = None, **_unused):
+    """Partials of this shard's columns, ``(NUM_FIELDS, N, S)`` (S chunks per row, from the
+    plan) and their argmax columns; the op layer merges them across the ranks."""
+    check_logits(logits)
+    target = target.contiguous()
+    weight = None if weight is None else weight.contiguous()
+    p = _shard_plan(logits, block_v, num_splits)
+    return ce_partials(logits, target, weight, opts, splits=p.splits, chunk=p.chunk,
+                       block_v=p.block_v, num_warps=p.num_warps, offset=offset,
+                       vocab_size=vocab_size)
+
+
+def ce_shard_finish(logits, target, weight, opts: CEOptions, merged, merged_idx, *, dens, rows,
+                    grad, offset: int = 0, vocab_size: int | None = None, upstream=None,
+                    upstream_lse=None, skip_unit: bool = True, block_v: int | None = None,
+                    num_splits: int | None = None, **_unused) -> None:
+    """Row outputs and this shard's gradient from statistics merged over the whole vocabulary
+    (``merged`` ``(NUM_FIELDS, N, 1)``); with ``upstream``, the backward's recompute."""
+    check_logits(logits)
+    target = target.contiguous()
+    weight = None if weight is None else weight.contiguous()
+    p = _shard_plan(logits, block_v, num_splits)
+    merged_idx = None if merged_idx is None else merged_idx.reshape(-1, 1).contiguous()
+    ce_finish(logits, target, weight, opts, merged.contiguous(), merged_idx, P=1, dens=dens,
+              splits=p.splits,
+              chunk=p.chunk, block_v=p.block_v, num_warps=p.num_warps, rows=rows, grad=grad,
+              upstream=upstream, upstream_lse=upstream_lse, skip_unit=skip_unit, offset=offset,
+              vocab_size=vocab_size)
+
+
+def row_buffers(N: int, device, opts: CEOptions, out_dtype, dtype):
+    """``(ce, z, lse, loss_rows, argmax, stats)`` to be filled by :func:`ce_shard_finish`."""
+    return _row_buffers(N, device, opts, out_dtype)
