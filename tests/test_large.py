@@ -4,7 +4,7 @@ bf16 logits of 16448 x 131073 = 2.156e9 elements (4.3 GB): rows from 16384 on st
 and row 16383 crosses it. Memory is bounded: the logits and their gradient (4.3 GB each), the
 torch backend's chunks of 64 rows, and a float64 oracle that checks one chunk of rows at a time:
 measured 9.4 GB of peak resident memory (under the ~12 GiB a shared 24 GiB machine allows a
-test) and 81 s on 2 cores. Marked slow; the default run (``python -m pytest -q``, the README's
+test) and 27 to 81 s on 2 shared cores. Marked slow; the default run (``python -m pytest -q``, the README's
 and CI's command) includes it.
 """
 
