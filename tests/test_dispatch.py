@@ -73,17 +73,17 @@ def test_opcheck_custom_op(backend):
     w = torch.rand(30)
     for reduction in ("mean", "none"):
         fwd = (x, t, w, None, -100, reduction, 0.1, 1e-3, 3.0, None, 1.0, True, False, backend,
-               False, torch.float32)
+               False, torch.float32, "")
         torch.library.opcheck(ce_forward_op, fwd)
         _, _, _, _, stats, dens = (t.detach() for t in ce_forward_op(*fwd))
         g = torch.randn(5) if reduction == "none" else torch.tensor(1.5)
         torch.library.opcheck(ce_backward_op, (x.detach(), t, w, None, stats, dens, g, None,
                                                -100, reduction, 0.1, 1e-3, 3.0, None, 1.0,
-                                               backend, False, False))
+                                               backend, False, False, ""))
     # logit_scale, and a sum with a device divisor
     torch.library.opcheck(ce_forward_op, (x, t, None, torch.tensor(7.0), -100, "sum", 0.0, 0.0,
                                           None, 0.5, 1.0, False, True, backend, False,
-                                          torch.float32))
+                                          torch.float32, ""))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from . import pipeline
+from . import parallel, pipeline
 from ._options import CEOptions, compute_dtype
 from .pipeline import Call
 
@@ -92,7 +92,11 @@ class _CrossEntropyFunction(torch.autograd.Function):
         call = call._replace(logits=logits, target=target, weight=weight, divisor=divisor)
         gt = torch.empty(target.shape, dtype=compute_dtype(logits.dtype),
                          device=target.device) if target_grad else None
-        res = pipeline.forward(call, compute_grad=True, inplace=inplace, grad_target=gt)
+        # "none": the rows' upstream gradients are rarely all 1 (a per-token weighting or a mean
+        # follows), so the gradient is computed in the backward, with them folded in (2 passes
+        # in all, not 2 + a recompute); in place, the logits are gone by then: in the forward.
+        in_forward = inplace or call.opts.reduction != "none"
+        res = pipeline.forward(call, compute_grad=in_forward, inplace=inplace, grad_target=gt)
         if inplace:
             # The kernels write through a raw pointer: tell autograd the logits changed, so a
             # later use of the old values (e.g. by the op that produced them) raises.
@@ -102,7 +106,8 @@ class _CrossEntropyFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
         # detach(): with ``inplace`` the buffer is the logits tensor itself; a fresh alias lets
         # autograd adopt it as the gradient instead of copying it.
-        ctx.grad = res.grad.detach()
+        ctx.grad = res.grad.detach() if in_forward else None
+        ctx.used = False
         ctx.grad_target = gt
         ctx.save_for_backward(None if inplace else logits, target, weight, divisor, res.stats,
                               res.dens)
@@ -123,12 +128,13 @@ class _CrossEntropyFunction(torch.autograd.Function):
             gx, gt = _reference_grads(call, logits, target, g_loss, g_lse)
             return gx, gt, None, None, None, None, None
         grad, ctx.grad = ctx.grad, None
-        if grad is None:
+        if ctx.used:
             raise RuntimeError(
                 "triton_xent: backward through the same cross_entropy call a second time is not "
                 "supported (the gradient is computed in the forward and reused). Compute the "
                 "loss again, or pass retain_graph=False."
             )
+        ctx.used = True
         if g_loss is None:  # only the aux lse carries a gradient
             g_loss = torch.zeros(stats.shape[1] if call.opts.reduction == "none" else (),
                                  device=stats.device)
@@ -148,8 +154,12 @@ class _CrossEntropyFunction(torch.autograd.Function):
 # Functional path: custom ops (torch.compile, vmap)
 
 
-def _call(logits, target, weight, divisor, opts, backend, probs, out_dtype) -> Call:
-    return Call(logits, target, weight, divisor, opts, backend, probs, out_dtype)
+def _call(logits, target, weight, divisor, opts, backend, probs, out_dtype, group_name) -> Call:
+    # With a group (by name: a custom op takes no group object) the ranks agree on the shard
+    # here, at run time: cached after the first call, so a compiled step has no host sync.
+    shard = parallel.ce_shard_by_name(group_name, logits=logits, target=target, weight=weight,
+                                      opts=opts, divisor=divisor, probs=probs)
+    return Call(logits, target, weight, divisor, opts, backend, probs, out_dtype, shard)
 
 
 @torch.library.custom_op(f"{_LIB}::ce_forward", mutates_args=())
@@ -158,17 +168,18 @@ def ce_forward_op(
     divisor: Optional[torch.Tensor], ignore_index: int, reduction: str, label_smoothing: float,
     z_loss: float, softcap: Optional[float], logit_scale: Optional[float], inv_divisor: float,
     all_rows: bool, argmax: bool, backend: str, probs: bool, out_dtype: torch.dtype,
+    group_name: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     opts = _to_opts(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
                     inv_divisor, all_rows, argmax)
-    res = pipeline.forward(_call(logits, target, weight, divisor, opts, backend, probs,
-                                 out_dtype), compute_grad=False)
+    call = _call(logits, target, weight, divisor, opts, backend, probs, out_dtype, group_name)
+    res = pipeline.forward(call, compute_grad=False)
     return res.loss, res.lse, res.z_term, _empty_argmax(res, logits), res.stats, res.dens
 
 
 @ce_forward_op.register_fake
 def _(logits, target, weight, divisor, ignore_index, reduction, label_smoothing, z_loss, softcap,
-      logit_scale, inv_divisor, all_rows, argmax, backend, probs, out_dtype):
+      logit_scale, inv_divisor, all_rows, argmax, backend, probs, out_dtype, group_name):
     N = logits.shape[0]
     cdt = compute_dtype(logits.dtype)
     red = (N,) if reduction == "none" else ()
@@ -185,11 +196,11 @@ def ce_backward_op(
     g_loss: torch.Tensor, g_lse: Optional[torch.Tensor], ignore_index: int, reduction: str,
     label_smoothing: float, z_loss: float, softcap: Optional[float],
     logit_scale: Optional[float], inv_divisor: float, backend: str, probs: bool,
-    target_grad: bool,
+    target_grad: bool, group_name: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     opts = _to_opts(ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale,
                     inv_divisor, False, False)
-    call = _call(logits, target, weight, divisor, opts, backend, probs, logits.dtype)
+    call = _call(logits, target, weight, divisor, opts, backend, probs, logits.dtype, group_name)
     gt = torch.empty(target.shape, dtype=compute_dtype(logits.dtype),
                      device=target.device) if target_grad else logits.new_empty(0)
     grad = pipeline.backward(call, stats, dens, None, g_loss, g_lse, inplace=False,
@@ -199,7 +210,8 @@ def ce_backward_op(
 
 @ce_backward_op.register_fake
 def _(logits, target, weight, divisor, stats, dens, g_loss, g_lse, ignore_index, reduction,
-      label_smoothing, z_loss, softcap, logit_scale, inv_divisor, backend, probs, target_grad):
+      label_smoothing, z_loss, softcap, logit_scale, inv_divisor, backend, probs, target_grad,
+      group_name):
     gt = (torch.empty_like(target, dtype=compute_dtype(logits.dtype)) if target_grad
           else logits.new_empty(0))
     return torch.empty_like(logits, memory_format=torch.contiguous_format), gt
@@ -211,7 +223,7 @@ _FWD_OPTS = slice(4, 13)  # ignore_index ... argmax in ce_forward's inputs
 def _setup_context(ctx, inputs, output):
     logits, target, weight, divisor = inputs[:4]
     ctx.opts = inputs[_FWD_OPTS]
-    ctx.backend, ctx.probs = inputs[13], inputs[14]
+    ctx.backend, ctx.probs, ctx.group_name = inputs[13], inputs[14], inputs[16]
     ctx.target_grad = bool(inputs[14]) and target.requires_grad
     ctx.save_for_backward(logits, target, weight, divisor, output[4], output[5])
 
@@ -222,8 +234,8 @@ def _backward(ctx, g_loss, g_lse, g_z, g_argmax, g_stats, g_dens):
     if g_loss is None:
         g_loss = torch.zeros(stats.shape[1] if opts[1] == "none" else (), device=stats.device)
     grad, gt = ce_backward_op(logits, target, weight, divisor, stats, dens, g_loss, g_lse,
-                              *opts[:7], ctx.backend, ctx.probs, ctx.target_grad)
-    return (grad, gt if ctx.target_grad else None) + (None,) * 14
+                              *opts[:7], ctx.backend, ctx.probs, ctx.target_grad, ctx.group_name)
+    return (grad, gt if ctx.target_grad else None) + (None,) * 15
 
 
 ce_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -259,12 +271,12 @@ def run(call: Call, *, inplace: bool):
     target_grad = call.probs and target.requires_grad
     needs_grad = torch.is_grad_enabled() and (logits.requires_grad or target_grad)
     functional = torch.compiler.is_compiling() or _in_transform(logits) or _in_transform(target)
-    if functional and call.shard is None:
+    if functional:
         o = call.opts
         loss, lse, z_term, argmax, _, _ = ce_forward_op(
             logits, target, call.weight, call.divisor, o.ignore_index, o.reduction,
             o.label_smoothing, o.z_loss, o.softcap, o.logit_scale, o.inv_divisor, o.all_rows,
-            o.argmax, call.backend, call.probs, call.out_dtype)
+            o.argmax, call.backend, call.probs, call.out_dtype, parallel.group_name(call.shard))
         return loss, lse, z_term, argmax
     if needs_grad:
         return _CrossEntropyFunction.apply(logits, target, call.weight, call.divisor, call,

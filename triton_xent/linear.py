@@ -224,7 +224,7 @@ def linear_cross_entropy(
             ignored rows have ``lse = 0``.
         chunk_size: rows per chunk. Default: as many as fit ``chunk_bytes``.
         chunk_bytes: bytes of the ``(chunk, V)`` logits buffer. Default: a fifth of the
-            gradients' bytes, between 32 MiB and 1 GiB (832 rows at N=8192, D=4096, V=128256
+            gradients' bytes, between 128 MiB and 1 GiB (832 rows at N=8192, D=4096, V=128256
             in bf16). Pass one of ``chunk_size``, ``chunk_bytes``.
         accum_dtype: dtype of the dW accumulator. None (default): the weight's dtype: each
             chunk's GEMM accumulates in fp32 and adds its product into dW once (a 16-bit dW is

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 
 from . import parallel, pipeline
 from ._options import CEOptions, compute_dtype
-from .backends.torch_ce import denominators
 from .backends.torch_linear import linear_ce_chunks
 
 _LIB = "triton_xent"
@@ -61,8 +60,10 @@ def _dens(lc: LinearCall, cdt) -> torch.Tensor:
     """The whole batch's denominators (every chunk's gradient is scaled by them)."""
     opts, target = lc.opts, lc.target
     if lc.shard is None or opts.reduction != "mean" or lc.weight is None:
-        return denominators(target, lc.weight, opts, divisor=lc.divisor, V=lc.W.shape[0],
-                            dtype=cdt)
+        # One launch on the Triton backend; a few torch ops on the torch backend.
+        B = pipeline.backend_ops(lc.backend)
+        return B.denominators(target, lc.weight, opts, divisor=lc.divisor, V=lc.W.shape[0],
+                              dtype=cdt)
     # A weighted mean over a sharded vocabulary: each rank sums the weights of the targets it
     # owns, one all-reduce adds them up.
     sh = lc.shard
@@ -150,7 +151,7 @@ def forward(lc: LinearCall, need: tuple[bool, bool, bool]):
     if opts.reduction == "none":
         loss, z_term = (ce + z if opts.z_loss else ce).to(lc.out_dtype), z
     else:
-        B = pipeline.backend_ops("torch")  # N values: torch ops whatever the backend
+        B = pipeline.backend_ops(lc.backend)
         loss, z_term = B.ce_finalize(ce, z, dens.to(ce.dtype), has_z=opts.z_loss > 0.0,
                                      out_dtype=lc.out_dtype)
     return loss, lse, z_term, stats, dX, dW, db
