@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import LOSS_TOL, assert_close
 
 import triton_xent
 from triton_xent import CrossEntropyInputError, cross_entropy, diagnose
@@ -45,9 +46,21 @@ def test_errors_are_value_errors():
         cross_entropy(X, T, reduction="bogus")
 
 
-def test_ignore_index_is_not_out_of_range():
-    t = torch.tensor([1, -100, 3, -100])
-    cross_entropy(X, t, backend="torch")  # no error: -100 is ignore_index
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8], ids=["int64", "int32", "uint8"])
+def test_ignore_index_is_not_out_of_range(dtype, backend):
+    """-100 (the default ignore_index) and a custom one in range pass the range check, and the
+    ignored rows count for nothing: the loss is float64 PyTorch's. Other integer target dtypes
+    are converted, not misread."""
+    ignore = 255 if dtype == torch.uint8 else -100  # uint8 cannot hold -100
+    t = torch.tensor([1, ignore, 3, ignore, 9], dtype=dtype)
+    x = torch.randn(5, 10, generator=torch.Generator().manual_seed(0)) * 3
+    for reduction in ("mean", "none"):
+        out = cross_entropy(x, t, ignore_index=ignore, reduction=reduction, label_smoothing=0.1,
+                            backend=backend)
+        ref = torch.nn.functional.cross_entropy(x.double(), t.long(), ignore_index=ignore,
+                                                reduction=reduction, label_smoothing=0.1)
+        assert_close(out, ref, LOSS_TOL[torch.float32], what=reduction)
 
 
 def test_out_of_range_without_validation_gives_nan_rows(monkeypatch):

@@ -74,7 +74,7 @@ def _real_kernels(monkeypatch):
     """Refuses to run the kernels through the interpreter; heuristics on; frees memory after."""
     from triton_xent.ops import cross_entropy as ops
 
-    if ops._INTERPRETED:
+    if ops.INTERPRETED:
         pytest.fail(
             "TRITON_INTERPRET=1 is set, so the 'GPU' tests would run the Triton interpreter on "
             "CUDA tensors (hours, and not the compiled kernels). Run them with "
@@ -107,7 +107,8 @@ class LaunchSpy:
         return self.kernel[grid]
 
 
-KERNELS = ("_ce_fwd_kernel", "_ce_split_stats_kernel", "_ce_split_merge_kernel", "_ce_split_grad_kernel")
+KERNELS = ("_ce_fused_kernel", "_ce_partials_kernel", "_ce_finish_kernel", "_ce_finalize_kernel",
+           "_scale_kernel")
 
 
 def spy_launches(monkeypatch) -> dict[str, LaunchSpy]:
@@ -124,28 +125,33 @@ def launches(monkeypatch):
     return spy_launches(monkeypatch)
 
 
-def expected_splits(N: int, V: int, device) -> int:
-    """Chunks per row the launcher will use: its heuristic, then its rounding of the chunk."""
+def launch_plan(N: int, V: int, dtype, device):
+    """The launcher's plan for this call (``ops.plan``, with the test overrides), not re-derived."""
     from triton_xent.ops import cross_entropy as ops
 
-    asked = xent_config.TRITON_NUM_SPLITS or ops._auto_num_splits(N, V, torch.device(device))
-    chunk = math.ceil(math.ceil(V / asked) / ops._CHUNK_ALIGN) * ops._CHUNK_ALIGN
-    return math.ceil(V / chunk)
+    return ops.plan(N, V, dtype, ops.device_spec(torch.device(device)),
+                    block_v=xent_config.TRITON_BLOCK_V, num_splits=xent_config.TRITON_NUM_SPLITS)
 
 
-def assert_path(spies: dict[str, LaunchSpy], N: int, V: int, device) -> int:
-    """Asserts the launches of one forward match the heuristic's path; returns the splits S."""
-    S = expected_splits(N, V, device)
+def expected_splits(N: int, V: int, device, dtype=torch.bfloat16) -> int:
+    """Chunks per row the launcher will use (1: the fused path)."""
+    return launch_plan(N, V, dtype, device).splits
+
+
+def assert_path(spies: dict[str, LaunchSpy], N: int, V: int, device, dtype=torch.bfloat16) -> int:
+    """Asserts the forward's launches match the plan's path; returns the splits S. (A backward
+    may launch the finish kernel again, to recompute rows whose upstream is not 1.)"""
+    p = launch_plan(N, V, dtype, device)
     grids = {name: spy.grids for name, spy in spies.items()}
-    if S == 1:
-        assert grids["_ce_fwd_kernel"] == [(N,)], grids
-        assert not grids["_ce_split_stats_kernel"], grids
+    if p.splits == 1:
+        assert grids["_ce_fused_kernel"] == [(p.programs,)], grids
+        assert not grids["_ce_partials_kernel"], grids
     else:
-        assert not grids["_ce_fwd_kernel"], grids
-        assert grids["_ce_split_stats_kernel"] == [(N, S)], grids
-        assert grids["_ce_split_merge_kernel"] == [(N,)], grids
-        assert grids["_ce_split_grad_kernel"] == [(N, S)], grids
-    return S
+        assert not grids["_ce_fused_kernel"], grids
+        # N x S chunk programs, plus one for the mean's denominators
+        assert grids["_ce_partials_kernel"] == [(N * p.splits + 1,)], grids
+        assert grids["_ce_finish_kernel"][:1] == [(N * p.splits,)], grids
+    return p.splits
 
 
 def make_inputs(N, V, dtype, *, weight=False, ignore=False, seed=0, scale=4.0, device=None):
@@ -173,6 +179,20 @@ def upstream(reduction, N, dtype, *, seed=1, device=None):
         g = torch.Generator(device=device).manual_seed(seed)
         return torch.randn(N, generator=g, device=device).to(dtype)
     return torch.tensor(1.5, device=device, dtype=dtype)
+
+
+def op_output(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the output of an op (``x + 0`` with a 0-d leaf), in a fresh buffer: what
+    ``inplace_backward`` needs (it refuses a leaf), and ``x`` stays unchanged for the oracle."""
+    zero = torch.zeros((), dtype=x.dtype, device=x.device, requires_grad=True)
+    return x.detach() + zero
+
+
+def capture_grad(x: torch.Tensor) -> list:
+    """Registers a hook that keeps the gradient reaching ``x`` (a leaf or not): ``[grad]``."""
+    seen = []
+    x.register_hook(lambda grad: seen.append(grad))
+    return seen
 
 
 def row_coefficients(target, weight, reduction, g, V):
@@ -366,28 +386,31 @@ def run_case(c: Case, spies: dict[str, LaunchSpy], device=None, seed=0) -> dict:
     x0, t, w = make_inputs(c.N, c.V, c.dtype, weight=c.weight, ignore=c.ignore and c.N > 1,
                            seed=seed, device=device)
     g = upstream(c.reduction, c.N, c.dtype, device=device)
-    # inplace: the call overwrites its input, so it gets a copy and x0 stays for the oracle.
-    x = (x0.clone() if c.inplace else x0).requires_grad_(True)
+    # inplace: the call overwrites its input, so it gets its own buffer and x0 stays for the oracle.
+    x = op_output(x0) if c.inplace else x0.detach().requires_grad_(True)
+    seen = capture_grad(x)
     nv_bytes = c.N * c.V * x0.element_size()
 
     with PeakMemory(device) as peak:
         loss, aux = cross_entropy(
-            x, t, w, IGNORE, c.reduction, c.eps, z_loss=c.z_loss, softcap=c.softcap,
-            return_aux=True, inplace_backward=c.inplace, backend=c.backend,
+            x, t, w, ignore_index=IGNORE, reduction=c.reduction, label_smoothing=c.eps,
+            z_loss=c.z_loss, softcap=c.softcap, return_aux=True, inplace_backward=c.inplace,
+            backend=c.backend,
         )
         loss.backward(g)
 
     S = None
     if c.backend == "triton":
-        S = assert_path(spies, c.N, c.V, device)
+        S = assert_path(spies, c.N, c.V, device, c.dtype)
         if c.N <= 7 and c.V >= 50257:
             assert S > 1, f"N={c.N}, V={c.V}: the heuristic should split the vocabulary, S={S}"
     else:
         assert not any(s.grids for s in spies.values()), "backend='torch' launched a Triton kernel"
 
     a_ce, a_z = row_coefficients(t, w, c.reduction, g, c.V)
+    (grad,) = seen
     ce, z, lse, log = check_grad_rows(
-        x.grad, x0, t, w, eps=c.eps, z_loss=c.z_loss, softcap=c.softcap, a_ce=a_ce, a_z=a_z,
+        grad, x0, t, w, eps=c.eps, z_loss=c.z_loss, softcap=c.softcap, a_ce=a_ce, a_z=a_z,
         up_abs=g.double().abs().expand(c.N), dtype=c.dtype,
     )
     ref_loss, ref_z = expected_loss(ce, z, t, w, c.reduction, c.V)
@@ -399,7 +422,7 @@ def run_case(c: Case, spies: dict[str, LaunchSpy], device=None, seed=0) -> dict:
         assert bool((loss[t == IGNORE] == 0).all())
 
     if c.inplace:
-        assert x.grad.data_ptr() == x.data_ptr(), "inplace_backward: the gradient is not in x"
+        assert grad.data_ptr() == x.data_ptr(), "inplace_backward: the gradient is not in x"
         assert peak.extra <= PEAK_SLACK[c.backend], f"inplace fwd+bwd allocated {peak.extra / MiB:.0f} MiB"
     else:
         assert peak.extra <= 1.05 * nv_bytes + PEAK_SLACK[c.backend], (
@@ -431,20 +454,22 @@ def run_tail_check(N, V, tail_rows, spies, device=None, seed=3) -> dict:
     rows = slice(N - tail_rows, N)
     tail = x[rows].clone()
     g = upstream("none", N, torch.bfloat16, device=device)
-    x.requires_grad_(True)
+    x = op_output(x)  # in place needs an op's output (its own buffer; the input is freed)
+    seen = capture_grad(x)
     with PeakMemory(device) as peak:
         loss, aux = cross_entropy(x, t, reduction="none", label_smoothing=0.1, z_loss=1e-4,
                                   return_aux=True, inplace_backward=True, backend="triton")
         loss.backward(g)
     S = assert_path(spies, N, V, device)
     assert peak.extra <= PEAK_SLACK["triton"], f"allocated {peak.extra / MiB:.0f} MiB"
-    assert x.grad.data_ptr() == x.data_ptr()
+    (grad,) = seen
+    assert grad.data_ptr() == x.data_ptr()
     keep = t != IGNORE
     assert bool(torch.isfinite(loss[keep]).all()) and bool(torch.isfinite(aux.lse).all())
 
     t_tail, g_tail = t[rows], g[rows].double()
     ce, z, lse, log = check_grad_rows(
-        x.grad[rows], tail, t_tail, None, eps=0.1, z_loss=1e-4, softcap=None,
+        grad[rows], tail, t_tail, None, eps=0.1, z_loss=1e-4, softcap=None,
         a_ce=g_tail, a_z=g_tail, up_abs=g_tail.abs(), dtype=torch.bfloat16,
     )
     torch.testing.assert_close(loss[rows].double(), ce + z, rtol=LOSS_RTOL[torch.bfloat16], atol=1e-6)
@@ -459,7 +484,7 @@ BIG_TAIL = 80  # rows checked against float64: the one that crosses 2**31 and al
 @pytest.mark.parametrize("splits", [pytest.param(None, id="fused"), pytest.param(4, id="split4")])
 def test_more_than_2_31_elements(splits, launches, monkeypatch):
     assert BIG_N * BIG_V > 2**31 and (BIG_N - BIG_TAIL + 16) * BIG_V > 2**31
-    need = BIG_N * BIG_V * 2 + 4 * 1024**3
+    need = 2 * BIG_N * BIG_V * 2 + 4 * 1024**3  # the logits twice while op_output copies them
     free, _ = torch.cuda.mem_get_info()
     if free < need:
         pytest.skip(f"needs about {need / 1024**3:.1f} GiB free on the GPU, {free / 1024**3:.1f} free")
@@ -492,7 +517,8 @@ def test_no_host_sync(backend, N, V, reduction, inplace):
               inplace_backward=inplace, backend=backend, return_aux=True)
 
     def step(x):
-        loss, aux = cross_entropy(x, t, **kw)
+        logits = x * 1.0 if inplace else x  # in place needs an op's output, not a leaf
+        loss, aux = cross_entropy(logits, t, **kw)
         loss.backward(g)
         return loss, aux
 
@@ -614,7 +640,7 @@ def test_torch_compile_fullgraph_inductor(launches):
     for spy in launches.values():
         spy.grids.clear()
     compiled = run(compiled_model)
-    assert launches["_ce_fwd_kernel"].grids, "the compiled model did not run the Triton kernel"
+    assert launches["_ce_fused_kernel"].grids, "the compiled model did not run the Triton kernel"
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
     errs = {}
     for name, a, b in (("h.grad", compiled[1], eager[1]), ("weight.grad", compiled[2], eager[2])):
@@ -624,6 +650,41 @@ def test_torch_compile_fullgraph_inductor(launches):
     torch.testing.assert_close(compiled_again[0], compiled[0], rtol=0, atol=0)
     torch._dynamo.reset()
     report("torch_compile", loss=float(compiled[0]), eager=float(eager[0]), **errs)
+
+
+# ------------------------------------------------------------------------------------------------
+# inplace_backward and autograd's version counter
+# ------------------------------------------------------------------------------------------------
+
+INPLACE_PATHS = [pytest.param("triton", 1, id="triton-fused"), pytest.param("triton", 4, id="triton-split4"),
+                 pytest.param("torch", None, id="torch")]
+@pytest.mark.parametrize("backend, splits", INPLACE_PATHS)
+def test_inplace_bumps_the_version_counter(backend, splits, monkeypatch):
+    """The forward's write over the logits bumps their version counter, as an in-place torch op
+    does (a CUDA launch alone would not), so that autograd sees a tensor saved before the call
+    and read after it."""
+    monkeypatch.setattr(xent_config, "TRITON_NUM_SPLITS", splits)
+    x, t, _ = make_inputs(64, 32000, torch.bfloat16, ignore=True, seed=21)
+    logits = x.requires_grad_(True) * 1.0  # a non-leaf, as a Linear head's output
+    version = logits._version
+    cross_entropy(logits, t, inplace_backward=True, backend=backend)
+    synchronize()
+    assert logits._version > version, "the forward overwrote the logits without bumping their version"
+    report("inplace_version", case=f"{backend}-splits{splits}")
+
+
+@pytest.mark.parametrize("backend, splits", INPLACE_PATHS)
+def test_inplace_logits_saved_by_their_producer(backend, splits, monkeypatch):
+    """Logits that their producer saved for its backward (exp keeps its output), overwritten by
+    inplace_backward: backward must raise autograd's in-place error, never feed the gradient to
+    exp's backward as if it were exp's output."""
+    monkeypatch.setattr(xent_config, "TRITON_NUM_SPLITS", splits)
+    x, t, _ = make_inputs(64, 32000, torch.float32, ignore=True, seed=22, scale=1.0)
+    z = x.requires_grad_(True)
+    loss = cross_entropy(z.exp(), t, reduction="none", inplace_backward=True, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward(upstream("none", 64, torch.float32))
+    report("inplace_saved_by_producer", case=f"{backend}-splits{splits}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -652,9 +713,9 @@ def test_out_of_range_target(backend, N, V, launches):
     mean = cross_entropy(x0, t, w, label_smoothing=0.1, backend=backend)
     synchronize()  # a device-side assert would surface here
     if backend == "triton":
-        assert launches["_ce_fwd_kernel"].grids or launches["_ce_split_stats_kernel"].grids
+        assert launches["_ce_fused_kernel"].grids or launches["_ce_partials_kernel"].grids
         if N <= 7:
-            assert launches["_ce_split_stats_kernel"].grids, "the split path did not run"
+            assert launches["_ce_partials_kernel"].grids, "the split path did not run"
     assert bool(loss[bad].isnan().all()) and bool(torch.isfinite(loss[~bad]).all())
     assert bool(x.grad[bad].isnan().all()) and bool(torch.isfinite(x.grad[~bad]).all())
     assert bool(mean.isnan())
