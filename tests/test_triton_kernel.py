@@ -452,6 +452,8 @@ for flags, dt in ((on, "bf16"), (off, "fp32")):
 compile_for_sm90(K._ce_finalize_kernel, "fp32", 4, BLOCK_N=1024, HAS_Z_LOSS=True,
                  EMULATE_RTNE=False)
 compile_for_sm90(K._scale_kernel, "bf16", 8, BLOCK=4096, EMULATE_RTNE=False)
+compile_for_sm90(K._ce_dens_kernel, "fp32", 4, BLOCK_N=1024, REDUCTION=2, HAS_WEIGHT=True,
+                 HAS_DIVISOR=False)
 print("compiled")
 """
 

@@ -24,8 +24,8 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from triton_xent import _interpreter
 from triton_xent._options import CEOptions, RowOutputs
+from triton_xent.kernels.ce_helpers import NUM_FIELDS
 from triton_xent.kernels.cross_entropy import (
-    NUM_FIELDS,
     _ce_dens_kernel,
     _ce_finalize_kernel,
     _ce_finish_kernel,

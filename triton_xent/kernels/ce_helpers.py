@@ -1,0 +1,363 @@
+"""``@triton.jit`` helpers of the cross-entropy kernels (``kernels/cross_entropy.py``): one helper
+per feature, switched by constexpr flags, shared by every kernel. The math and its notation are in
+that module's docstring.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Reductions (constexpr REDUCTION).
+RED_NONE = tl.constexpr(0)
+RED_SUM = tl.constexpr(1)
+RED_MEAN = tl.constexpr(2)
+
+# Fields of a statistics buffer, field-major: ``stats[f * stride_f + row * P + part]``.
+F_M = tl.constexpr(0)  # max
+F_S = tl.constexpr(1)  # sum of exp(x - max)
+F_T = tl.constexpr(2)  # sum_c w_c (max - x_c)        (smoothing)
+F_W = tl.constexpr(3)  # sum_c w_c                    (smoothing)
+F_XT = tl.constexpr(4)  # target logit, from its owner
+F_WT = tl.constexpr(5)  # target weight, from its owner (class weights)
+NUM_FIELDS = 6
+
+
+# ----------------------------------------------------------------------------------------------
+# Elementwise helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _softcap(x_raw, softcap):
+    """Returns ``(softcap * tanh(x_raw / softcap), 1 - tanh(x_raw / softcap)**2)`` in fp32."""
+    # No tanh in triton.language (and libdevice does not run under the interpreter), so build it
+    # from exp. With e = exp(-2|y|) in (0, 1]: tanh|y| = (1 - e) / (1 + e) and
+    # sech^2 y = 4e / (1 + e)^2; neither overflows, and tanh(+-inf) = +-1, sech^2(+-inf) = 0.
+    # (1 - e) loses relative precision for tiny |y|, where the odd Taylor series is exact to fp32.
+    y = x_raw / softcap
+    a = tl.abs(y)
+    e = tl.exp(-2.0 * a)
+    th_big = (1.0 - e) / (1.0 + e)
+    a2 = a * a
+    th_small = a * (1.0 - a2 * (1.0 / 3.0 - a2 * (2.0 / 15.0)))  # error ~ a^7 < 1e-9 for a < 0.05
+    th = tl.where(a < 0.05, th_small, th_big)
+    th = tl.where(y < 0.0, -th, th)
+    one_plus_e = 1.0 + e
+    dcap = 4.0 * e / (one_plus_e * one_plus_e)
+    return softcap * th, dcap
+
+
+@triton.jit
+def _transform(x, logit_scale, softcap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """``x -> softcap * tanh(logit_scale * x / softcap)`` (each part optional), in fp32; returns
+    ``(x', dx'/dx)`` (the derivative is only meaningful when HAS_SCALE or HAS_SOFTCAP)."""
+    if HAS_SCALE:
+        x = x * logit_scale
+    if HAS_SOFTCAP:
+        x, dcap = _softcap(x, softcap)
+        if HAS_SCALE:
+            dcap = dcap * logit_scale
+    elif HAS_SCALE:
+        dcap = tl.zeros_like(x) + logit_scale
+    else:
+        dcap = x  # unused; keeps every branch returning a tensor
+    return x, dcap
+
+
+@triton.jit
+def _load_x(ptrs, mask, logit_scale, softcap, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+            EVICT: tl.constexpr):
+    """Loads logits in fp32 (masked lanes = -inf) and transforms them; returns ``(x, dx/dx_raw)``."""
+    x = tl.load(ptrs, mask=mask, other=float("-inf"), eviction_policy=EVICT).to(tl.float32)
+    x, dcap = _transform(x, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+    if HAS_SOFTCAP:
+        # tanh(-inf) is finite: mask the padded lanes back to -inf, or they would join the softmax.
+        x = tl.where(mask, x, float("-inf"))
+    return x, dcap
+
+
+@triton.jit
+def _round_store(ptrs, value, mask, EMULATE_RTNE: tl.constexpr, EVICT: tl.constexpr):
+    """Stores fp32 ``value`` in the pointer's dtype, rounded to nearest even.
+
+    A GPU rounds fp32 -> bf16 to nearest even; the interpreter truncates. Under the interpreter
+    (``EMULATE_RTNE``) the rounding is done on the bits, so CPU tests see the GPU's values.
+    """
+    dt: tl.constexpr = ptrs.dtype.element_ty
+    if EMULATE_RTNE and dt == tl.bfloat16:
+        b = value.to(tl.uint32, bitcast=True)
+        r = b + 0x7FFF + ((b >> 16) & 1)
+        r = tl.where(value != value, b | 0x400000, r)  # a NaN stays a (quiet) NaN
+        out = (r >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = value.to(dt)
+    tl.store(ptrs, out, mask=mask, eviction_policy=EVICT)
+
+
+# ----------------------------------------------------------------------------------------------
+# Row helpers: target, denominators, statistics, merge, loss, gradient
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_target(target_ptr, row, ignore_index, V, OFFSET, V_LOCAL):
+    """Loads the target of ``row``; returns ``(t_local, is_ignored, is_invalid)``.
+
+    ``t_local`` is the target's column among this part's ``V_LOCAL`` columns (which start at the
+    global class ``OFFSET``), or -1 where this part does not hold it: a bad target is never used
+    as an address. Ignored and invalid are decided on the global ``V``.
+    """
+    t = tl.load(target_ptr + row)
+    is_ignored = t == ignore_index
+    is_invalid = (t != ignore_index) & ((t < 0) | (t >= V))
+    t_loc = t - OFFSET
+    owned = (~is_ignored) & (~is_invalid) & (t_loc >= 0) & (t_loc < V_LOCAL)
+    return tl.where(owned, t_loc, -1).to(tl.int32), is_ignored, is_invalid
+
+
+@triton.jit
+def _denominators(target_ptr, weight_ptr, divisor_ptr, N, V, ignore_index, inv_divisor,
+                  REDUCTION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_DIVISOR: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """``(D_ce, D_z)``: the loss is ``sum ce / D_ce + sum z / D_z``.
+
+    A mean divides by the kept targets' summed class weights (PyTorch's weighted mean) and by the
+    kept rows (the z-loss); a sum by its divisor (a device scalar, or ``1 / inv_divisor``), or 1.
+    """
+    if REDUCTION == RED_MEAN:
+        n_kept = tl.zeros((), tl.float32)
+        w_kept = tl.zeros((), tl.float32)
+        for start in range(0, N, BLOCK_N):
+            offs = start + tl.arange(0, BLOCK_N)
+            t = tl.load(target_ptr + offs, mask=offs < N, other=ignore_index)
+            keep = (offs < N) & (t != ignore_index)
+            n_kept += tl.sum(keep.to(tl.float32), axis=0)
+            if HAS_WEIGHT:
+                ok = keep & (t >= 0) & (t < V)
+                w_kept += tl.sum(tl.load(weight_ptr + tl.where(ok, t, 0), mask=ok, other=0.0), axis=0)
+        if not HAS_WEIGHT:
+            w_kept = n_kept
+        return w_kept, n_kept
+    elif HAS_DIVISOR:
+        d = tl.load(divisor_ptr).to(tl.float32)
+        return d, d
+    else:
+        d = 1.0 / inv_divisor
+        return tl.zeros((), tl.float32) + d, tl.zeros((), tl.float32) + d
+
+
+@triton.jit
+def _stats_update(x, cols, mask, w, m, s, T, W, mref,
+                  HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+    """Online softmax: folds one block ``x`` (fp32, -inf on masked lanes) into the running
+    ``(m, s, T, W)``; ``mref`` is the running shift (``m``, or 0 while every logit is -inf)."""
+    # m' = max(m, max_b x); s' = s exp(mref - mref') + sum_b exp(x - mref'). While every logit so
+    # far is -inf, m' = -inf and x - m' would be NaN: shift by 0 instead (exp(-inf) = 0, s = 0).
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    mref_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    # exp(m - mref'), not exp(mref - mref'): while m = -inf (s = 0) the factor must be 0, not
+    # exp(0 - (-1e9)) = inf.
+    s = s * tl.exp(m - mref_new) + tl.sum(tl.exp(x - mref_new), axis=0)
+    if HAS_SMOOTHING:
+        # T = sum_c w_c (mref - x_c) follows the shift: T' = T + W (mref' - mref) + sum_b ...
+        # Masked lanes add nothing (w * (mref - (-inf)) would be NaN there); an infinite T (a -inf
+        # logit with weight) stays infinite.
+        if HAS_WEIGHT:
+            wb = w
+        else:
+            wb = mask.to(tl.float32)
+        shift = tl.where((W == 0.0) | (T == float("inf")), 0.0, W * (mref_new - mref))
+        T = T + shift + tl.sum(tl.where(mask, wb * (mref_new - x), 0.0), axis=0)
+        W = W + tl.sum(wb, axis=0)
+    return m_new, s, T, W, mref_new
+
+
+@triton.jit
+def _argmax_update(x, cols, m_old, idx):
+    """Tracks the first column of the row maximum alongside the online max."""
+    b_max = tl.max(x, axis=0)
+    b_idx = tl.min(tl.where(x == b_max, cols, 2147483647), axis=0)  # first maximal column
+    return tl.where(b_max > m_old, b_idx, idx)
+
+
+@triton.jit
+def _part_stats(row_ptr, weight_ptr, start, end, t_loc, logit_scale, softcap,
+                BLOCK_V: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ARGMAX: tl.constexpr,
+                EVICT: tl.constexpr):
+    """Partial statistics of columns ``[start, end)`` of one row, block by block.
+
+    Returns ``(m, s, T, W, x_t, w_t, argmax)``; ``x_t``, ``w_t`` are zero unless ``t_loc`` (the
+    target's column, or -1) lies in the range, where they are gathered with one load each.
+    """
+    m = tl.full((), float("-inf"), tl.float32)
+    mref = tl.zeros((), tl.float32)
+    s = tl.zeros((), tl.float32)
+    T = tl.zeros((), tl.float32)
+    W = tl.zeros((), tl.float32)
+    idx = tl.zeros((), tl.int32) + start
+    for off in range(start, end, BLOCK_V):
+        cols = off + tl.arange(0, BLOCK_V)
+        mask = cols < end
+        x, _ = _load_x(row_ptr + cols, mask, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP, EVICT)
+        w = x  # unused without class weights
+        if HAS_WEIGHT and HAS_SMOOTHING:
+            w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+        if HAS_ARGMAX:
+            idx = _argmax_update(x, cols, m, idx)
+        m, s, T, W, mref = _stats_update(x, cols, mask, w, m, s, T, W, mref, HAS_WEIGHT,
+                                         HAS_SMOOTHING)
+    here = (t_loc >= start) & (t_loc < end)
+    t_safe = tl.where(here, t_loc, start)
+    x_t = tl.load(row_ptr + t_safe, mask=here, other=0.0).to(tl.float32)
+    x_t, _ = _transform(x_t, logit_scale, softcap, HAS_SCALE, HAS_SOFTCAP)
+    x_t = tl.where(here, x_t, 0.0)
+    if HAS_WEIGHT:
+        w_t = tl.load(weight_ptr + t_safe, mask=here, other=0.0)
+    else:
+        w_t = here.to(tl.float32)
+    return m, s, T, W, x_t, w_t, idx
+
+
+@triton.jit
+def _merge_parts(stats_ptr, stride_f, base, part_mask, parts,
+                 HAS_SMOOTHING: tl.constexpr, NEED_T: tl.constexpr):
+    """Log-sum-exp merge of the partials stored at ``stats_ptr + f * stride_f + base + k``.
+
+    Returns ``(M, s, T, W)``; ``W`` only with smoothing and ``T`` only when ``NEED_T`` too (zero
+    otherwise): each program reads only the fields it uses.
+    """
+    ptr = stats_ptr + base + parts
+    m_k = tl.load(ptr + F_M * stride_f, mask=part_mask, other=float("-inf"))
+    s_k = tl.load(ptr + F_S * stride_f, mask=part_mask, other=0.0)
+    M = tl.max(m_k, axis=0)
+    mref = tl.where(M == float("-inf"), 0.0, M)
+    mref_k = tl.where(m_k == float("-inf"), 0.0, m_k)
+    s = tl.sum(s_k * tl.exp(m_k - mref), axis=0)  # an all -inf part: exp(-inf) = 0
+    T = tl.zeros((), tl.float32)
+    W = tl.zeros((), tl.float32)
+    if HAS_SMOOTHING:
+        W_k = tl.load(ptr + F_W * stride_f, mask=part_mask, other=0.0)
+        W = tl.sum(W_k, axis=0)
+        if NEED_T:
+            T_k = tl.load(ptr + F_T * stride_f, mask=part_mask, other=0.0)
+            # A part whose W_k is 0 adds nothing, also when its shift is -inf (no 0 * inf).
+            T = tl.sum(T_k + tl.where(W_k == 0.0, 0.0, W_k * (mref - mref_k)), axis=0)
+    return M, s, T, W
+
+
+@triton.jit
+def _sum_field(stats_ptr, stride_f, base, part_mask, parts, FIELD: tl.constexpr):
+    """Sum of one field over a row's partials (x_t and w_t: only their owner's is non-zero)."""
+    return tl.sum(tl.load(stats_ptr + FIELD * stride_f + base + parts, mask=part_mask, other=0.0),
+                  axis=0)
+
+
+@triton.jit
+def _row_loss(M, s, T, W, x_t, w_t, is_ignored, is_invalid, V, label_smoothing, z_loss,
+              HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr):
+    """``(ce, z, lse)`` of a row from its merged statistics (max subtracted first)."""
+    mref = tl.where(M == float("-inf"), 0.0, M)
+    log_s = tl.log(s)
+    lse = M + log_s
+    ce = w_t * ((mref - x_t) + log_s)
+    if HAS_SMOOTHING:
+        ce = (1.0 - label_smoothing) * ce + (label_smoothing / V) * (T + W * log_s)
+    if HAS_Z_LOSS:
+        z = z_loss * lse * lse
+    else:
+        z = tl.zeros((), tl.float32)
+    ce = tl.where(is_ignored, 0.0, tl.where(is_invalid, float("nan"), ce))
+    z = tl.where(is_ignored, 0.0, tl.where(is_invalid, float("nan"), z))
+    return ce, z, lse
+
+
+@triton.jit
+def _grad_coefs(D_ce, D_z, w_t, W, lse, g, g_lse, is_ignored, V, label_smoothing, z_loss,
+                HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr):
+    """Per-row coefficients of ``dL/dx_c = p_c coef_p - coef_t [c == t] - coef_w w_c``. An
+    ignored row has no loss terms (only the aux lse's ``g_lse p_c``)."""
+    ce_scale = tl.where(is_ignored, 0.0, g / D_ce)
+    one_minus_eps = 1.0 - label_smoothing
+    coef_t = ce_scale * one_minus_eps * w_t
+    coef_p = coef_t + g_lse
+    coef_w = ce_scale * 0.0
+    if HAS_SMOOTHING:
+        coef_w = ce_scale * (label_smoothing / V)
+        coef_p += coef_w * W
+    if HAS_Z_LOSS:
+        # d(z_loss lse^2)/dx_c = 2 z_loss lse p_c
+        coef_p += tl.where(is_ignored, 0.0, g / D_z) * 2.0 * z_loss * lse
+    return coef_p, coef_t, coef_w
+
+
+@triton.jit
+def _grad_block(x, dcap, cols, mask, w, t_loc, mref, inv_s, coef_p, coef_t, coef_w,
+                zero_row, is_invalid,
+                HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SCALE: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr):
+    """dL/dx_raw of one block of a row (fp32)."""
+    p = tl.exp(x - mref) * inv_s
+    g = p * coef_p
+    if HAS_SMOOTHING:
+        if HAS_WEIGHT:
+            g -= coef_w * w
+        else:
+            g -= coef_w
+    # The target column in fp32, before rounding: p_t - 1 cancels badly in bf16.
+    g = tl.where(cols == t_loc, g - coef_t, g)
+    if HAS_SCALE or HAS_SOFTCAP:
+        g *= dcap
+    return tl.where(zero_row, 0.0, tl.where(is_invalid, float("nan"), g))
+
+
+@triton.jit
+def _write_grad(row_ptr, grad_row_ptr, weight_ptr, start, end, t_loc, zero_row, is_invalid,
+                mref, inv_s, coef_p, coef_t, coef_w, logit_scale, softcap,
+                BLOCK_V: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+    """Gradient sweep over columns ``[start, end)``: reads each block once, writes it once.
+
+    A ``zero_row`` (ignored, and no aux lse gradient) gets zeros whatever its logits: they are
+    not read (masked-off lanes move no data). With an in-place gradient
+    ``grad_row_ptr == row_ptr``: each block is read before it is written, by this program only.
+    """
+    read_end = tl.where(zero_row, start, end)
+    for off in range(start, end, BLOCK_V):
+        cols = off + tl.arange(0, BLOCK_V)
+        mask = cols < end
+        x, dcap = _load_x(row_ptr + cols, cols < read_end, logit_scale, softcap, HAS_SCALE,
+                          HAS_SOFTCAP, "evict_first")
+        w = x
+        if HAS_WEIGHT and HAS_SMOOTHING:
+            w = tl.load(weight_ptr + cols, mask=tl.where(zero_row, False, mask), other=0.0)
+        g = _grad_block(x, dcap, cols, mask, w, t_loc, mref, inv_s, coef_p, coef_t, coef_w,
+                        zero_row, is_invalid, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP)
+        _round_store(grad_row_ptr + cols, g, mask, EMULATE_RTNE, "evict_first")
+
+
+@triton.jit
+def _store_row(row, ce, z, lse, M, s, T, W, x_t, w_t, idx,
+               ce_ptr, z_ptr, lse_ptr, stats_ptr, stride_stats_f, argmax_ptr, loss_rows_ptr,
+               REDUCTION: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_ARGMAX: tl.constexpr,
+               WRITE_STATS: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+    """Per-row outputs: ce and z (fp32, summed by the finalize kernel), lse, the loss row in the
+    output dtype (``"none"``), the argmax, and the merged statistics a backward recompute needs."""
+    tl.store(ce_ptr + row, ce)
+    tl.store(z_ptr + row, z)
+    tl.store(lse_ptr + row, lse)
+    if REDUCTION == RED_NONE:
+        total = ce
+        if HAS_Z_LOSS:
+            total = ce + z
+        _round_store(loss_rows_ptr + row, total, True, EMULATE_RTNE, "")
+    if HAS_ARGMAX:
+        tl.store(argmax_ptr + row, idx.to(tl.int64))
+    if WRITE_STATS:
+        tl.store(stats_ptr + F_M * stride_stats_f + row, M)
+        tl.store(stats_ptr + F_S * stride_stats_f + row, s)
+        tl.store(stats_ptr + F_T * stride_stats_f + row, T)
+        tl.store(stats_ptr + F_W * stride_stats_f + row, W)
+        tl.store(stats_ptr + F_XT * stride_stats_f + row, x_t)
+        tl.store(stats_ptr + F_WT * stride_stats_f + row, w_t)
