@@ -322,6 +322,79 @@ def group_compiled(rank, world, group, mesh):
         dist.all_gather = real
 
 
+class CollectiveLog:
+    """Counts the pipeline's all-reduces (op, elements, bytes) and the agreement's all_gathers,
+    by patching ``triton_xent.parallel.all_reduce`` and ``dist.all_gather`` (both looked up at
+    call time)."""
+
+    def __init__(self):
+        import triton_xent.parallel as parallel
+
+        self.parallel, self.reduces, self.gathers = parallel, [], 0
+        self._reduce, self._gather = parallel.all_reduce, dist.all_gather
+
+    def __enter__(self):
+        def reduce(t, op, group):
+            self.reduces.append((op, t.numel(), t.numel() * t.element_size()))
+            return self._reduce(t, op, group)
+
+        def gather(*a, **k):
+            self.gathers += 1
+            return self._gather(*a, **k)
+
+        self.parallel.all_reduce, dist.all_gather = reduce, gather
+        return self
+
+    def __exit__(self, *exc):
+        self.parallel.all_reduce, dist.all_gather = self._reduce, self._gather
+
+    def take(self):
+        out, self.reduces, self.gathers = (self.reduces, self.gathers), [], 0
+        return out
+
+
+@part(2)
+def group_collective_budget(rank, world, group, mesh):
+    """The communication docs/scaling.md states, counted: per cross_entropy forward a MAX of N
+    values and one SUM of 5 N (24 B per row in fp32), nothing in the backward; one all_gather the
+    first time a configuration is seen, none after, one per call with validate=True; the fused
+    head: per chunk the same two, plus one all-reduce of the weighted mean's denominator and one
+    of d(input) (N x D, the input's dtype); reduction="none" all-reduces d(input) in the backward."""
+    sizes, N, D = [19, 18], 12, 5
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    x, t, w = problem((N, sum(sizes)), seed=81, weight=True)
+    x = x.float()
+    xs = x[:, lo:hi].clone().requires_grad_()
+    with CollectiveLog() as log:
+        loss = triton_xent.cross_entropy(xs, t, w[lo:hi].float(), label_smoothing=0.1, process_group=group)
+        assert log.take() == ([("max", N, 4 * N), ("sum", 5 * N, 20 * N)], 1)
+        loss.backward()
+        assert log.take() == ([], 0)
+        triton_xent.cross_entropy(xs, t, w[lo:hi].float(), label_smoothing=0.1, process_group=group)
+        assert log.take()[1] == 0  # agreed already: no exchange, no host sync
+        triton_xent.cross_entropy(xs, t, w[lo:hi].float(), label_smoothing=0.1, process_group=group,
+                                  validate=True)
+        assert log.take()[1] == 1
+        h = torch.randn(N, D, generator=_gen(82)).requires_grad_()
+        W = torch.randn(hi - lo, D, generator=_gen(83 + rank)).requires_grad_()
+        loss = triton_xent.linear_cross_entropy(h, W, t, weight=w[lo:hi].float(), chunk_size=5,
+                                                skip_ignored=False, process_group=group)
+        chunks = -(-N // 5)
+        reduces, gathers = log.take()
+        assert gathers == 1
+        assert reduces == [("sum", 1, 4)] + [("max", n, 4 * n) if i % 2 == 0 else ("sum", 5 * n, 20 * n)
+                                             for n in (5, 5, 2) for i in range(2)] + [("sum", N * D, 4 * N * D)], reduces
+        assert chunks == 3
+        loss.backward()
+        assert log.take() == ([], 0)
+        loss = triton_xent.linear_cross_entropy(h, W, t, reduction="none", chunk_size=N,
+                                                skip_ignored=False, process_group=group)
+        reduces = log.take()[0]
+        assert reduces == [("max", N, 4 * N), ("sum", 5 * N, 20 * N)], reduces
+        loss.sum().backward()
+        assert log.take()[0] == [("sum", N * D, 4 * N * D)]
+
+
 # ------------------------------------------------------------------------------------------------
 # Item: DTensor arguments
 # ------------------------------------------------------------------------------------------------
