@@ -482,7 +482,7 @@ def dt_ce(rank, mesh, *, V, rows=(9,), layout="torch", dtype=torch.float64, prob
 
 
 def dt_linear(rank, mesh, *, V, N=9, D=6, dtype=torch.float64, hidden="plain", bias=False,
-              weight=None, seed=0, head=None, batch=None, **opts):
+              weight=None, seed=0, batch=None, aux=False, loss_dtype=None, **opts):
     """linear_cross_entropy with the head a DTensor sharded Shard(0) (ColwiseParallel) on
     ``mesh`` (its last dim shards, others replicate), hidden states plain or a replicated
     DTensor: loss, d(hidden) in the hidden states' form, the head's gradient in its own."""
@@ -507,15 +507,21 @@ def dt_linear(rank, mesh, *, V, N=9, D=6, dtype=torch.float64, hidden="plain", b
            "shard": distribute_tensor(w, mesh, head, src_data_rank=None) if w is not None else None}[weight]
     tin = t if batch is None else t.view(batch)
     hcall = hin if batch is None else hin.view(*batch, D)
-    loss = triton_xent.linear_cross_entropy(hcall, Wd, tin, linear_bias=bd, weight=win, chunk_size=4,
-                                            **opts)
+    out = triton_xent.linear_cross_entropy(hcall, Wd, tin, linear_bias=bd, weight=win, chunk_size=4,
+                                           return_aux=aux, loss_dtype=loss_dtype, **opts)
+    loss = out[0] if aux else out
     xr, Wr = hid.double().requires_grad_(), Wf.double().requires_grad_()
     br = bf.double().requires_grad_() if bias else None
-    ref = cross_entropy_reference(F.linear(xr, Wr, br), t, w, **opts)
+    ref, lse, _ = cross_entropy_reference(F.linear(xr, Wr, br), t, w, return_aux=True, **opts)
     if batch is not None and ref.dim():
         ref = ref.view(batch)
     assert isinstance(loss, DTensor) and all(isinstance(p, Replicate) for p in loss.placements)
+    assert loss.dtype == (loss_dtype or dtype)
     check("loss", loss.to_local(), ref, TOL[dtype][0])
+    if aux:
+        assert isinstance(out[1].lse, DTensor) and out[1].lse.placements == loss.placements
+        kept = (t != IGNORE).view(-1)  # skipped ignored rows have lse = 0
+        check("lse", out[1].lse.to_local().reshape(-1)[kept], lse[kept], 2e-5)
     gup = upstream(ref, seed)
     loss.backward(DTensor.from_local(gup.to(dtype), mesh, rep, run_check=False))
     ref.backward(gup)
@@ -573,7 +579,8 @@ def dtensor_three_ranks(rank, world, group, mesh):
         together(group, dt_ce, rank, mesh, V=37, sizes=[20, 0, 17], backward=False, **kw)
     for kw in (dict(), dict(hidden="dtensor", bias=True, weight="plain", label_smoothing=0.1),
                dict(hidden="dtensor", weight="shard", reduction="none", z_loss=1e-3, softcap=3.0),
-               dict(bias=True, reduction="sum", divisor=5.0, batch=(3, 3)),
+               dict(bias=True, reduction="sum", divisor=5.0, batch=(3, 3), aux=True),
+               dict(dtype=torch.float32, loss_dtype=torch.float64, weight="shard", aux=True),
                dict(V=4, bias=True, label_smoothing=0.1)):
         together(group, dt_linear, rank, mesh, **{"V": 37, **kw})
 
