@@ -102,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--list-cases", action="store_true", help="print the cases and exit")
     p.add_argument("--replot", metavar="DIR", help="redraw the PNGs and tables of DIR/results.csv "
                    "(a finished run) and exit")
+    p.add_argument("--traffic", action="store_true",
+                   help="count bytes per logit and launches of every path under the Triton "
+                   "interpreter (no GPU needed; see bench/traffic.py) and exit")
     return p
 
 
@@ -280,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         for p in PROVIDERS.values():
             print(f"{p.name:<24} {', '.join(p.ops):<36} {p.doc}")
         return 0
+    if args.traffic:
+        from bench import traffic
+
+        return traffic.run_in_interpreter(["--out", args.out] if args.out else [])
     if args.replot:
         return _replot(args.replot, args.baseline, args.no_plots)
     device = args.device

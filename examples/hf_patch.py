@@ -1,18 +1,19 @@
 """triton_xent in a Hugging Face model: ``patch(model)`` and the same loss and gradients.
 
-    pip install transformers
+    pip install "triton-xent[hf]"
     python examples/hf_patch.py             # CUDA if there is one, else the CPU
     python examples/hf_patch.py --quick     # tiny shapes (tests)
 
 Builds a small randomly initialised ``LlamaForCausalLM`` (nothing is downloaded), computes the
 training loss and every parameter's gradient with the model as it is, then with
-``patch(model, fused=True)`` (hidden states and ``lm_head.weight`` go to
+``patch(model, fused=True)`` (in training, the LM head's input and weight go to
 ``triton_xent.linear_cross_entropy``: no logits) and ``patch(model, fused=False)`` (logits kept,
 loss by ``triton_xent.cross_entropy``), on a padded batch, with and without
-``num_items_in_batch``. Exits with status 1 on a mismatch. With a real checkpoint::
+``num_items_in_batch``; then checks that evaluation (``model.eval()``, labels given) returns the
+model's logits and loss. Exits with status 1 on a mismatch. With a real checkpoint::
 
-    model = AutoModelForCausalLM.from_pretrained(name)
-    patch(model)                     # then train as usual, e.g. with transformers.Trainer
+    model = patch(AutoModelForCausalLM.from_pretrained(name))   # or apply("llama") before it
+    # then train as usual, e.g. with transformers.Trainer (see examples/hf_trainer.py)
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def main() -> int:
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
                          intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
                          num_attention_heads=4, num_key_value_heads=2)
-    model = LlamaForCausalLM(config).to(args.device)
+    model = LlamaForCausalLM(config).to(args.device).train()  # fused while training
     dev = model.device
 
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=dev)
@@ -79,11 +80,14 @@ def main() -> int:
                   f"  max rel grad diff {d_grad:.1e}  ({logits})")
             ok &= d_loss <= 1e-5 * max(1.0, abs(ref_out.loss.item())) and d_grad <= 1e-4
 
-    # Without labels the patched model is the model: logits for evaluation and generation.
-    patched = patch(copy.deepcopy(model))
+    # Evaluation (labels given) and calls without labels build the logits, as the model does.
+    patched = patch(copy.deepcopy(model)).eval()
+    model.eval()
     with torch.no_grad():
-        same = torch.allclose(patched(input_ids=ids).logits, model(input_ids=ids).logits)
-    print(f"\nwithout labels, patched logits equal the model's: {same}")
+        out, ref_out = patched(**batch), model(**batch)
+        same = torch.allclose(out.logits, ref_out.logits) and torch.allclose(out.loss, ref_out.loss)
+        same &= torch.allclose(patched(input_ids=ids).logits, model(input_ids=ids).logits)
+    print(f"\nmodel.eval(): patched logits and loss equal the model's: {same}")
     ok &= same
     unpatch(patched)
 

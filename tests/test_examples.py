@@ -57,3 +57,24 @@ def test_tensor_parallel():
 def test_hf_patch():
     out = run_example("hf_patch.py")
     assert "OK: same loss and gradients with and without the patch." in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("accelerate") is None,
+                    reason="transformers' Trainer needs accelerate, which is not installed")
+def test_hf_trainer():
+    out = run_example("hf_trainer.py", timeout=300)
+    assert "OK: the Trainer trains the patched model like the model." in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                    reason="transformers is not installed")
+def test_hf_memory():
+    out = run_example("hf_memory.py", timeout=300)
+    assert "OK: the same loss three ways." in out
+    assert "patch(model)  (fused)" in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl is not installed")
+def test_hf_trl_sft():
+    out = run_example("hf_trl_sft.py", timeout=300)
+    assert "OK: triton_xent's SFTTrainer trains like TRL's." in out

@@ -76,7 +76,7 @@ def test_module_divisor_and_scale(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_linear_scale_and_divisor(backend, reduction, small_blocks):
     g = torch.Generator().manual_seed(1)
     N, D, V = 11, 8, 53

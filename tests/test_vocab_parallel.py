@@ -431,6 +431,55 @@ def public_api_process_group(rank, world, group):
     assert rel_err(mod(h, t), cross_entropy_reference(h @ W.T, t)) < 1e-10
 
 
+@part(3)
+def aux_outputs_and_second_order(rank, world, group):
+    """The aux outputs over a sharded vocabulary: the arg-max (the first maximal class when the
+    maximum sits on several ranks), the accuracy, a gradient through aux.lse; a second
+    derivative raises on every rank."""
+    sizes = [13, 12, 12]
+    V = sum(sizes)
+    lo, hi = _bounds(sizes, rank)
+    g = torch.Generator().manual_seed(21)
+    x = torch.randint(-3, 4, (7, V), generator=g).double()  # integer logits: ties
+    x[0, [30, 5, 20]] = 9.0  # the maximum on every rank: class 5 (rank 0)
+    x[1, [36, 14]] = 9.0  # on ranks 1 and 2: class 14
+    x[2] = 0.0  # all tied: class 0
+    t = torch.randint(0, V, (7,), generator=g)
+    t[3], t[4] = IGNORE, int(x[4].argmax())
+    kept = t != IGNORE
+    want = torch.where(kept, x.argmax(1), -1)
+    acc = ((want == t) & kept).sum() / kept.sum()
+    saved = config.TRITON_BLOCK_V, config.TRITON_NUM_SPLITS
+    config.TRITON_BLOCK_V, config.TRITON_NUM_SPLITS = 8, 2
+    try:
+        for backend, dt in (("torch", torch.float64), ("triton", torch.float32)):
+            xs = x[:, lo:hi].to(dt).clone().requires_grad_()
+            loss, aux = vocab_parallel_cross_entropy(xs, t, return_aux=True, return_argmax=True,
+                                                     backend=backend, process_group=group)
+            assert torch.equal(aux.argmax, want), (backend, aux.argmax, want)
+            assert abs(float(aux.accuracy) - float(acc)) < 1e-7
+            (loss + aux.lse.square().sum()).backward()
+            xr = x.clone().requires_grad_()
+            ref, lse, _ = cross_entropy_reference(xr, t, return_aux=True)
+            (ref + lse.square().sum()).backward()
+            assert rel_err(xs.grad, xr.grad[:, lo:hi]) <= TOL[dt][1], backend
+    finally:
+        config.TRITON_BLOCK_V, config.TRITON_NUM_SPLITS = saved
+    h = torch.randn(7, 5, dtype=torch.float64, generator=g)
+    W = torch.randn(V, 5, dtype=torch.float64, generator=g)
+    _, aux = vocab_parallel_linear_cross_entropy(h, W[lo:hi], t, return_aux=True,
+                                                 return_argmax=True, process_group=group)
+    assert torch.equal(aux.argmax, torch.where(kept, (h @ W.T).argmax(1), -1))
+    xs = x[:, lo:hi].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(xs, t, process_group=group)
+    with pytest.raises(RuntimeError, match="second derivative"):
+        torch.autograd.grad(loss, xs, create_graph=True)
+    hs = h.clone().requires_grad_()
+    loss = vocab_parallel_linear_cross_entropy(hs, W[lo:hi], t, process_group=group)
+    with pytest.raises(RuntimeError, match="second derivative"):
+        torch.autograd.grad(loss, hs, create_graph=True)
+
+
 # ------------------------------------------------------------------------------------------------
 # Tests
 # ------------------------------------------------------------------------------------------------

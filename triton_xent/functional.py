@@ -22,15 +22,46 @@ from .pipeline import Call
 
 
 class CrossEntropyAux(NamedTuple):
-    """Extra outputs of ``return_aux=True``, for logging; they carry no gradient.
+    """Extra outputs of ``return_aux=True``, computed in the same pass as the loss.
 
     ``lse``: float32 (float64 for float64 input) log-sum-exp of each row, shaped like a
-    ``reduction="none"`` loss (after ``softcap``). ``z_loss``: the z-loss part of the loss,
-    reduced like the loss (zero when ``z_loss=0``).
+    ``reduction="none"`` loss (after ``logit_scale`` and ``softcap``; ignored rows included). It
+    is differentiable: a z-loss or any function of it can be added to the loss and
+    backpropagated (one more pass over the logits in the backward).
+    ``z_loss``: the z-loss part of the loss, reduced like the loss (zero when ``z_loss=0``),
+    differentiable too.
+    ``argmax`` and ``accuracy`` (``return_argmax=True``, else None): the predicted class of each
+    row (int64, shaped like ``lse``; the first maximal class on a tie, as ``torch.argmax``, of
+    the logits as the loss sees them, after ``logit_scale`` and ``softcap``; -1 on rows whose
+    target is ``ignore_index``), and the token accuracy, the fraction of the kept rows whose
+    prediction is the target (0-d, ``lse``'s dtype; NaN when every row is ignored, not
+    class-weighted; None for class-probability targets).
     """
 
     lse: torch.Tensor
     z_loss: torch.Tensor
+    argmax: torch.Tensor | None = None
+    accuracy: torch.Tensor | None = None
+
+
+def predictions(argmax: torch.Tensor, target: torch.Tensor, ignore_index: int, probs: bool,
+                dtype: torch.dtype):
+    """``(argmax, accuracy)`` of the aux tuple from the rows' arg-max (``target`` as rows)."""
+    if probs:
+        return argmax, None
+    kept = target != ignore_index
+    argmax = torch.where(kept, argmax, torch.full_like(argmax, -1))
+    accuracy = ((argmax == target) & kept).sum().to(dtype) / kept.sum().to(dtype)
+    return argmax, accuracy
+
+
+def check_return_argmax(return_argmax, return_aux) -> None:
+    if not isinstance(return_argmax, bool):
+        raise V.CrossEntropyInputError(f"return_argmax={return_argmax!r} must be a bool.")
+    if return_argmax and not return_aux:
+        raise V.CrossEntropyInputError(
+            "return_argmax=True fills CrossEntropyAux.argmax and .accuracy: pass return_aux=True "
+            "too (the call then returns (loss, aux)).")
 
 
 class _Args(NamedTuple):
@@ -86,17 +117,24 @@ _LOCAL_ERRORS = (V.CrossEntropyInputError, BackendUnavailableError, ValueError, 
 
 
 def _build_call(input, target, weight, ignore_index, a, return_aux, inplace_backward, backend,
-                validate, logit_scale, sharded):
+                validate, logit_scale, sharded, return_argmax=False):
     """The validated call, as rows: ``(Call, Problem)``, or ``(None, Problem)`` when there are
     no classes at all (one process)."""
     p = _prepare(input, target, weight, ignore_index, a.reduction, a.label_smoothing, a.z_loss,
                  a.softcap, validate, sharded)
     if p.logits.shape[1] == 0 and not sharded:
         return None, p
-    if p.weight is not None and p.weight.requires_grad and torch.is_grad_enabled():
+    if p.probs and ignore_index != -100:
         raise V.CrossEntropyInputError(
-            "weight requires grad, but cross-entropy is not differentiated with respect to the "
-            "class weights (PyTorch raises too: 'the derivative for weight is not implemented'). "
+            f"ignore_index={ignore_index} with class-probability targets: PyTorch refuses it "
+            "too ('ignore_index is not supported for floating point target'), as no row has a "
+            "class to compare. Drop ignore_index, or pass class indices.")
+    if (p.weight is not None and not p.probs and p.weight.requires_grad
+            and torch.is_grad_enabled()):
+        raise V.CrossEntropyInputError(
+            "weight requires grad, but cross-entropy with class-index targets is not "
+            "differentiable with respect to the class weights (PyTorch raises too: "
+            "'nll_loss_forward is not differentiable with respect to argument weight'). "
             "Pass weight.detach()."
         )
     choice = choose_backend(p.logits, probs=p.probs, backend=backend)
@@ -108,7 +146,7 @@ def _build_call(input, target, weight, ignore_index, a, return_aux, inplace_back
     opts = CEOptions(ignore_index, a.reduction, float(a.label_smoothing), float(a.z_loss),
                      None if a.softcap is None else float(a.softcap),
                      None if logit_scale is None else float(logit_scale), a.inv_divisor,
-                     all_rows=bool(return_aux))
+                     all_rows=bool(return_aux), argmax=bool(return_argmax))
     call = Call(logits, p.target, p.weight, a.divisor, opts, choice.backend, p.probs,
                 a.loss_dtype or input.dtype)
     return call, p
@@ -134,7 +172,8 @@ def _with_shard(call, group, error, input, validate):
     return call._replace(shard=shard)
 
 
-def _no_classes(p, input, ignore_index, reduction, z_loss, loss_dtype, return_aux, div_t, inv_div):
+def _no_classes(p, input, ignore_index, reduction, z_loss, loss_dtype, return_aux, div_t, inv_div,
+                return_argmax=False):
     """C=0: PyTorch's results, with nothing for a backend to compute. A row's loss is 0 when its
     target is ignored (or for probabilities: an empty sum), NaN for an unchecked out-of-range
     target; ``"mean"`` is NaN (0/0, as PyTorch); the gradient is empty."""
@@ -151,7 +190,12 @@ def _no_classes(p, input, ignore_index, reduction, z_loss, loss_dtype, return_au
     loss = loss.to(loss_dtype or input.dtype)
     if return_aux:
         lse = torch.full(p.batch_shape, float("-inf"), dtype=cdt, device=rows.device)
-        return loss, CrossEntropyAux(lse, torch.zeros_like(loss, dtype=cdt).detach())
+        aux = CrossEntropyAux(lse, torch.zeros_like(loss, dtype=cdt).detach())
+        if return_argmax:  # no class to predict
+            am, acc = predictions(torch.full_like(p.target, -1), p.target, ignore_index, p.probs,
+                                  cdt)
+            aux = aux._replace(argmax=am.view(p.batch_shape), accuracy=acc)
+        return loss, aux
     return loss
 
 
@@ -169,6 +213,7 @@ def cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     return_aux: bool = False,
+    return_argmax: bool = False,
     inplace_backward: bool = False,
     backend: str | None = None,
     validate: bool | None = None,
@@ -202,7 +247,11 @@ def cross_entropy(
         z_loss: coefficient of ``lse**2`` added per kept row (PaLM's auxiliary loss); with
             ``"mean"`` it is averaged over the kept rows and not class-weighted.
         softcap: logits become ``softcap * tanh(logits / softcap)`` first (Gemma 2).
-        return_aux: also return :class:`CrossEntropyAux` (per-row lse, z-loss term).
+        return_aux: also return :class:`CrossEntropyAux`: per-row lse and the z-loss term,
+            both differentiable.
+        return_argmax: with ``return_aux``, also fill ``aux.argmax`` (each row's predicted
+            class) and ``aux.accuracy`` (token accuracy over the kept rows), computed in the
+            same pass (the kernels track the arg-max with the maximum). Off by default.
         inplace_backward: write the gradient over ``input``'s storage (no N x C buffer).
             ``input`` must not be read after the call, nor be a tensor that the op producing it
             saved for its own backward (a matmul's output is fine). Eager only.
@@ -245,8 +294,10 @@ def cross_entropy(
         a = _check_args(input, ignore_index, size_average, reduce, reduction, label_smoothing,
                         z_loss, softcap, validate, process_group, loss_dtype, divisor, logit_scale,
                         backend)
+        check_return_argmax(return_argmax, return_aux)
         call, p = _build_call(input, target, weight, ignore_index, a, return_aux,
-                              inplace_backward, backend, validate, logit_scale, group is not None)
+                              inplace_backward, backend, validate, logit_scale, group is not None,
+                              return_argmax)
     except _LOCAL_ERRORS as exc:
         if group is None:
             raise
@@ -255,13 +306,17 @@ def cross_entropy(
         call = _with_shard(call, group, error, input, validate)
     elif call is None:
         return _no_classes(p, input, ignore_index, a.reduction, a.z_loss, a.loss_dtype,
-                           return_aux, a.divisor, a.inv_divisor)
-    loss, lse, z_term, _ = run(call, inplace=bool(inplace_backward))
+                           return_aux, a.divisor, a.inv_divisor, return_argmax)
+    loss, lse, z_term, argmax = run(call, inplace=bool(inplace_backward))
     if a.reduction == "none":
         loss = loss.view(p.batch_shape)
         z_term = z_term.view(p.batch_shape)
     if return_aux:
-        return loss, CrossEntropyAux(lse.view(p.batch_shape), z_term)
+        aux = CrossEntropyAux(lse.view(p.batch_shape), z_term)
+        if return_argmax:
+            am, acc = predictions(argmax, call.target, ignore_index, call.probs, lse.dtype)
+            aux = aux._replace(argmax=am.view(p.batch_shape), accuracy=acc)
+        return loss, aux
     return loss
 
 
@@ -278,6 +333,7 @@ def explain(
     z_loss: float = 0.0,
     softcap: float | None = None,
     return_aux: bool = False,
+    return_argmax: bool = False,
     inplace_backward: bool = False,
     backend: str | None = None,
     validate: bool | None = None,
@@ -302,6 +358,7 @@ def explain(
     a = _check_args(input, ignore_index, size_average, reduce, reduction, label_smoothing, z_loss,
                     softcap, validate, process_group, loss_dtype, divisor, logit_scale,
                     backend)
+    check_return_argmax(return_argmax, return_aux)
     world = world_size(process_group)
     p = _prepare(input, target, weight, ignore_index, a.reduction, a.label_smoothing, a.z_loss,
                  a.softcap, validate, sharded=world > 1)

@@ -17,7 +17,7 @@ from . import dtensor, parallel
 from ._options import CEOptions
 from .backends.torch_linear import default_chunk_rows
 from .dispatch import BackendUnavailableError, choose_backend, requested_backend, serialised
-from .functional import CrossEntropyAux, cross_entropy
+from .functional import CrossEntropyAux, check_return_argmax, cross_entropy, predictions
 from .linear_autograd import LinearCall, run
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -168,7 +168,8 @@ def _linear_probs(input, linear_weight, target, linear_bias, weight, reduction, 
     loss, aux = out
     loss = loss.view(batch_shape) if reduction == "none" else loss
     z = aux.z_loss.view(batch_shape) if reduction == "none" else aux.z_loss
-    return loss, CrossEntropyAux(aux.lse.view(batch_shape), z)
+    am = None if aux.argmax is None else aux.argmax.view(batch_shape)
+    return loss, CrossEntropyAux(aux.lse.view(batch_shape), z, am, aux.accuracy)
 
 
 @serialised
@@ -185,6 +186,7 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     return_aux: bool = False,
+    return_argmax: bool = False,
     chunk_size: int | None = None,
     chunk_bytes: int | None = None,
     accum_dtype: torch.dtype | None = None,
@@ -222,11 +224,14 @@ def linear_cross_entropy(
             cost no GEMM (see ``skip_ignored``). None means -100, as in torch.
         label_smoothing, z_loss, softcap: as in :func:`triton_xent.cross_entropy` (softcap acts
             on the logits, bias included).
-        return_aux: also return :class:`CrossEntropyAux` (per-row lse, z-loss term). Skipped
-            ignored rows have ``lse = 0``.
+        return_aux: also return :class:`CrossEntropyAux` (per-row lse and z-loss term, both
+            differentiable). Ignored rows skipped by ``skip_ignored`` have ``lse = 0`` (a
+            constant: no gradient); the others their log-sum-exp.
+        return_argmax: with ``return_aux``, also fill ``aux.argmax`` and ``aux.accuracy``
+            (see :class:`CrossEntropyAux`), tracked with the maximum in the same pass.
         chunk_size: rows per chunk. Default: as many as fit ``chunk_bytes``.
         chunk_bytes: bytes of the ``(chunk, V)`` logits buffer. Default: a fifth of the
-            gradients' bytes, between 32 MiB and 1 GiB (832 rows at N=8192, D=4096, V=128256
+            gradients' bytes, between 128 MiB and 1 GiB (832 rows at N=8192, D=4096, V=128256
             in bf16). Pass one of ``chunk_size``, ``chunk_bytes``.
         accum_dtype: dtype of the dW accumulator. None (default): the weight's dtype: each
             chunk's GEMM accumulates in fp32 and adds its product into dW once (a 16-bit dW is
@@ -276,6 +281,7 @@ def linear_cross_entropy(
         reduction, label_smoothing, z_loss, softcap, ignore_index)
     V.validation_requested(validate)  # a bad value, or environment variable, raises here
     requested_backend(backend)  # likewise
+    check_return_argmax(return_argmax, return_aux)
     # F.linear runs in autocast's dtype, then F.cross_entropy (autocast's fp32 list) in fp32.
     loss_dtype = V.autocast_loss_dtype(input, V.check_loss_dtype(loss_dtype), linear=True)
     group = process_group if parallel.world_size(process_group) > 1 else None
@@ -292,32 +298,39 @@ def linear_cross_entropy(
         _check_linear(input, linear_weight, linear_bias, target)
         return _linear_probs(input, linear_weight, target, linear_bias, weight, reduction,
                              ignore_index, label_smoothing, z_loss=z_loss, softcap=softcap,
-                             return_aux=return_aux, backend=backend, validate=validate,
+                             return_aux=return_aux, return_argmax=return_argmax,
+                             backend=backend, validate=validate,
                              loss_dtype=loss_dtype, divisor=divisor, logit_scale=logit_scale)
     error = lc = need = None
     try:
         lc, need, batch_shape = _build(
             input, linear_weight, linear_bias, target, weight, reduction, ignore_index,
             label_smoothing, z_loss, softcap, chunk_size, chunk_bytes, accum_dtype, skip_ignored,
-            backend, validate, out_dtype, divisor, logit_scale, check_values=group is None)
+            backend, validate, out_dtype, divisor, logit_scale, check_values=group is None,
+            return_aux=return_aux, return_argmax=return_argmax)
     except _LOCAL_ERRORS as exc:
         if group is None:
             raise
         error = exc  # raised on every rank by the agreement below
     if group is not None:
         lc = _with_shard(lc, need, group, error, input, validate)
-    loss, lse, z_term = run(lc, need)
+    loss, lse, z_term, argmax = run(lc, need)
     if reduction == "none":
         loss = loss.view(batch_shape)
         z_term = z_term.view(batch_shape)
     if return_aux:
-        return loss, CrossEntropyAux(lse.view(batch_shape), z_term)
+        aux = CrossEntropyAux(lse.view(batch_shape), z_term)
+        if return_argmax:
+            am, acc = predictions(argmax, lc.target, lc.opts.ignore_index, False, lse.dtype)
+            aux = aux._replace(argmax=am.view(batch_shape), accuracy=acc)
+        return loss, aux
     return loss
 
 
 def _build(input, linear_weight, linear_bias, target, weight, reduction, ignore_index,
            label_smoothing, z_loss, softcap, chunk_size, chunk_bytes, accum_dtype, skip_ignored,
-           backend, validate, out_dtype, divisor, logit_scale, *, check_values: bool):
+           backend, validate, out_dtype, divisor, logit_scale, *, check_values: bool,
+           return_aux: bool = False, return_argmax: bool = False):
     """Validates and normalises one call: ``(LinearCall, need (x, W, b), batch_shape)``."""
     V.check_options(reduction, label_smoothing, z_loss, softcap, ignore_index)
     V.check_logit_scale(logit_scale)
@@ -342,7 +355,8 @@ def _build(input, linear_weight, linear_bias, target, weight, reduction, ignore_
                                      p.x.dtype, linear_weight.dtype, fp32_accum)
     opts = CEOptions(ignore_index, reduction, float(label_smoothing), float(z_loss),
                      None if softcap is None else float(softcap),
-                     None if logit_scale is None else float(logit_scale), inv_div)
+                     None if logit_scale is None else float(logit_scale), inv_div,
+                     all_rows=bool(return_aux), argmax=bool(return_argmax))
     lc = LinearCall(p.x, linear_weight, linear_bias, p.target, p.weight, div_t, opts,
                     choice.backend, out_dtype, chunk_rows, fp32_accum,
                     on_cpu if skip_ignored is None else bool(skip_ignored))

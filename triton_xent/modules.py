@@ -33,6 +33,7 @@ class CrossEntropyLoss(nn.Module):
         z_loss: float = 0.0,
         softcap: float | None = None,
         return_aux: bool = False,
+        return_argmax: bool = False,
         inplace_backward: bool = False,
         backend: str | None = None,
         validate: bool | None = None,
@@ -51,6 +52,7 @@ class CrossEntropyLoss(nn.Module):
         self.z_loss = z_loss
         self.softcap = softcap
         self.return_aux = return_aux
+        self.return_argmax = return_argmax
         self.inplace_backward = inplace_backward
         self.backend = backend
         self.validate = validate
@@ -61,7 +63,8 @@ class CrossEntropyLoss(nn.Module):
         return cross_entropy(
             input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
             label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-            return_aux=self.return_aux, inplace_backward=self.inplace_backward,
+            return_aux=self.return_aux, return_argmax=self.return_argmax,
+            inplace_backward=self.inplace_backward,
             backend=self.backend, validate=self.validate, process_group=self.process_group,
             loss_dtype=self.loss_dtype, divisor=divisor,
             logit_scale=self.logit_scale,
@@ -99,6 +102,7 @@ class LinearCrossEntropyLoss(nn.Module):
         z_loss: float = 0.0,
         softcap: float | None = None,
         return_aux: bool = False,
+        return_argmax: bool = False,
         chunk_size: int | None = None,
         chunk_bytes: int | None = None,
         accum_dtype: torch.dtype | None = None,
@@ -120,6 +124,7 @@ class LinearCrossEntropyLoss(nn.Module):
         self.z_loss = z_loss
         self.softcap = softcap
         self.return_aux = return_aux
+        self.return_argmax = return_argmax
         self.chunk_size = chunk_size
         self.chunk_bytes = chunk_bytes
         self.accum_dtype = accum_dtype
@@ -137,7 +142,8 @@ class LinearCrossEntropyLoss(nn.Module):
             input, self.linear.weight, target, linear_bias=self.linear.bias, weight=self.weight,
             reduction=self.reduction, ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-            return_aux=self.return_aux, chunk_size=self.chunk_size, chunk_bytes=self.chunk_bytes,
+            return_aux=self.return_aux, return_argmax=self.return_argmax,
+            chunk_size=self.chunk_size, chunk_bytes=self.chunk_bytes,
             accum_dtype=self.accum_dtype, skip_ignored=self.skip_ignored, backend=self.backend,
             validate=self.validate, process_group=self.process_group, loss_dtype=self.loss_dtype,
             divisor=divisor, logit_scale=self.logit_scale,

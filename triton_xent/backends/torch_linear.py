@@ -35,7 +35,7 @@ _ROW_ALIGN = 64
 # The default logits chunk: a fifth of the gradients' own bytes, between these bounds (see
 # default_chunk_rows).
 CHUNK_SHARE = 0.2
-CHUNK_MIN_BYTES = 32 << 20
+CHUNK_MIN_BYTES = 128 << 20
 CHUNK_MAX_BYTES = 1 << 30
 # Scratch bytes for the blocked fp32 dW accumulation when no fused mixed-dtype GEMM exists.
 _DW_BLOCK_BYTES = 32 << 20
@@ -54,7 +54,8 @@ def default_chunk_rows(N: int, D: int, V: int, dtype: torch.dtype, *,
 
     ``chunk_bytes`` given: as many rows as fit a ``(rows, V)`` logits buffer of that size.
     Otherwise the buffer gets a fifth of the gradients' own bytes (``dX`` and ``dW``, plus the
-    fp32 accumulator), between 32 MiB and 1 GiB: the extra memory stays within 1.2x the
+    fp32 accumulator), between 128 MiB (GEMMs of at least a few hundred rows, on CPUs too) and
+    1 GiB: at LLM sizes the extra memory stays within 1.2x the
     gradients, and chunks stay large, so the dW update of each chunk's GEMM is compute-bound
     (each chunk re-reads and re-writes ``dW`` once, inside the GEMM). At N=8192, D=4096,
     V=128256 in bf16: 832 rows (204 MiB), 10 chunks. Rows are a multiple of 64 (GEMM tiles)."""

@@ -1,275 +1,245 @@
-"""Hugging Face ``transformers``: compute a ``*ForCausalLM``'s training loss with triton_xent.
+"""Hugging Face ``transformers``: train a causal LM with triton_xent's loss.
 
-``patch(model)`` changes one model instance (not its class) and returns it:
+Three ways in, one mechanism:
 
-* ``fused=True`` (default) replaces the instance's ``forward``. With ``labels`` it runs the base
-  model (``model.model``) for the last hidden states and hands them with ``lm_head.weight`` (and
-  bias) to :func:`triton_xent.linear_cross_entropy`, so the ``(tokens, vocab)`` logits are never
-  built; the output's ``logits`` is then ``None``. Without ``labels`` it calls the model's own
-  forward (generation, evaluation without labels). Only models whose forward is exactly "base
-  model, slice by ``logits_to_keep``, ``lm_head``, [Gemma 2's final logit soft-capping],
-  ``ForCausalLMLoss``" are accepted (the Llama layout: Llama, Mistral, Qwen2/3, Gemma, Phi,
-  OLMo, ... and Gemma 2/3 with ``config.final_logit_softcapping`` passed as ``softcap``).
-* ``fused=False`` keeps the logits and only replaces the model's ``loss_function`` (the hook
-  transformers itself offers) by one that calls :func:`triton_xent.cross_entropy` on them. It
-  works for any model whose loss is ``ForCausalLMLoss``, MoE models with an auxiliary loss
-  included; the logits are not upcast to fp32 first (triton_xent computes in fp32 anyway).
+* ``patch(model, ...)``: one model instance (a PEFT model is unwrapped to its base model).
+* ``apply("llama", ...)`` / ``apply(LlamaForCausalLM, ...)``: every instance of the class, also
+  those that ``from_pretrained``, ``from_config``, the ``Trainer``'s ``model_init`` or another
+  library create later; ``revert()`` undoes it.
+* ``AutoTritonXentForCausalLM.from_pretrained(name, ...)`` (and ``from_config``): load with
+  ``AutoModelForCausalLM``, then :func:`patch`.
 
-Both follow ``ForCausalLMLoss``: labels shifted left by one with ``ignore_index`` (-100, or the
-``ignore_index`` keyword) padding the end, or ``shift_labels`` used as given; a mean over the
-kept tokens, or with ``num_items_in_batch`` the sum divided by it (correct gradient
-accumulation, as the ``Trainer`` passes it). The loss is returned as fp32, as transformers does;
-for a bf16/fp16 model its value is rounded to that dtype first (triton_xent returns losses in
-the input's dtype), while the gradients are those of the fp32 loss.
+How it works. The patched ``forward`` is the model's own. Its ``loss_function`` (the hook
+transformers offers) becomes :func:`causal_lm_loss`, which computes transformers'
+``ForCausalLMLoss`` (shift, ``ignore_index``, mean over kept tokens or sum divided by
+``num_items_in_batch``) with :func:`triton_xent.cross_entropy`. In fused mode, a training call
+with labels also never builds the logits: a pre-hook on the LM head records the head's input
+and hands the head zero rows, and the loss function passes the recorded hidden states with the
+head's weight and bias, the model's logit scale and soft-cap to
+:func:`triton_xent.linear_cross_entropy`. Everything else is the model's own code: the base
+model, multimodal inputs, the MoE router loss it adds, its output class (``logits`` is
+``None``). Which models qualify is read from each class's forward (see ``_hf_forward.py``):
+the steps between the head and the loss must be ones the fused op reproduces (none, a logit
+scale such as Cohere's and Granite's, Gemma 2's soft-cap, an fp32 upcast).
 
-transformers is imported only by these functions. Tested with transformers 5.24.
+Fused mode fuses only while ``model.training`` and labels are given; in evaluation the model
+builds its logits (``compute_metrics``, ``predict``) and the loss comes from them, unless
+``eval_logits=False``. A head that is no longer a plain ``nn.Linear`` at call time (a LoRA
+adapter on ``lm_head``, a quantized head) is run as a module and the loss computed from its
+logits, with a warning: an adapter is never skipped.
+
+Files: this one holds the public API; ``_hf_patching.py`` the patched forward, the head capture
+and the patched classes; ``_hf_loss.py`` the loss (fused and from logits); ``_hf_forward.py``
+the reading of a model's forward. transformers is imported only by these functions. Tested
+with transformers 5.24, PEFT 0.21, TRL 1.16.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
-import types
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..functional import cross_entropy
+from . import _hf_loss as L
+from . import _hf_patching as P
+from ._hf_forward import analyze, defining_forward
+from ._hf_loss import LossOptions, causal_lm_loss
 
-_STATE = "_triton_xent_patch"
-
-# *ForCausalLM classes whose forward body is, token for token, LlamaForCausalLM's (first set)
-# or Gemma2ForCausalLM's (second set: the same plus final logit soft-capping), checked in
-# transformers 5.24 by comparing syntax trees. Other classes (MoE models adding a router loss,
-# Cohere/Granite logit scaling, encoder-decoders, ...) are refused by the fused path.
-_LLAMA_LAYOUT = frozenset({
-    "ApertusForCausalLM", "ArceeForCausalLM", "BitNetForCausalLM", "CwmForCausalLM",
-    "DiffLlamaForCausalLM", "DoryForCausalLM", "Emu3ForCausalLM", "Ernie4_5ForCausalLM",
-    "Exaone4ForCausalLM", "GemmaForCausalLM", "Glm4ForCausalLM", "GlmForCausalLM",
-    "HeliumForCausalLM", "HunYuanDenseV1ForCausalLM", "Jais2ForCausalLM", "Lfm2ForCausalLM",
-    "Lfm3ForCausalLM", "LlamaForCausalLM", "Ministral3ForCausalLM", "MinistralForCausalLM",
-    "MistralForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM", "OlmoForCausalLM",
-    "OlmoHybridForCausalLM", "Phi3ForCausalLM", "PhiForCausalLM", "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM", "Qwen3_5ForCausalLM", "SeedOssForCausalLM", "SmolLM3ForCausalLM",
-    "Starcoder2ForCausalLM", "YoutuForCausalLM",
-})
-_SOFTCAP_LAYOUT = frozenset({
-    "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3nForCausalLM", "NanoChatForCausalLM",
-    "VaultGemmaForCausalLM",
-})
+__all__ = [
+    "AutoTritonXentForCausalLM",
+    "AutoTritonXentForImageTextToText",
+    "LossOptions",
+    "apply",
+    "causal_lm_loss",
+    "options_of",
+    "patch",
+    "revert",
+    "unpatch",
+]
 
 
-def patch(model: nn.Module, fused: bool = True) -> nn.Module:
-    """Make a transformers ``*ForCausalLM`` compute its training loss with triton_xent.
+def options_of(model: nn.Module) -> LossOptions | None:
+    """The options a model (or the PEFT model around it) is patched with, or None."""
+    return getattr(P.unwrap(model), P.OPTIONS, None)
 
-    Losses and gradients equal the model's own (within fp32 rounding). Patching a patched model
-    replaces the earlier patch; :func:`unpatch` undoes it.
+
+def patch(
+    model: nn.Module,
+    fused: bool = True,
+    *,
+    eval_logits: bool = True,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    accum_dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> nn.Module:
+    """Make a transformers causal LM compute its loss with triton_xent.
+
+    Losses and gradients equal the model's own (within fp32 rounding) with the default options.
+    Patching again replaces the options; :func:`unpatch` undoes it. The patch changes the
+    instance's class to a subclass of the same name, so it survives ``copy.deepcopy`` and
+    ``torch.save``/``torch.load`` (where triton_xent is importable) and ``save_pretrained``
+    writes the original architecture. Patch before ``torch.compile``; before or after
+    ``get_peft_model`` (a PEFT model is unwrapped).
 
     Args:
-        model: a transformers causal LM, e.g. ``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
-            ``Gemma2ForCausalLM``.
-        fused: ``True``: with labels, never build the logits (``output.logits`` is ``None``;
-            use ``fused=False`` where evaluation needs them). ``False``: keep the logits and
-            replace only the loss.
+        model: a ``*ForCausalLM`` or a multimodal ``*ForConditionalGeneration`` whose forward
+            computes its loss with ``self.loss_function`` (transformers' ``ForCausalLMLoss``),
+            or a PEFT model around one.
+        fused: ``True``: training calls with labels never build the ``(tokens, vocab)`` logits
+            (``output.logits`` is ``None``). ``False``: keep the logits, replace only the loss.
+        eval_logits: fused mode only. ``True`` (default): outside training the model builds
+            its logits (for ``compute_metrics``, ``predict``, generation) and the loss comes
+            from them. ``False``: evaluation with labels is fused too and returns no logits
+            (for ``Trainer(..., args=TrainingArguments(prediction_loss_only=True))``).
+        z_loss: coefficient of ``lse**2`` per kept token (PaLM), reduced like the loss.
+        label_smoothing: in ``[0, 1]``.
+        reduction: ``"mean"`` (transformers': mean over kept tokens, or the sum divided by
+            ``num_items_in_batch`` when the Trainer passes it), ``"sum"`` or ``"none"`` (per
+            token, shaped like the labels, 0 where ignored); the last two refuse
+            ``num_items_in_batch``.
+        chunk_size: fused head: rows per chunk (see :func:`triton_xent.linear_cross_entropy`).
+        accum_dtype: fused head: dtype of the weight-gradient accumulator.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` for the cross-entropy step.
 
     Returns:
-        ``model`` itself, patched.
+        ``model`` itself (the PEFT wrapper when given one), patched.
 
     Raises:
-        ValueError: the model is not a supported causal LM (see the module docstring).
-        RuntimeError: ``fused=True`` but ``triton_xent.linear_cross_entropy`` is missing.
+        ValueError: the model cannot be patched in this mode; the message says why and what
+            to use instead.
 
     Examples::
 
         >>> from triton_xent.integrations.transformers import patch
-        >>> model = patch(AutoModelForCausalLM.from_pretrained(name))
-        >>> model(input_ids=ids, labels=ids).loss.backward()
+        >>> model = patch(AutoModelForCausalLM.from_pretrained(name), z_loss=1e-4)
+        >>> model.train()(input_ids=ids, labels=ids).loss.backward()
     """
-    if getattr(model, _STATE, None) is not None:
-        unpatch(model)
-    causal_lm_loss_fn = _transformers_causal_lm_loss()
-    name = type(model).__name__
-    if getattr(model, "loss_function", None) is not causal_lm_loss_fn:
+    options = L.make_options(fused, eval_logits, z_loss, label_smoothing, reduction, chunk_size,
+                       accum_dtype, backend)
+    base = P.unwrap(model)
+    if "_loss_function" in vars(base):
         raise ValueError(
-            f"{name}'s loss_function is not transformers' ForCausalLMLoss: triton_xent patches "
-            "causal LMs with the standard loss only."
+            f"{type(base).__name__} has its own loss_function: triton_xent replaces "
+            "transformers' ForCausalLMLoss only; remove it (del model._loss_function) first."
         )
-    if not fused:
-        had_own = "_loss_function" in vars(model)
-        previous = vars(model).get("_loss_function")
-        model.loss_function = causal_lm_loss
-        setattr(model, _STATE, ("loss_function", had_own, previous))
-        return model
-
-    # The class that defines the forward decides (a subclass that keeps it is fine).
-    owner = next(c for c in type(model).__mro__ if "forward" in vars(c)).__name__
-    if owner not in _LLAMA_LAYOUT | _SOFTCAP_LAYOUT:
-        raise ValueError(
-            f"patch(fused=True) supports causal LMs with the Llama layout (Llama, Mistral, "
-            f"Qwen2/3, Gemma 1/2/3, Phi, OLMo, ...), not {name} (forward of {owner}). Use "
-            "fused=False to keep the model's forward and replace only its loss."
-        )
-    head = getattr(model, "lm_head", None)
-    if not isinstance(getattr(model, "model", None), nn.Module) or head is None or (
-        type(head).forward is not nn.Linear.forward or not head.weight.is_floating_point()
-    ):
-        raise ValueError(
-            f"{name} has no plain floating-point nn.Linear lm_head next to its base model "
-            "(quantized or adapter-wrapped heads are not supported by the fused path); use "
-            "fused=False."
-        )
-    linear_ce = _linear_cross_entropy()
-    forward = _fused_forward(type(model).forward, linear_ce, softcap=owner in _SOFTCAP_LAYOUT)
-    model.forward = types.MethodType(forward, model)
-    setattr(model, _STATE, ("forward",))
+    cls = P.SUBCLASS_BASE.get(type(base), type(base))
+    P.check_class(cls, options)
+    if type(base) is not P.patched_subclass(cls):
+        base.__class__ = P.patched_subclass(cls)
+    vars(base)[P.OPTIONS] = options
+    layout = analyze(defining_forward(cls)[1]).layout
+    head = getattr(base, layout.head, None) if options.fused else None
+    if P.plain_linear(head):  # now rather than in the first (maybe compiled) call
+        P.ensure_hook(head)
     return model
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Undo :func:`patch` on ``model`` (a no-op on an unpatched model); returns ``model``."""
-    state = vars(model).pop(_STATE, None)
-    if state is None:
-        return model
-    if state[0] == "forward":
-        del model.forward  # the instance attribute; the class's forward shows again
-    else:
-        _, had_own, previous = state
-        if had_own:
-            model.loss_function = previous
-        else:
-            del model._loss_function
+    """Undo :func:`patch` (a no-op on a model it did not patch); returns ``model``.
+
+    A model whose class :func:`apply` patched stays patched through its class; see
+    :func:`revert`.
+    """
+    base = P.unwrap(model)
+    vars(base).pop(P.OPTIONS, None)
+    original = P.SUBCLASS_BASE.get(type(base))
+    if original is not None:
+        base.__class__ = original
+    for module in base.modules():
+        if getattr(module, P.HOOKED, False):
+            P.remove_hook(module)
     return model
 
 
-def causal_lm_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    vocab_size: int,
-    num_items_in_batch: torch.Tensor | int | None = None,
-    ignore_index: int = -100,
-    shift_labels: torch.Tensor | None = None,
-    **kwargs,
-) -> torch.Tensor:
-    """``transformers``' ``ForCausalLMLoss`` computed by :func:`triton_xent.cross_entropy`.
+def apply(*targets, fused: bool = True, **options) -> list[type]:
+    """Patch model classes, so that every instance, also one loaded later, is patched.
 
-    Same signature and result; the other keyword arguments a model forwards are ignored, as
-    transformers does. Usable directly as ``model.loss_function``.
+    Use before ``from_pretrained``, in a ``Trainer``'s ``model_init``, or before a library
+    that loads the model itself. The options are those of :func:`patch`. Per process: call it
+    again where a pickled model is loaded.
+
+    Args:
+        *targets: model types (``"llama"``, ``"qwen2_vl"``, ``"gemma3"``: the classes the
+            ``AutoModelForCausalLM`` / ``AutoModelForImageTextToText`` mappings name for them)
+            or classes (``LlamaForCausalLM``).
+        fused, **options: as in :func:`patch`.
+
+    Returns:
+        The patched classes.
+
+    Examples::
+
+        >>> from triton_xent.integrations.transformers import apply, revert
+        >>> apply("llama", "qwen2")
+        >>> model = AutoModelForCausalLM.from_pretrained("meta-llama/Llama-3.2-1B")  # patched
+        >>> revert()
     """
-    target = _shift(labels, shift_labels, ignore_index).to(logits.device)
-    loss = cross_entropy(
-        logits.reshape(-1, vocab_size), target, ignore_index=ignore_index,
-        reduction="mean" if num_items_in_batch is None else "sum", loss_dtype=torch.float32,
-    )
-    return _normalize(loss, num_items_in_batch)
+    if not targets:
+        raise ValueError('apply() needs model types or classes, e.g. apply("llama")')
+    unknown = set(options) - set(L.OPTION_NAMES)
+    if unknown:
+        raise TypeError(f"apply() got unexpected keyword arguments {sorted(unknown)}")
+    opts = L.make_options(**{**dataclasses.asdict(L.DEFAULT_OPTIONS), **options, "fused": fused})
+    classes = [c for t in targets for c in P.resolve(t)]
+    for cls in classes:
+        P.check_class(cls, opts)
+    for cls in classes:
+        if cls not in P.APPLIED:
+            P.APPLIED[cls] = {k: vars(cls)[k] for k in P.INSTALLED if k in vars(cls)}
+            _, original = defining_forward(cls)
+            P.install(cls, original, set_reduce=False)
+        setattr(cls, P.OPTIONS, opts)
+    return classes
 
 
-def _shift(labels, shift_labels, ignore_index):
-    """The targets of ``ForCausalLMLoss``, flat: position t predicts label t + 1."""
-    if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    return shift_labels.reshape(-1)
+def revert(*targets) -> None:
+    """Undo :func:`apply` for these model types or classes (all of them when none is given)."""
+    classes = [c for t in targets for c in P.resolve(t)] if targets else list(P.APPLIED)
+    for cls in classes:
+        saved = P.APPLIED.pop(cls, None)
+        if saved is None:
+            continue
+        for key in P.INSTALLED + (P.OPTIONS,):
+            if key in vars(cls):
+                delattr(cls, key)
+        for key, value in saved.items():
+            setattr(cls, key, value)
 
 
-def _normalize(loss, num_items_in_batch):
-    loss = loss.float()
-    if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
-    return loss
+class AutoTritonXentForCausalLM:
+    """``AutoModelForCausalLM`` whose models come back patched by :func:`patch`.
+
+    The options of :func:`patch` are taken from the keyword arguments; the others go to
+    transformers. Examples::
+
+        >>> model = AutoTritonXentForCausalLM.from_pretrained("Qwen/Qwen2.5-0.5B", z_loss=1e-4)
+        >>> trainer = Trainer(model_init=lambda: AutoTritonXentForCausalLM.from_config(cfg), ...)
+    """
+
+    _auto_class = "AutoModelForCausalLM"
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        options = {k: kwargs.pop(k) for k in L.OPTION_NAMES if k in kwargs}
+        return patch(cls._auto().from_pretrained(*args, **kwargs), **options)
+
+    @classmethod
+    def from_config(cls, *args, **kwargs):
+        options = {k: kwargs.pop(k) for k in L.OPTION_NAMES if k in kwargs}
+        return patch(cls._auto().from_config(*args, **kwargs), **options)
+
+    @classmethod
+    def _auto(cls):
+        import transformers
+
+        return getattr(transformers, cls._auto_class)
 
 
-def _fused_forward(class_forward, linear_ce, *, softcap: bool):
-    """A forward for one model instance: the class's own without labels, fused loss with them."""
-    sig = inspect.signature(class_forward)
-    var_kw = next((p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD), None)
-    keep_name = next((n for n in ("logits_to_keep", "num_logits_to_keep") if n in sig.parameters),
-                     None)
-    output_cls, slice_hidden = _transformers_helpers()
-    passthrough = [f.name for f in dataclasses.fields(output_cls) if f.name not in ("loss", "logits")]
+class AutoTritonXentForImageTextToText(AutoTritonXentForCausalLM):
+    """``AutoModelForImageTextToText`` (Llava, Qwen2-VL, Gemma 3, Mllama, ...), patched."""
 
-    # wraps() keeps the class forward's signature visible (inspect follows __wrapped__): the
-    # Trainer looks there for **kwargs to pass num_items_in_batch, generate() for logits_to_keep.
-    @functools.wraps(class_forward)
-    def forward(self, *args, **kwargs):
-        arguments = dict(sig.bind(self, *args, **kwargs).arguments)
-        labels = arguments.get("labels")
-        if labels is None:
-            return class_forward(self, *args, **kwargs)
-        del arguments["self"], arguments["labels"]
-        extra = arguments.pop(var_kw, {}) if var_kw else {}
-        keep = arguments.pop(keep_name, 0) if keep_name else 0
-        return_dict = arguments.pop("return_dict", extra.pop("return_dict", None))
-        if return_dict is None:
-            return_dict = getattr(self.config, "return_dict", True)
-        # ForCausalLMLoss's keywords: the model forwards them to the loss, the base model has no
-        # use for them.
-        num_items_in_batch = extra.pop("num_items_in_batch", None)
-        shift_labels = extra.pop("shift_labels", None)
-        ignore_index = extra.pop("ignore_index", -100)
-
-        outputs = self.model(**arguments, **extra, return_dict=True)
-        hidden = slice_hidden(outputs.last_hidden_state, keep)
-        weight, bias = self.lm_head.weight, self.lm_head.bias
-        if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-            raise RuntimeError(
-                f"lm_head.weight has shape {tuple(weight.shape)} outside lm_head's forward, not "
-                f"(vocab, {hidden.shape[-1]}): it looks partitioned (DeepSpeed ZeRO-3?). The fused "
-                "path reads the whole weight; use patch(model, fused=False)."
-            )
-        hidden = hidden.reshape(-1, hidden.shape[-1]).to(weight.device)
-        target = _shift(labels, shift_labels, ignore_index).to(weight.device)
-        if hidden.shape[0] != target.numel():
-            raise ValueError(
-                f"{hidden.shape[0]} positions of hidden states (after logits_to_keep={keep!r}) "
-                f"but {target.numel()} labels: they must match, as for the logits."
-            )
-        cap = getattr(self.config, "final_logit_softcapping", None) if softcap else None
-        loss = linear_ce(
-            hidden, weight, target, linear_bias=bias, ignore_index=ignore_index,
-            reduction="mean" if num_items_in_batch is None else "sum", softcap=cap,
-            loss_dtype=torch.float32,  # as transformers: an fp32 loss, not a bf16-rounded sum
-        )
-        loss = _normalize(loss, num_items_in_batch)
-        out = output_cls(loss=loss, logits=None, **{k: getattr(outputs, k, None) for k in passthrough})
-        return out if return_dict else out.to_tuple()
-
-    return forward
-
-
-def _transformers_causal_lm_loss():
-    try:
-        from transformers.loss.loss_utils import LOSS_MAPPING
-    except ImportError as exc:
-        raise ImportError(
-            "triton_xent.integrations.transformers needs a transformers with "
-            "transformers.loss.loss_utils (4.46 or later; tested with 5.24): "
-            "pip install -U transformers"
-        ) from exc
-    return LOSS_MAPPING["ForCausalLM"]
-
-
-def _transformers_helpers():
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    try:
-        from transformers.modeling_utils import slice_logits_to_keep
-    except ImportError:  # transformers 4.x inlines it in each forward
-
-        def slice_logits_to_keep(hidden, keep):
-            return hidden[:, slice(-keep, None) if isinstance(keep, int) else keep, :]
-
-    return CausalLMOutputWithPast, slice_logits_to_keep
-
-
-def _linear_cross_entropy():
-    try:
-        from ..linear import linear_cross_entropy
-    except ImportError as exc:
-        raise RuntimeError(
-            "patch(model, fused=True) needs triton_xent.linear_cross_entropy, which this "
-            f"installation of triton_xent lacks ({exc}); use patch(model, fused=False)."
-        ) from exc
-    return linear_cross_entropy
+    _auto_class = "AutoModelForImageTextToText"

@@ -732,3 +732,20 @@ def _scale_kernel(
         ptrs = t_ptr + row * stride_t + cols
         t = tl.load(ptrs, mask=mask).to(tl.float32)
         _round_store(ptrs, t * g, mask, EMULATE_RTNE, "")
+
+
+@triton.jit
+def _ce_dens_kernel(
+    target_ptr, weight_ptr, divisor_ptr, dens_ptr,
+    N, V, ignore_index, inv_divisor,
+    BLOCK_N: tl.constexpr,
+    REDUCTION: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_DIVISOR: tl.constexpr,
+):
+    """One program: the reduction's denominators (for callers that run the rows in chunks and
+    scale every chunk by the whole batch's, as the fused linear head)."""
+    D_ce, D_z = _denominators(target_ptr, weight_ptr, divisor_ptr, N, V, ignore_index,
+                              inv_divisor, REDUCTION, HAS_WEIGHT, HAS_DIVISOR, BLOCK_N)
+    tl.store(dens_ptr, D_ce)
+    tl.store(dens_ptr + 1, D_z)

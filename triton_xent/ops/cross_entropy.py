@@ -26,6 +26,7 @@ from triton_xent import _interpreter
 from triton_xent._options import CEOptions, RowOutputs
 from triton_xent.kernels.cross_entropy import (
     NUM_FIELDS,
+    _ce_dens_kernel,
     _ce_finalize_kernel,
     _ce_finish_kernel,
     _ce_fused_kernel,
@@ -431,6 +432,23 @@ def ce_finalize(ce: torch.Tensor, z: torch.Tensor, dens: torch.Tensor, *, has_z:
         _ce_finalize_kernel[(1,)](ce, z, dens, loss, z_term, ce.shape[0], BLOCK_N=BLOCK_N,
                                   HAS_Z_LOSS=has_z, EMULATE_RTNE=INTERPRETED, num_warps=4)
     return loss, z_term
+
+
+def denominators(target: torch.Tensor, weight: torch.Tensor | None, opts: CEOptions, *,
+                 divisor: torch.Tensor | None = None, V: int, **_unused) -> torch.Tensor:
+    """``(D_ce, D_z)`` of a batch of class-index targets, fp32 on the device, in one launch
+    (no host sync): see the kernels' ``_denominators``."""
+    target = target.contiguous()
+    dens = torch.empty(2, dtype=torch.float32, device=target.device)
+    weight = None if weight is None else weight.float().contiguous()
+    with _guard(target.device):
+        _ce_dens_kernel[(1,)](target, weight if weight is not None else dens,
+                              divisor if divisor is not None else dens, dens,
+                              target.shape[0], V, opts.ignore_index, opts.inv_divisor,
+                              BLOCK_N=BLOCK_N, REDUCTION=_RED[opts.reduction],
+                              HAS_WEIGHT=weight is not None, HAS_DIVISOR=divisor is not None,
+                              num_warps=4)
+    return dens
 
 
 SCALE_BLOCK = 4096
