@@ -566,8 +566,20 @@ def _dt_grid(rank, mesh, cases):
 
 @part(2)
 def dtensor_two_ranks(rank, world, group, mesh):
-    """DTensor logits on a 1-D mesh of 2 ranks: every layout and option of DT_CASES."""
+    """DTensor logits on a 1-D mesh of 2 ranks: every layout and option of DT_CASES; the aux
+    argmax of (B, T, V) logits (merged across the shards, back in (B, T))."""
     _dt_grid(rank, mesh, DT_CASES)
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    def argmax_case():
+        x, t, _ = problem((3, 4, 37), seed=91, cdim=2)
+        xd = distribute_tensor(x, mesh, [Shard(2)], src_data_rank=None)
+        _, aux = triton_xent.cross_entropy(xd, t, return_aux=True, return_argmax=True)
+        assert aux.argmax.placements == (Replicate(),) and aux.argmax.shape == (3, 4)
+        want = torch.where(t != IGNORE, x.argmax(-1), -1)
+        assert torch.equal(aux.argmax.to_local(), want), (aux.argmax.to_local(), want)
+
+    together(group, argmax_case)
 
 
 @part(3)
