@@ -44,6 +44,14 @@ def test_train_tiny_lm(tmp_path):
         assert f"curves written to {png}" in out
 
 
+def test_tensor_parallel():
+    """2 CPU ranks (gloo, started by the example through torchrun), the LM head a DTensor sharded
+    on the vocabulary, the step compiled: the loss matches the single-process run."""
+    out = run_example("tensor_parallel.py", timeout=300)
+    assert "the vocabulary of 1001 sharded [501, 500]" in out
+    assert "OK: the tensor-parallel loss matches the single-process one" in out
+
+
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
                     reason="transformers is not installed")
 def test_hf_patch():

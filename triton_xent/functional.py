@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 
 from . import _validation as V
+from . import dtensor
 from ._options import CEOptions
 from .autograd import run
 from .dispatch import (
@@ -231,6 +232,8 @@ def cross_entropy(
 
     Args:
         input: logits ``(C,)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``; fp32, fp16, bf16 or fp64.
+            Or a ``DTensor`` sharded on the classes (tensor parallelism): the group comes from
+            its mesh and the loss is a ``Replicate()`` DTensor; see :mod:`triton_xent.dtensor`.
         target: class indices ``()``, ``(N,)`` or ``(N, d1, ..., dk)`` (int64; other integer
             dtypes are converted), or class probabilities with the input's shape.
         weight: ``(C,)`` rescaling factor per class.
@@ -283,6 +286,8 @@ def cross_entropy(
         >>> loss = triton_xent.cross_entropy(logits, target, label_smoothing=0.1)
         >>> loss.backward()
     """
+    if dtensor.given(input, target, weight, divisor):  # local shards, the mesh's group
+        return dtensor.call_cross_entropy(cross_entropy, dict(locals()))
     group = process_group if world_size(process_group) > 1 else None
     error = call = p = None
     try:
@@ -348,6 +353,8 @@ def explain(
         >>> triton_xent.explain(torch.randn(4, 10), torch.tensor([1, 2, 3, 4]))
         BackendChoice(backend='torch', reason='input is on cpu; the Triton kernel needs ...')
     """
+    if dtensor.given(input, target, weight, divisor):
+        return dtensor.call_cross_entropy(explain, dict(locals()))
     a = _check_args(input, ignore_index, size_average, reduce, reduction, label_smoothing, z_loss,
                     softcap, validate, process_group, loss_dtype, divisor, logit_scale,
                     backend)

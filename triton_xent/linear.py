@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _validation as V
-from . import parallel
+from . import dtensor, parallel
 from ._options import CEOptions
 from .backends.torch_linear import default_chunk_rows
 from .dispatch import BackendUnavailableError, choose_backend, requested_backend, serialised
@@ -211,7 +211,9 @@ def linear_cross_entropy(
 
     Args:
         input: ``(..., D)`` hidden states; fp32, bf16, fp16 or fp64.
-        linear_weight: ``(V, D)`` (``lm_head.weight``), the input's dtype and device.
+        linear_weight: ``(V, D)`` (``lm_head.weight``), the input's dtype and device. Or a
+            ``DTensor`` sharded ``Shard(0)`` (a ``ColwiseParallel`` head): the group comes from
+            its mesh and the loss is a ``Replicate()`` DTensor; see :mod:`triton_xent.dtensor`.
         target: ``(...)`` class indices (the input's shape without ``D``), or class
             probabilities ``(..., V)``: those run unfused (the ``(N, V)`` logits are formed and
             passed to :func:`cross_entropy`; the chunk options do not apply).
@@ -271,6 +273,8 @@ def linear_cross_entropy(
         >>> loss = triton_xent.linear_cross_entropy(hidden, lm_head.weight, labels)
         >>> loss.backward()
     """
+    if dtensor.given(input, linear_weight, linear_bias, target, weight, divisor):
+        return dtensor.call_linear_cross_entropy(linear_cross_entropy, dict(locals()))
     if ignore_index is None:
         ignore_index = -100
     label_smoothing, z_loss, softcap = V.check_options(

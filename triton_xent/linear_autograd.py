@@ -136,8 +136,10 @@ def _recompute_step(lc: LinearCall, stats: torch.Tensor, dens: torch.Tensor, g_l
     return step
 
 
-def _chunks(lc: LinearCall, step, need):
-    need_x = need[0] or (lc.shard is not None and lc.shard.need_dx)
+def _chunks(lc: LinearCall, step, need, *, grad_pass: bool = True):
+    # With a group, d(input) is all-reduced: every rank computes it when some rank needs it, in
+    # the pass that computes gradients (which one is agreed: the reduction decides).
+    need_x = need[0] or (grad_pass and lc.shard is not None and lc.shard.need_dx)
     return linear_ce_chunks(
         lc.x, lc.W, lc.b, lc.target, step=step, ignore_index=lc.opts.ignore_index,
         need_x=need_x, need_w=need[1], need_b=need[2], chunk_rows=lc.chunk_rows,
@@ -176,7 +178,8 @@ def forward(lc: LinearCall, need: tuple[bool, bool, bool]) -> Forward:
     with _no_autocast(lc.x.device):
         dens = _dens(lc, cdt)
         ce, z, lse, stats, dX, dW, db = _chunks(
-            lc, _forward_step(lc, dens, cdt, argmax if lc.opts.argmax else None), grads)
+            lc, _forward_step(lc, dens, cdt, argmax if lc.opts.argmax else None), grads,
+            grad_pass=lc.opts.reduction != "none")
         if dX is not None and lc.shard is not None:
             dX = parallel.all_reduce(dX, "sum", lc.shard.group)  # d(input) sums over the shards
     opts = lc.opts
