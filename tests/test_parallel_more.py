@@ -688,6 +688,36 @@ def _raises(match, fn):
 
 
 @part(2)
+def group_compiled_checks(rank, world, group, mesh):
+    """Compiled with a group: validate=True refuses clearly at trace time (its exchange is a host
+    sync), and a class id outside the global vocabulary raises on the CPU when the graph runs,
+    as an eager call does."""
+    sizes = [19, 18]
+    V = sum(sizes)
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    x, t, _ = problem((6, V), seed=31)
+
+    def ce(xs, ts, **kw):
+        return triton_xent.cross_entropy(xs, ts, process_group=group, **kw)
+
+    def lce(hs, Ws, ts, **kw):
+        return triton_xent.linear_cross_entropy(hs, Ws, ts, process_group=group, **kw)
+
+    torch._dynamo.reset()
+    # (raised while Dynamo traces: it re-raises it under its own exception type, message kept)
+    with pytest.raises(Exception, match="validate=True with a process group under torch.compile"):
+        torch.compile(ce, fullgraph=True)(x[:, lo:hi], t, validate=True)
+    bad = t.clone()
+    bad[2] = V  # global V: out of range on every rank, though inside no rank's shard count
+    _raises(r"Target \d+ is out of bounds",
+            lambda: torch.compile(ce, fullgraph=True, dynamic=False)(x[:, lo:hi], bad))
+    h = torch.randn(6, 4, generator=_gen(32), dtype=torch.float64)
+    W = torch.randn(V, 4, generator=_gen(33), dtype=torch.float64)
+    _raises(r"Target \d+ is out of bounds",
+            lambda: torch.compile(lce, fullgraph=True, dynamic=False)(h, W[lo:hi], bad))
+
+
+@part(2)
 def dtensor_refusals(rank, world, group, mesh):
     """What is not supported raises a clear error on every rank (and the group still works)."""
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor

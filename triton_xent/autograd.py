@@ -188,6 +188,12 @@ def _call(logits, target, weight, divisor, opts, backend, probs, out_dtype, grou
     # here, at run time: cached after the first call, so a compiled step has no host sync.
     shard = parallel.ce_shard_by_name(group_name, logits=logits, target=target, weight=weight,
                                       opts=opts, divisor=divisor, probs=probs)
+    if shard is not None and not probs and target.device.type == "cpu" and target.numel():
+        # Global class ids, checked against the global vocabulary as an eager call does on the
+        # CPU (free there; on an accelerator only validate=True checks, eagerly).
+        from ._validation import check_target_range
+
+        check_target_range(target, shard.vocab_size, opts.ignore_index)
     return Call(logits, target, weight, divisor, opts, backend, probs, out_dtype, shard)
 
 

@@ -155,8 +155,17 @@ def _build_call(input, target, weight, ignore_index, a, return_aux, inplace_back
 def _with_shard(call, group, error, input, validate):
     """Agrees on the shard with the other ranks (raising there too on a local error) and checks
     class ids against the global vocabulary."""
-    if torch.compiler.is_compiling() and error is None:
-        return call._replace(shard=Shard(group, -1, -1, -1))  # the op agrees at run time
+    if torch.compiler.is_compiling():
+        # The exchange is a host sync, which a graph cannot trace: the op agrees at run time
+        # (cached), and a local error raises here, on this rank (the others wait).
+        if error is not None:
+            raise error
+        if V.validation_requested(validate):
+            raise V.CrossEntropyInputError(
+                "validate=True with a process group under torch.compile: the ranks' targets are "
+                "compared with a host sync, which a compiled graph cannot do. Validate in an "
+                "eager call (outside the compiled region), or drop validate.")
+        return call._replace(shard=Shard(group, -1, -1, -1))
     device = input.device if isinstance(input, torch.Tensor) else torch.device("cpu")
     ok = call is not None
     options = ce_options(call.opts, divisor=call.divisor, weight=call.weight,

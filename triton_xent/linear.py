@@ -365,7 +365,16 @@ def _build(input, linear_weight, linear_bias, target, weight, reduction, ignore_
 
 def _with_shard(lc, need, group, error, input, validate):
     """Agrees on the vocabulary shard with the other ranks (every rank raises a local error)."""
-    if torch.compiler.is_compiling():  # the op agrees at run time (see parallel.py)
+    if torch.compiler.is_compiling():
+        # The exchange is a host sync, which a graph cannot trace: the op agrees at run time
+        # (cached), and a local error raises here, on this rank (the others wait).
+        if error is not None:
+            raise error
+        if V.validation_requested(validate):
+            raise V.CrossEntropyInputError(
+                "validate=True with a process group under torch.compile: the ranks' targets and "
+                "hidden states are compared with a host sync, which a compiled graph cannot do. "
+                "Validate in an eager call (outside the compiled region), or drop validate.")
         return lc._replace(shard=parallel.Shard(group, -1, -1, -1))
     ok = lc is not None
     device = input.device if isinstance(input, torch.Tensor) else torch.device("cpu")

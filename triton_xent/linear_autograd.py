@@ -314,6 +314,10 @@ def _lc_of(x, W, b, target, weight, divisor, ignore_index, reduction, label_smoo
                                           skip_ignored=skip_ignored, need_x=need_x)
     if shard is not None:
         chunk_rows = shard.chunk_rows
+        if target.device.type == "cpu" and target.numel():  # as an eager call checks on the CPU
+            from ._validation import check_target_range
+
+            check_target_range(target, shard.vocab_size, opts.ignore_index)
     return LinearCall(x, W, b, target, weight, divisor, opts, backend, out_dtype, chunk_rows,
                       fp32_accum, skip_ignored, shard)
 
