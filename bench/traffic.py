@@ -39,9 +39,9 @@ _FREE = {
     "reshape", "as_strided", "alias", "detach", "t", "transpose", "permute", "expand",
     "unsqueeze", "squeeze", "select", "slice", "narrow", "unbind", "split", "split_with_sizes",
     "chunk", "movedim", "set_", "lift_fresh", "_reshape_alias", "view_as", "unfold",
-    "is_same_size", "_to_copy_noop", "resize_", "_local_scalar_dense", "sym_size", "sym_stride",
+    "is_same_size", "resize_", "_local_scalar_dense", "sym_size", "sym_stride",
     "sym_numel", "sym_storage_offset", "size", "stride", "dim", "numel", "is_contiguous",
-    "storage_offset", "_has_compatible_shallow_copy_type", "prim", "result_type",
+    "storage_offset", "_has_compatible_shallow_copy_type", "result_type",
 }
 # Ops whose reads are what they gather (output-sized), not their whole source.
 _GATHERS = {"gather", "index_select", "index", "embedding", "take", "masked_select"}

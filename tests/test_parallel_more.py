@@ -19,15 +19,11 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (spawned children too)
 
-import datetime
-import json
-import tempfile
-import traceback
 
+import gloo
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from helpers import TOL, rel_err
 
@@ -36,24 +32,13 @@ from triton_xent.reference import cross_entropy_reference
 
 IGNORE = -100
 WORLD_SIZE = 4
-PARTS: dict[str, tuple[int, object]] = {}
+part = gloo.Parts()
 CTX: dict[str, object] = {}  # meshes every rank made (creating one is collective)
 
 
-def part(nranks):
-    def register(fn):
-        PARTS[fn.__name__] = (nranks, fn)
-        return fn
-
-    return register
-
-
 def _entry(rank, world, init_method, out_dir):
-    torch.set_num_threads(1)  # the machine's cores are shared by every rank
-    # A rank that fails mid-collective leaves the others waiting: the timeout bounds that (a
-    # compile on a busy machine takes a while, hence not shorter).
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=240))
+    # (a compile on a busy machine takes a while: a longer collective timeout)
+    gloo.init(rank, world, init_method, timeout_s=240)
     try:
         from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -63,17 +48,12 @@ def _entry(rank, world, init_method, out_dir):
         CTX["groups"] = groups
         CTX["mesh2d"] = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
         CTX["permuted"] = DeviceMesh("cpu", torch.tensor([1, 0]))
-        results = {}
-        for name, (nranks, fn) in PARTS.items():
-            if rank < nranks:
-                try:
-                    fn(rank, nranks, groups[nranks], meshes[nranks])
-                    results[name] = "ok"
-                except (Exception, pytest.fail.Exception):  # pytest.raises' failure is no Exception
-                    results[name] = traceback.format_exc()
-            dist.barrier()
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
+
+        def call(fn, nranks):
+            fn(rank, nranks, groups[nranks], meshes[nranks])
+            return "ok"
+
+        part.run(rank, out_dir, call)
     finally:
         dist.destroy_process_group()
 
@@ -81,13 +61,7 @@ def _entry(rank, world, init_method, out_dir):
 @pytest.fixture(scope="module")
 def gloo_results():
     """Runs every part on a gloo group of CPU processes, once; ``{rank: {part: "ok" | traceback}}``."""
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_entry, args=(WORLD_SIZE, f"file://{d}/rendezvous", d), nprocs=WORLD_SIZE, join=True)
-        out = {}
-        for r in range(WORLD_SIZE):
-            with open(os.path.join(d, f"rank{r}.json")) as f:
-                out[r] = json.load(f)
-        return out
+    return gloo.spawn(_entry, WORLD_SIZE)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -822,10 +796,7 @@ def dtensor_compiled(rank, world, group, mesh):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(PARTS))
+@pytest.mark.parametrize("name", list(part.parts))
 def test_gloo(name, gloo_results):
     """One part of the gloo run (see the part's docstring); every rank that ran it passed."""
-    nranks = PARTS[name][0]
-    for r in range(nranks):
-        got = gloo_results[r].get(name)
-        assert got == "ok", f"rank {r} of {nranks}:\n{got}"
+    gloo.check_part(gloo_results, part, name)

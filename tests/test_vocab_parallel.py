@@ -15,11 +15,9 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (spawned children too)
 
-import datetime
-import json
 import tempfile
-import traceback
 
+import gloo
 import pytest
 import torch
 import torch.distributed as dist
@@ -41,38 +39,21 @@ IGNORE = -100
 # ------------------------------------------------------------------------------------------------
 
 WORLD_SIZE = 3
-PARTS: dict[str, tuple[int, object]] = {}
+part = gloo.Parts()
 _GROUPS: dict[str, object] = {}
-
-
-def part(nranks):
-    def register(fn):
-        PARTS[fn.__name__] = (nranks, fn)
-        return fn
-
-    return register
+_bounds = gloo.bounds
 
 
 def _entry(rank, world, init_method, out_dir):
-    torch.set_num_threads(1)  # the machine's cores are shared by every rank
-    # A rank that fails mid-collective leaves the others waiting: the timeout bounds that.
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    gloo.init(rank, world, init_method)
     try:
         _GROUPS["pair"] = dist.new_group([0, 1])  # every rank creates every group
-        _GROUPS["single"] = [dist.new_group([r]) for r in range(world)][rank]
-        results = {}
-        for name, (nranks, fn) in PARTS.items():
-            if rank < nranks:
-                group = dist.group.WORLD if nranks == world else _GROUPS["pair"]
-                try:
-                    fn(rank, nranks, group)
-                    results[name] = "ok"
-                except BaseException:  # pytest.raises failing raises a non-Exception
-                    results[name] = traceback.format_exc()
-            dist.barrier()
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
+
+        def call(fn, nranks):
+            fn(rank, nranks, dist.group.WORLD if nranks == world else _GROUPS["pair"])
+            return "ok"
+
+        part.run(rank, out_dir, call)
     finally:
         dist.destroy_process_group()
 
@@ -80,18 +61,7 @@ def _entry(rank, world, init_method, out_dir):
 @pytest.fixture(scope="module")
 def gloo_results():
     """Runs every part on a gloo group of CPU processes, once; ``{rank: {part: "ok" | traceback}}``."""
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_entry, args=(WORLD_SIZE, f"file://{d}/rendezvous", d), nprocs=WORLD_SIZE, join=True)
-        out = {}
-        for r in range(WORLD_SIZE):
-            with open(os.path.join(d, f"rank{r}.json")) as f:
-                out[r] = json.load(f)
-        return out
-
-
-def _bounds(sizes, rank):
-    off = sum(sizes[:rank])
-    return off, off + sizes[rank]
+    return gloo.spawn(_entry, WORLD_SIZE)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -441,13 +411,10 @@ def aux_outputs_and_second_order(rank, world, group):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(PARTS))
+@pytest.mark.parametrize("name", list(part.parts))
 def test_gloo(name, gloo_results):
     """One part of the gloo run (see the part's docstring); every rank that ran it passed."""
-    nranks = PARTS[name][0]
-    for r in range(nranks):
-        got = gloo_results[r].get(name)
-        assert got == "ok", f"rank {r} of {nranks}:\n{got}"
+    gloo.check_part(gloo_results, part, name)
 
 
 def test_no_group_is_single_process():

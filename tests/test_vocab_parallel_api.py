@@ -21,6 +21,7 @@ import json
 import tempfile
 import traceback
 
+import gloo
 import pytest
 import torch
 import torch.distributed as dist
@@ -33,7 +34,7 @@ from triton_xent.reference import cross_entropy_reference
 
 IGNORE = -100
 WORLD_SIZE = 3
-PARTS: dict[str, tuple[int, object]] = {}  # name -> (ranks it uses: the first 2 or all 3, fn)
+part = gloo.Parts()  # each part uses the first 2 or all 3 ranks
 GROUPS: dict[str, object] = {}
 FAILURES: list[str] = []  # this rank's failed checks in the running part
 
@@ -49,38 +50,24 @@ def soft(what: str):
         FAILURES.append(f"{what}:\n{traceback.format_exc()}")
 
 
-def part(nranks):
-    def register(fn):
-        PARTS[fn.__name__] = (nranks, fn)
-        return fn
-
-    return register
-
-
 def _entry(rank, world, init_method, out_dir):
-    torch.set_num_threads(1)  # the machine's cores are shared by every rank
-    # A rank that fails mid-collective leaves the others waiting: the timeout bounds that.
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    gloo.init(rank, world, init_method)
     try:
         GROUPS["pair"] = dist.new_group([0, 1])  # every rank creates every group
         GROUPS["single"] = [dist.new_group([r]) for r in range(world)][rank]
-        results = {}
-        for name, (nranks, fn) in PARTS.items():
-            if rank < nranks:
-                group = dist.group.WORLD if nranks == world else GROUPS["pair"]
-                saved = config.TRITON_BLOCK_V, config.TRITON_NUM_SPLITS, config.TORCH_CHUNK_ROWS
-                FAILURES.clear()
-                try:
-                    fn(rank, nranks, group)
-                    results[name] = "\n".join(FAILURES) or "ok"
-                except Exception:
-                    results[name] = "\n".join(FAILURES + [traceback.format_exc()])
-                finally:
-                    config.TRITON_BLOCK_V, config.TRITON_NUM_SPLITS, config.TORCH_CHUNK_ROWS = saved
-            dist.barrier()
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
+
+        def call(fn, nranks):
+            saved = config.TRITON_BLOCK_V, config.TRITON_NUM_SPLITS, config.TORCH_CHUNK_ROWS
+            FAILURES.clear()
+            try:
+                fn(rank, nranks, dist.group.WORLD if nranks == world else GROUPS["pair"])
+                return "\n".join(FAILURES) or "ok"
+            except (Exception, pytest.fail.Exception):
+                return "\n".join(FAILURES + [traceback.format_exc()])
+            finally:
+                config.TRITON_BLOCK_V, config.TRITON_NUM_SPLITS, config.TORCH_CHUNK_ROWS = saved
+
+        part.run(rank, out_dir, call)
     finally:
         dist.destroy_process_group()
 
@@ -88,18 +75,10 @@ def _entry(rank, world, init_method, out_dir):
 @pytest.fixture(scope="module")
 def gloo_results():
     """Runs every part on a gloo group of CPU processes, once: ``{rank: {part: "ok" | traceback}}``."""
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_entry, args=(WORLD_SIZE, f"file://{d}/rendezvous", d), nprocs=WORLD_SIZE, join=True)
-        out = {}
-        for r in range(WORLD_SIZE):
-            with open(os.path.join(d, f"rank{r}.json")) as f:
-                out[r] = json.load(f)
-        return out
+    return gloo.spawn(_entry, WORLD_SIZE)
 
 
-def _bounds(sizes, rank):
-    off = sum(sizes[:rank])
-    return off, off + sizes[rank]
+_bounds = gloo.bounds
 
 
 def _problem(N, V, *, seed, dtype=torch.float32, ignore_frac=0.25, weight=False):
@@ -314,13 +293,10 @@ def no_grad_and_neg_inf_shard(rank, world, group):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(PARTS))
+@pytest.mark.parametrize("name", list(part.parts))
 def test_gloo(name, gloo_results):
     """One part of the gloo run (see the part's docstring); every rank that ran it passed."""
-    nranks = PARTS[name][0]
-    for r in range(nranks):
-        got = gloo_results[r].get(name)
-        assert got == "ok", f"rank {r} of {nranks}:\n{got}"
+    gloo.check_part(gloo_results, part, name)
 
 
 SHARDINGS = ([0, 20, 17], [20, 0, 17], [20, 17, 0])
