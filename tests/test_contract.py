@@ -275,7 +275,7 @@ print("ok")
 def test_interpreter_calls_are_serialised(monkeypatch, small_blocks):
     """The interpreter is not thread-safe: every kernel launch of an eager call runs under the
     interpreter lock, and concurrent calls give the right results."""
-    import triton_xent.ops.cross_entropy as launcher
+    import triton_xent.backends.triton_ce as launcher
     from triton_xent import _interpreter
 
     held = []

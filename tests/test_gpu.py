@@ -72,7 +72,7 @@ def report(check: str, **fields) -> None:
 @pytest.fixture(autouse=True)
 def _real_kernels(monkeypatch):
     """Refuses to run the kernels through the interpreter; heuristics on; frees memory after."""
-    from triton_xent.ops import cross_entropy as ops
+    from triton_xent.backends import triton_ce as ops
 
     if ops.INTERPRETED:
         pytest.fail(
@@ -112,7 +112,7 @@ KERNELS = ("_ce_fused_kernel", "_ce_partials_kernel", "_ce_finish_kernel", "_ce_
 
 
 def spy_launches(monkeypatch) -> dict[str, LaunchSpy]:
-    from triton_xent.ops import cross_entropy as ops
+    from triton_xent.backends import triton_ce as ops
 
     spies = {name: LaunchSpy(getattr(ops, name)) for name in KERNELS}
     for name, spy in spies.items():
@@ -127,7 +127,7 @@ def launches(monkeypatch):
 
 def launch_plan(N: int, V: int, dtype, device):
     """The launcher's plan for this call (``ops.plan``, with the test overrides), not re-derived."""
-    from triton_xent.ops import cross_entropy as ops
+    from triton_xent.backends import triton_ce as ops
 
     return ops.plan(N, V, dtype, ops.device_spec(torch.device(device)),
                     block_v=xent_config.TRITON_BLOCK_V, num_splits=xent_config.TRITON_NUM_SPLITS)

@@ -46,7 +46,7 @@ def _checks(rank, world, device, *, compiled, backend="triton", V=V, N=N, D=D):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    from triton_xent.ops import cross_entropy as ops
+    from triton_xent.backends import triton_ce as ops
 
     assert backend != "triton" or not ops.INTERPRETED, (
         "TRITON_INTERPRET=1 is set: run with TRITON_INTERPRET=0")

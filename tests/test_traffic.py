@@ -11,7 +11,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 
 from bench import traffic
-from triton_xent.ops import cross_entropy as ops
+from triton_xent.backends import triton_ce as ops
 
 pytestmark = pytest.mark.skipif(not ops.INTERPRETED, reason="the meter needs the interpreter")
 

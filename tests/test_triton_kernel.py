@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from triton_xent._options import CEOptions
-from triton_xent.ops import cross_entropy as ops
-from triton_xent.ops.cross_entropy import ce_finalize, ce_forward, plan
+from triton_xent.backends import triton_ce as ops
+from triton_xent.backends.triton_ce import ce_finalize, ce_forward, plan
 
 pytestmark = pytest.mark.skipif(
     not ops.INTERPRETED,
@@ -389,7 +389,7 @@ def test_upstream_recompute_and_scale():
 
 
 def test_plan_table():
-    """The launch plan on the H100 planning model (the table in ops/cross_entropy.py)."""
+    """The launch plan on the H100 planning model (the table in backends/triton_ce.py)."""
     p = plan(8192, 32000, torch.bfloat16)
     assert (p.path, p.single_block, p.block_v, p.num_warps) == ("fused", True, 32768, 32)
     assert p.programs == 132 * 2

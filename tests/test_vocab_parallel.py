@@ -246,7 +246,7 @@ def three_ranks_empty_shard(rank, world, group):
 @part(3)
 def three_ranks_triton(rank, world, group):
     """The Triton kernels of the local phases, run by the interpreter (fp32, tiny shapes)."""
-    from triton_xent.ops import cross_entropy as ops
+    from triton_xent.backends import triton_ce as ops
 
     assert ops.INTERPRETED, "TRITON_INTERPRET=1 was not set before triton was imported"
     saved = config.TRITON_BLOCK_V, config.TRITON_NUM_SPLITS

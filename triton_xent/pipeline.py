@@ -10,7 +10,7 @@ One algorithm at three scales, one formula per backend. The merge is a parameter
   ranks (two all-reduces of a few values per row), and the backend writes the row losses and
   the shard's gradient from the merged statistics (``ce_shard_finish``).
 
-Both backends (``triton_xent.ops.cross_entropy``, ``triton_xent.backends.torch_ce``) provide the
+Both backends (``triton_xent.backends.triton_ce``, ``triton_xent.backends.torch_ce``) provide the
 same entry points; this module picks one and never computes anything itself. The gradient is
 written during the forward for an upstream gradient of 1; :func:`backward` recomputes, from the
 logits and the merged statistics the forward kept, the rows whose upstream gradient is not 1
@@ -30,7 +30,7 @@ from ._options import CEOptions, RowOutputs
 def backend_ops(backend: str):
     """The backend's launchers (Triton imported only when asked for)."""
     if backend == "triton":
-        from .ops import cross_entropy as ops
+        from .backends import triton_ce as ops
 
         return ops
     from .backends import torch_ce

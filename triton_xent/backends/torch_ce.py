@@ -1,6 +1,6 @@
 """The lean pure-torch backend: the phases of the Triton launchers, on rows in chunks.
 
-Same functions, arguments and results as ``triton_xent.ops.cross_entropy`` (``ce_forward``,
+Same functions, arguments and results as ``triton_xent.backends.triton_ce`` (``ce_forward``,
 ``ce_partials``, ``ce_finish``, ``ce_finalize``, ``scale_``), so the op layer drives either
 backend through one pipeline. Per chunk of rows the logits are upcast to fp32 (fp64 for fp64
 inputs), the statistics and the gradient of the chunk are written straight into the gradient
@@ -83,7 +83,7 @@ def _probs_q(q_raw, weight, eps, V, cdt):
 
 
 class _Rows:
-    """Per-row outputs (as ``ops.cross_entropy.RowOutputs``), allocated once."""
+    """Per-row outputs (as ``triton_ce.RowOutputs``), allocated once."""
 
     def __init__(self, N, device, opts: CEOptions, out_dtype, cdt):
         self.ce, self.z, self.lse = (torch.empty(N, dtype=cdt, device=device) for _ in range(3))

@@ -25,7 +25,7 @@ Rows whose target is ``ignore_index`` get ``ce = z = 0`` and a zero gradient row
 not read unless their lse is asked for); rows whose target is out of ``[0, V)`` get NaN, never an
 out-of-bounds access.
 
-Kernels, chosen by the launcher (``triton_xent/ops/cross_entropy.py``, one plan function):
+Kernels, chosen by the launcher (``triton_xent/backends/triton_ce.py``, one plan function):
 
 * ``_ce_fused_kernel``, persistent grid: one program per SM or so walks rows. A row that fits one
   block is read once into registers and its statistics, loss and gradient come from that copy
