@@ -102,6 +102,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--list-cases", action="store_true", help="print the cases and exit")
     p.add_argument("--replot", metavar="DIR", help="redraw the PNGs and tables of DIR/results.csv "
                    "(a finished run) and exit")
+    p.add_argument("--host", action="store_true",
+                   help="print the host time of one public forward+backward with the kernel "
+                   "launches recorded instead of run, next to F.cross_entropy's, and the files "
+                   "and Python calls it runs (CPU, interpreter; see bench/host.py) and exit")
     p.add_argument("--traffic", action="store_true",
                    help="count bytes per logit and launches of every path under the Triton "
                    "interpreter (no GPU needed; see bench/traffic.py) and exit")
@@ -287,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import traffic
 
         return traffic.run_in_interpreter(["--out", args.out] if args.out else [])
+    if args.host:
+        from bench import host
+
+        return host.run_in_interpreter(["--quick"] if args.quick else [])
     if args.replot:
         return _replot(args.replot, args.baseline, args.no_plots)
     device = args.device

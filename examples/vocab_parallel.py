@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 
 import triton_xent
-from triton_xent.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 
 
 def main() -> None:
@@ -55,14 +54,14 @@ def main() -> None:
 
     # 1) Logits sharded along the vocabulary: (N, V_r).
     logits_shard = (hidden @ head[lo:hi].T).requires_grad_()
-    loss = vocab_parallel_cross_entropy(logits_shard, labels, process_group=group, **opts)
+    loss = triton_xent.cross_entropy(logits_shard, labels, process_group=group, **opts)
     loss.backward()
     ref_logits_grad = logits_full.grad[:, lo:hi]
 
     # 2) The LM head sharded along the vocabulary: (V_r, D); d(hidden) is summed over the ranks.
     x = hidden.clone().requires_grad_()
     w_shard = head[lo:hi].clone().requires_grad_()
-    loss_lin = vocab_parallel_linear_cross_entropy(x, w_shard, labels, process_group=group, **opts)
+    loss_lin = triton_xent.linear_cross_entropy(x, w_shard, labels, process_group=group, **opts)
     loss_lin.backward()
 
     err = lambda a, b: float((a - b).abs().max())

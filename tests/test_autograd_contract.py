@@ -370,7 +370,8 @@ def test_double_backward_linear_cross_entropy(backend, reduction, small_blocks):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_double_backward_through_aux_lse(backend, reduction, skip_ignored, small_blocks):
     """A gradient penalty on a loss that includes the user's own z-loss through ``aux.lse``
-    (a row skipped as ignored has the constant lse 0) and ``aux.z_loss``, for both ops."""
+    and ``aux.z_loss``, for both ops; every row's lse is its log-sum-exp, ignored rows included,
+    whatever ``skip_ignored`` says (return_aux computes the rows skipping would leave out)."""
     dt = _dtype(backend)
     N, D, V = 6, 4, 37
     g = _gen(18)
@@ -392,15 +393,13 @@ def test_double_backward_through_aux_lse(backend, reduction, skip_ignored, small
                                          skip_ignored=skip_ignored, **kw)
         return total(loss, aux.lse, aux.z_loss)
 
-    def reference(skip):
-        def f(h, W):
-            loss, lse, z_term = cross_entropy_reference(h @ W.T, t, return_aux=True, **kw)
-            return total(loss, torch.where(t == -100, 0.0, lse) if skip else lse, z_term)
-        return f
+    def reference(h, W):
+        loss, lse, z_term = cross_entropy_reference(h @ W.T, t, return_aux=True, **kw)
+        return total(loss, lse, z_term)
 
-    for name, fn, skip in (("cross_entropy", ce, False), ("linear", lin, skip_ignored)):
+    for name, fn in (("cross_entropy", ce), ("linear", lin)):
         got = _penalty(fn, [_leaf(h0, dt), _leaf(W0, dt)], 0, u)
-        want = _penalty(reference(skip), [_leaf(h0), _leaf(W0)], 0, u)
+        want = _penalty(reference, [_leaf(h0), _leaf(W0)], 0, u)
         for leaf, a, b in zip(("h", "W"), got, want):
             _close(a, b, dt, f"{name}: d(penalty)/d{leaf}")
 
@@ -615,7 +614,8 @@ def test_aux_lse_is_differentiable(backend, reduction, small_blocks):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_aux_lse_is_differentiable(backend, reduction, skip_ignored, small_blocks):
-    """The same through the fused head; a row skipped as ignored has lse 0, a constant."""
+    """The same through the fused head; with ``return_aux`` every row's lse is its log-sum-exp,
+    ignored rows included, whatever ``skip_ignored`` says (as cross_entropy's)."""
     dt = _dtype(backend)
     g = _gen(14)
     N, D, V = 7, 4, 45
@@ -629,10 +629,8 @@ def test_linear_aux_lse_is_differentiable(backend, reduction, skip_ignored, smal
                                      skip_ignored=skip_ignored, **kw)
     hr, Wr = _leaf(h0), _leaf(W0)
     ref, lse, z = cross_entropy_reference(hr @ Wr.T, t, return_aux=True, **kw)
-    if skip_ignored:
-        lse = torch.where(t == -100, 0.0, lse)
     _close(aux.lse, lse, dt, "lse")
-    # (a linear term too: a skipped row's constant lse must then pass no gradient)
+    # (a linear term too: an ignored row's lse passes its gradient)
     ((aux.lse.square() * v.to(dt) + aux.lse).sum() + (loss * u.to(dt)).sum()
      + 3 * (aux.z_loss * u.to(dt)).sum()).backward()
     ((lse.square() * v + lse).sum() + (ref * u).sum() + 3 * (z * u).sum()).backward()

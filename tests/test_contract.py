@@ -220,6 +220,7 @@ def test_validate_under_vmap_with_batched_targets(backend, compiled):
 def test_no_logging_while_compiling(caplog):
     x, t = _data(dtype=torch.float64)  # float64: auto falls back to torch and logs why
     triton_xent.dispatch._logged_reasons.clear()
+    triton_xent.dispatch._choices.clear()
     with caplog.at_level(logging.INFO, logger="triton_xent"):
         loss = _compile(lambda a, b: cross_entropy(a, b))(x, t)
         assert torch.allclose(loss, F.cross_entropy(x, t))
@@ -276,13 +277,13 @@ def test_interpreter_calls_are_serialised(monkeypatch, small_blocks):
     """The interpreter is not thread-safe: every kernel launch of an eager call runs under the
     interpreter lock, and concurrent calls give the right results."""
     import triton_xent.backends.triton_ce as launcher
-    from triton_xent import _interpreter
+    from triton_xent.dispatch import LOCK
 
     held = []
     launch = launcher.ce_forward
 
     def spy(*args, **kwargs):
-        held.append(_interpreter.LOCK._is_owned())
+        held.append(LOCK._is_owned())
         return launch(*args, **kwargs)
 
     monkeypatch.setattr(launcher, "ce_forward", spy)
@@ -343,7 +344,6 @@ def test_validate_env_values(monkeypatch):
     pytest.param(dict(z_loss=float("inf")), r"z_loss=inf must be a finite", id="z_loss-inf"),
     pytest.param(dict(softcap=float("inf")), r"For no cap pass None, not inf", id="softcap-inf"),
     pytest.param(dict(softcap=float("nan")), r"softcap=nan must be a positive finite", id="softcap-nan"),
-    pytest.param(dict(label_smoothing=float("nan")), r"label_smoothing=nan is outside \[0, 1\]", id="smoothing-nan"),
     pytest.param(dict(label_smoothing=torch.tensor(0.1, requires_grad=True)), r"requires grad", id="smoothing-grad"),
     pytest.param(dict(label_smoothing=torch.tensor([0.1])), r"0-d real tensor", id="smoothing-1d"),
     pytest.param(dict(loss_dtype=torch.long), r"loss_dtype=torch.int64 must be a floating-point torch.dtype", id="loss_dtype-long"),

@@ -262,8 +262,9 @@ def test_no_grad_and_second_backward(backend):
     xr = x.clone().requires_grad_()
     loss = cross_entropy(xr, t, backend=backend)
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="second time"):
-        loss.backward()
+    once = xr.grad.clone()
+    loss.backward()  # recomputed from the kept logits: the gradients add up, as PyTorch's
+    torch.testing.assert_close(xr.grad, 2 * once)
 
 
 def test_module_matches_functional(backend):
@@ -296,14 +297,14 @@ def test_gradient_buffer_is_adopted_not_cloned(monkeypatch):
     from triton_xent.backends import torch_ce
 
     seen = []
-    real = torch_ce.ce_forward
+    real = torch_ce.forward
 
     def spy(*a, **k):
         out = real(*a, **k)
         seen.append(out.grad.data_ptr())
         return out
 
-    monkeypatch.setattr(torch_ce, "ce_forward", spy)
+    monkeypatch.setattr(torch_ce, "forward", spy)
     x = torch.randn(64, 512, requires_grad=True)
     cross_entropy(x, torch.randint(0, 512, (64,)), backend="torch").backward()
     assert seen and x.grad.data_ptr() == seen[0]

@@ -28,6 +28,7 @@ def test_cpu_without_interpreter_falls_back(monkeypatch, caplog):
     with pytest.raises(BackendUnavailableError, match="needs a CUDA/ROCm tensor"):
         cross_entropy(X, T, backend="triton")
     triton_xent.dispatch._logged_reasons.clear()
+    triton_xent.dispatch._choices.clear()
     with caplog.at_level(logging.INFO, logger="triton_xent"):
         for _ in range(3):
             cross_entropy(X, T)
@@ -58,6 +59,7 @@ def test_env_and_keyword(monkeypatch):
 
 def test_missing_triton(monkeypatch):
     monkeypatch.setattr(triton_xent.dispatch, "triton_import_error", lambda: "triton cannot be imported (x)")
+    monkeypatch.setattr(triton_xent.dispatch, "_choices", {})
     assert explain(X, T).backend == "torch"
     with pytest.raises(BackendUnavailableError, match="cannot be imported"):
         cross_entropy(X, T, backend="triton")
@@ -66,24 +68,23 @@ def test_missing_triton(monkeypatch):
 def test_opcheck_custom_op(backend):
     """torch.library's checks of the custom ops (schema, fake tensor, autograd registration, AOT
     dispatch) on every path: the torch backend and the Triton kernel, fused and split."""
-    from triton_xent.autograd import ce_backward_op, ce_forward_op
+    from triton_xent.backends.protocol import Options
+    from triton_xent.ops.cross_entropy import ce_backward_op, ce_forward_op
 
     x = torch.randn(5, 30, requires_grad=True)
     t = torch.tensor([1, 2, -100, 4, 29])
     w = torch.rand(30)
     for reduction in ("mean", "none"):
-        fwd = (x, t, w, None, -100, reduction, 0.1, 1e-3, 3.0, None, 1.0, True, False, backend,
-               False, torch.float32, "")
+        spec = Options(-100, reduction, 0.1, 1e-3, 3.0, None, 1.0, True, False, backend).encode()
+        fwd = (x, t, w, None, spec)
         torch.library.opcheck(ce_forward_op, fwd)
         _, _, _, _, stats, dens = (t.detach() for t in ce_forward_op(*fwd))
         g = torch.randn(5) if reduction == "none" else torch.tensor(1.5)
         torch.library.opcheck(ce_backward_op, (x.detach(), t, w, None, stats, dens, g, None,
-                                               -100, reduction, 0.1, 1e-3, 3.0, None, 1.0,
-                                               backend, False, False, ""))
+                                               spec, False))
     # logit_scale, and a sum with a device divisor
-    torch.library.opcheck(ce_forward_op, (x, t, None, torch.tensor(7.0), -100, "sum", 0.0, 0.0,
-                                          None, 0.5, 1.0, False, True, backend, False,
-                                          torch.float32, ""))
+    spec = Options(-100, "sum", logit_scale=0.5, argmax=True, backend=backend).encode()
+    torch.library.opcheck(ce_forward_op, (x, t, None, torch.tensor(7.0), spec))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -122,3 +123,25 @@ def test_fullgraph_compile(backend, reduction):
     for name, p in m.named_parameters():
         assert_close(p.grad, dict(ref_m.named_parameters())[name].grad, (2e-5, 2e-6, 0.0),
                      what=f"d{name}")
+
+
+@pytest.mark.parametrize("name", ["torch_ce", "triton_ce"])
+def test_backends_implement_the_protocol(name):
+    """Both backend modules provide every entry point of ``Backend`` with its exact signature
+    (names, kinds, defaults): the op layer drives either through one pipeline."""
+    import importlib
+    import inspect
+
+    from triton_xent.backends.protocol import Backend
+
+    module = importlib.import_module(f"triton_xent.backends.{name}")
+    assert isinstance(module, Backend)
+    entry_points = [n for n, v in vars(Backend).items()
+                    if callable(v) and not n.startswith("_")]
+    assert len(entry_points) == 7, entry_points
+    for entry in entry_points:
+        want = inspect.signature(getattr(Backend, entry))
+        want = want.replace(parameters=list(want.parameters.values())[1:])  # no self
+        got = inspect.signature(getattr(module, entry))
+        assert [(p.name, p.kind, p.default) for p in got.parameters.values()] == [
+            (p.name, p.kind, p.default) for p in want.parameters.values()], (name, entry)

@@ -20,7 +20,7 @@ from helpers import BACKENDS, GRAD_TOL, LOSS_TOL, assert_close, rel_err, upstrea
 
 import triton_xent
 from triton_xent import CrossEntropyInputError, linear_cross_entropy
-from triton_xent.backends.torch_linear import default_chunk_rows
+from triton_xent.ops.linear_chunks import default_chunk_rows
 from triton_xent.reference import cross_entropy_reference
 
 IGNORE = -100
@@ -207,7 +207,7 @@ def test_aux_lse():
                                      chunk_size=CHUNK, reduction="none")
     _, lse, z = cross_entropy_reference(x @ w.T + b, t, z_loss=1e-2, return_aux=True)
     keep = t != IGNORE
-    assert torch.allclose(aux.lse[keep], lse[keep]) and torch.all(aux.lse[~keep] == 0)
+    assert torch.allclose(aux.lse, lse)  # ignored rows too (skip_ignored skips none with aux)
     assert torch.allclose(aux.z_loss.sum() / keep.sum(), z) and aux.z_loss.shape == (N,)
     _, aux = linear_cross_entropy(x, w, t, linear_bias=b, return_aux=True, skip_ignored=False)
     assert torch.allclose(aux.lse, lse)
@@ -283,26 +283,29 @@ def test_fullgraph_compile(backend):
 def test_opcheck_custom_ops(backend):
     """torch.library's checks of both custom ops on both backends (the split path changes
     nothing at the op's boundary; test_dispatch.py's opcheck runs it for cross_entropy)."""
-    from triton_xent.linear_autograd import linear_ce_backward_op, linear_ce_forward_op
+    from triton_xent.backends.protocol import Options
+    from triton_xent.ops.linear_cross_entropy import linear_ce_backward_op, linear_ce_forward_op
 
     (n,), chunk = ROWS[backend]
     x, w, b, t = _problem((n,))
     x.requires_grad_()
     w.requires_grad_()
     b.requires_grad_()
-    opts = (IGNORE, "mean", 0.1, 1e-3, 3.0, None, 1.0, True, True, backend, torch.float32, chunk,
-            False, True, "", True, True, True)
-    torch.library.opcheck(linear_ce_forward_op, (x, w, b, t, None, None) + opts)
-    none = (IGNORE, "none") + opts[2:]
-    torch.library.opcheck(linear_ce_forward_op, (x, w, None, t, torch.rand(V), None) + none)
-    out = linear_ce_forward_op(x, w, b, t, None, None, *none)
+    opts = Options(IGNORE, "mean", 0.1, 1e-3, 3.0, None, 1.0, True, True, backend,
+                   out_dtype=torch.float32, chunk_rows=chunk, skip_ignored=True,
+                   need=(True, True, True))
+    torch.library.opcheck(linear_ce_forward_op, (x, w, b, t, None, None, opts.encode()))
+    none = opts._replace(reduction="none").encode()
+    torch.library.opcheck(linear_ce_forward_op, (x, w, None, t, torch.rand(V), None, none))
+    out = linear_ce_forward_op(x, w, b, t, None, None, none)
     stats, dens = out[4].detach(), out[5].detach()
     torch.library.opcheck(linear_ce_backward_op, (torch.randn(n), torch.randn(n), stats, dens,
                                                   x.detach(), w.detach(), b.detach(), t, None,
-                                                  None) + none)
+                                                  None, none))
     # logit_scale, and a sum with a device divisor
-    total = (IGNORE, "sum", 0.0, 0.0, None, 0.7, 1.0) + opts[7:]
-    torch.library.opcheck(linear_ce_forward_op, (x, w, b, t, None, torch.tensor(5.0)) + total)
+    total = opts._replace(reduction="sum", label_smoothing=0.0, z_loss=0.0, softcap=None,
+                          logit_scale=0.7).encode()
+    torch.library.opcheck(linear_ce_forward_op, (x, w, b, t, None, torch.tensor(5.0), total))
 
 
 @pytest.mark.skipif(not hasattr(torch.nn, "LinearCrossEntropyLoss"),
@@ -353,13 +356,14 @@ def test_probability_targets_run_unfused(reduction):
         assert_close(a.grad, r.grad, GRAD_TOL[torch.float64], what=f"d{name}")
 
 
-def test_second_backward_raises_and_no_grad():
+def test_second_backward_accumulates_and_no_grad():
     x, w, b, t = _problem()
     xs = x.clone().requires_grad_()
     loss = linear_cross_entropy(xs, w, t, backend="torch")
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="second time"):
-        loss.backward()
+    once = xs.grad.clone()
+    loss.backward()  # recomputed from the inputs: the gradients add up, as PyTorch's
+    torch.testing.assert_close(xs.grad, 2 * once)
     with torch.no_grad():
         assert not linear_cross_entropy(xs, w, t, backend="torch").requires_grad
 
@@ -471,14 +475,14 @@ def test_gpu_grid(n, d, v, dtype, kw):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_fp32_dw_accumulation(dtype):
     """The fused fp32-output GEMM (or its blocked fallback) adds bf16/fp16 products into fp32."""
-    from triton_xent.backends.torch_linear import _accumulate_dw
+    from triton_xent.ops.linear_chunks import accumulate_dw
 
     g = torch.Generator(device="cuda").manual_seed(0)
     acc = torch.randn(3000, 256, device="cuda", generator=g)
     dl = torch.randn(64, 3000, device="cuda", generator=g).to(dtype)
     xc = torch.randn(64, 256, device="cuda", generator=g).to(dtype)
     want = acc.double() + dl.double().T @ xc.double()
-    _accumulate_dw(acc, dl, xc, first=False)
+    accumulate_dw(acc, dl, xc, first=False)
     assert rel_err(acc, want) < 1e-5
 
 

@@ -15,8 +15,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 import pytest
 import torch
 
-from triton_xent._options import CEOptions
+import triton_xent._config as config
 from triton_xent.backends import triton_ce as ops
+from triton_xent.backends.protocol import Options as CEOptions
 from triton_xent.backends.triton_ce import ce_finalize, ce_forward, plan
 
 pytestmark = pytest.mark.skipif(
@@ -349,7 +350,7 @@ def test_bad_logits_raise(logits, match):
         run(logits, torch.zeros(4, dtype=torch.int64), None, torch.ones(2))
 
 
-def test_upstream_recompute_and_scale():
+def test_upstream_recompute_and_scale(monkeypatch):
     """ce_finish with an upstream gradient: rows whose upstream is 1 keep the forward's gradient
     (not rewritten), the others get g times the gradient, computed from the logits (rounded
     once); scale_ multiplies in place unless g == 1."""
@@ -360,12 +361,13 @@ def test_upstream_recompute_and_scale():
     g = torch.tensor([1.0, 0.5, 1.0, -2.0, 3.0, 1.0])
     grad = out.grad.clone()
     grad[[0, 2, 5]] = 7.0  # sentinel: rows with g == 1 must not be rewritten
-    ops.ce_shard_finish(logits, target, weight, opts, out.stats.unsqueeze(-1), None, dens=dens,
-                        rows=None, grad=grad, upstream=g, block_v=64)
+    monkeypatch.setattr(config, "TRITON_BLOCK_V", 64)
+    ops.finish(logits, target, weight, opts, out.stats, None, dens=dens, rows=None, grad=grad,
+               upstream=g)
     assert (grad[[0, 2, 5]] == 7.0).all()
     fresh = torch.empty_like(grad)
-    ops.ce_shard_finish(logits, target, weight, opts, out.stats.unsqueeze(-1), None, dens=dens,
-                        rows=None, grad=fresh, upstream=g, skip_unit=False, block_v=64)
+    ops.finish(logits, target, weight, opts, out.stats, None, dens=dens, rows=None, grad=fresh,
+               upstream=g, skip_unit=False)
     ref = reference(logits, target, weight, dens, eps=0.1, z_loss=1e-3)
     want = (ref[3] * g.double().unsqueeze(1))
     keep = [1, 3, 4]

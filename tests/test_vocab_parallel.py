@@ -27,7 +27,6 @@ from helpers import TOL, rel_err
 
 import triton_xent
 import triton_xent._config as config
-from triton_xent.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 from triton_xent.reference import cross_entropy_reference
 
 IGNORE = -100
@@ -104,7 +103,7 @@ def check_ce(rank, sizes, *, shape=(11,), dtype=torch.float64, weight=False, see
         xs.register_hook(lambda g: seen.append(g.data_ptr()))
     ptr = xs.data_ptr()
     ws = w[lo:hi].to(dtype) if w is not None else None
-    loss, aux = vocab_parallel_cross_entropy(
+    loss, aux = triton_xent.cross_entropy(
         xs, t, ws, return_aux=True, inplace_backward=inplace, backend=backend,
         process_group=group or dist.group.WORLD, **opts)
     xr = x.double().requires_grad_()
@@ -143,7 +142,7 @@ def check_linear(rank, sizes, *, N=9, D=6, dtype=torch.float64, weight=False, bi
     Ws = Wf[lo:hi].clone().requires_grad_()
     bs = bf[lo:hi].clone().requires_grad_() if bias else None
     ws = w[lo:hi] if w is not None else None
-    loss, aux = vocab_parallel_linear_cross_entropy(
+    loss, aux = triton_xent.linear_cross_entropy(
         xh, Ws, t, linear_bias=bs, weight=ws, return_aux=True, backend=backend,
         process_group=group or dist.group.WORLD, chunk_size=chunk_size, skip_ignored=skip_ignored,
         **opts)
@@ -275,20 +274,20 @@ def edge_cases(rank, world, group):
     t = torch.full((5,), IGNORE)
     for w in (None, torch.rand(V, dtype=torch.float64, generator=torch.Generator().manual_seed(1))):
         xs = torch.randn(5, hi - lo, dtype=torch.float64, requires_grad=True)
-        loss = vocab_parallel_cross_entropy(xs, t, None if w is None else w[lo:hi],
+        loss = triton_xent.cross_entropy(xs, t, None if w is None else w[lo:hi],
                                             label_smoothing=0.1, process_group=group)
         assert torch.isnan(loss)
         loss.backward()
         assert torch.equal(xs.grad, torch.zeros_like(xs))
     x, t, _ = _problem((6, V), V, seed=3)
     with torch.no_grad():
-        loss = vocab_parallel_cross_entropy(x[:, lo:hi], t, label_smoothing=0.1, process_group=group)
+        loss = triton_xent.cross_entropy(x[:, lo:hi], t, label_smoothing=0.1, process_group=group)
     assert rel_err(loss, cross_entropy_reference(x, t, label_smoothing=0.1)) < 1e-10
     g = torch.Generator().manual_seed(4)
     x = torch.randn(6, V, dtype=torch.float64, generator=g)
     x[:, 3:] = float("-inf")
     t = torch.randint(0, 3, (6,), generator=g)
-    loss = vocab_parallel_cross_entropy(x[:, lo:hi], t, process_group=group)
+    loss = triton_xent.cross_entropy(x[:, lo:hi], t, process_group=group)
     assert rel_err(loss, F.cross_entropy(x, t)) < 1e-10
 
 
@@ -300,7 +299,7 @@ def errors(rank, world, group):
     lo, hi = _bounds(sizes, rank)
     x, t, w = _problem((6, V), V, seed=5, weight=True)
     xs, ws = x[:, lo:hi], w[lo:hi]
-    call = lambda **kw: vocab_parallel_cross_entropy(**{"input": xs, "target": t, "process_group": group, **kw})
+    call = lambda **kw: triton_xent.cross_entropy(**{"input": xs, "target": t, "process_group": group, **kw})
     last = rank == world - 1
     # A weight shard of the wrong length on one rank only.
     bad_w = torch.cat([ws, ws[:1]]) if last else ws
@@ -333,11 +332,11 @@ def errors(rank, world, group):
     D = 4
     Ws = torch.randn(hi - lo, D, dtype=torch.float64)
     bb = torch.zeros(hi - lo + (1 if last else 0), dtype=torch.float64)
-    _raises(r"linear_bias must have shape|rejected", lambda: vocab_parallel_linear_cross_entropy(
+    _raises(r"linear_bias must have shape|rejected", lambda: triton_xent.linear_cross_entropy(
         torch.randn(6, D, dtype=torch.float64), Ws, t, linear_bias=bb, process_group=group))
     # Different hidden states on the ranks.
     h = torch.randn(6, D, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
-    _raises("input differs", lambda: vocab_parallel_linear_cross_entropy(h, Ws, t, process_group=group,
+    _raises("input differs", lambda: triton_xent.linear_cross_entropy(h, Ws, t, process_group=group,
                                                                          validate=True))
     # The group still works.
     loss = call(weight=ws)
@@ -380,7 +379,7 @@ def aux_outputs_and_second_order(rank, world, group):
     try:
         for backend, dt in (("torch", torch.float64), ("triton", torch.float32)):
             xs = x[:, lo:hi].to(dt).clone().requires_grad_()
-            loss, aux = vocab_parallel_cross_entropy(xs, t, return_aux=True, return_argmax=True,
+            loss, aux = triton_xent.cross_entropy(xs, t, return_aux=True, return_argmax=True,
                                                      backend=backend, process_group=group)
             assert torch.equal(aux.argmax, want), (backend, aux.argmax, want)
             assert abs(float(aux.accuracy) - float(acc)) < 1e-7
@@ -393,15 +392,15 @@ def aux_outputs_and_second_order(rank, world, group):
         config.TRITON_BLOCK_V, config.TRITON_NUM_SPLITS = saved
     h = torch.randn(7, 5, dtype=torch.float64, generator=g)
     W = torch.randn(V, 5, dtype=torch.float64, generator=g)
-    _, aux = vocab_parallel_linear_cross_entropy(h, W[lo:hi], t, return_aux=True,
+    _, aux = triton_xent.linear_cross_entropy(h, W[lo:hi], t, return_aux=True,
                                                  return_argmax=True, process_group=group)
     assert torch.equal(aux.argmax, torch.where(kept, (h @ W.T).argmax(1), -1))
     xs = x[:, lo:hi].clone().requires_grad_()
-    loss = vocab_parallel_cross_entropy(xs, t, process_group=group)
+    loss = triton_xent.cross_entropy(xs, t, process_group=group)
     with pytest.raises(RuntimeError, match="second derivative"):
         torch.autograd.grad(loss, xs, create_graph=True)
     hs = h.clone().requires_grad_()
-    loss = vocab_parallel_linear_cross_entropy(hs, W[lo:hi], t, process_group=group)
+    loss = triton_xent.linear_cross_entropy(hs, W[lo:hi], t, process_group=group)
     with pytest.raises(RuntimeError, match="second derivative"):
         torch.autograd.grad(loss, hs, create_graph=True)
 
@@ -423,7 +422,7 @@ def test_no_group_is_single_process():
     x, t, w = _problem((7, 30), 30, seed=2, weight=True)
     kw = dict(label_smoothing=0.1, z_loss=1e-3, reduction="none")
     a, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
-    la = vocab_parallel_cross_entropy(a, t, w, **kw)
+    la = triton_xent.cross_entropy(a, t, w, **kw)
     ref = cross_entropy_reference(xr, t, w, **kw)
     g = _upstream(ref, 2)
     la.backward(g)
@@ -432,7 +431,7 @@ def test_no_group_is_single_process():
     # The linear variant without a group.
     h = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
     W = torch.randn(30, 5, dtype=torch.float64, requires_grad=True)
-    loss = vocab_parallel_linear_cross_entropy(h, W, t, weight=w, label_smoothing=0.1)
+    loss = triton_xent.linear_cross_entropy(h, W, t, weight=w, label_smoothing=0.1)
     hr, Wr = h.detach().clone().requires_grad_(), W.detach().clone().requires_grad_()
     ref = cross_entropy_reference(hr @ Wr.T, t, w, label_smoothing=0.1)
     loss.backward()
@@ -454,7 +453,7 @@ def _nccl_entry(rank, world, init_method):
         t[::5] = IGNORE
         w = torch.rand(V, generator=g) + 0.5
         xs = x[:, lo:hi].to(dev, torch.bfloat16).requires_grad_()
-        loss = vocab_parallel_cross_entropy(xs, t.to(dev), w[lo:hi].to(dev), label_smoothing=0.1,
+        loss = triton_xent.cross_entropy(xs, t.to(dev), w[lo:hi].to(dev), label_smoothing=0.1,
                                             z_loss=1e-4, process_group=dist.group.WORLD)
         xr = x.to(torch.bfloat16).double().requires_grad_()
         ref = cross_entropy_reference(xr, t, w.double(), label_smoothing=0.1, z_loss=1e-4)

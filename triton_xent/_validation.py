@@ -1,9 +1,11 @@
-"""Argument checks and shape normalisation shared by every public function.
+"""Argument checks and shape normalisation shared by every public function (a leaf module).
 
 Every error names the problem and the fix, in the words of the usual mistakes: a target of the
 wrong shape, a class index out of range, one-hot float targets, softmax applied twice, a weight
 of the wrong length. The checks that need the values of a tensor (range of the targets) run only
 on the CPU, or on an accelerator when validation is asked for, because they cost a host sync.
+The functional API (``triton_xent.functional``, ``triton_xent.linear``) runs each check once per
+call and builds the ready call from the results.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 REDUCTIONS = ("none", "mean", "sum")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -40,8 +43,14 @@ class Problem:
     probs: bool
 
 
-def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ("," if t.dim() == 1 else "") + ")"
+def shape_str(shape) -> str:
+    """A shape as Python writes a tuple: ``(4,)``, ``(2, 3)``."""
+    shape = tuple(getattr(shape, "shape", shape))
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _shape(t) -> str:
+    return shape_str(t)
 
 
 ENV_VALIDATE = "TRITON_XENT_VALIDATE"
@@ -107,49 +116,50 @@ def _real(name: str, value, what: str) -> float:
     return float(value)
 
 
+_SMOOTH_WHAT = ("It is the share of the target mass spread uniformly over the classes, in [0, 1] "
+                "(0.1 is typical, 0.0 turns it off).")
+_Z_WHAT = "It is the coefficient of lse**2 (1e-4 in PaLM; 0.0 turns it off)."
+_CAP_WHAT = ("The logits become softcap * tanh(logits / softcap) (Gemma 2 uses 30.0); None turns "
+             "it off.")
+
+
 def check_options(
     reduction: str, label_smoothing, z_loss, softcap, ignore_index: int
 ) -> tuple[float, float, float | None]:
-    """Checks the options; returns ``label_smoothing, z_loss, softcap`` as Python floats."""
+    """Checks the options; returns ``label_smoothing, z_loss, softcap`` as Python floats (any
+    real number or 0-d tensor is taken, as PyTorch takes ``label_smoothing``)."""
     if reduction not in REDUCTIONS:
         raise CrossEntropyInputError(
             f"reduction={reduction!r} is not supported: use 'mean' (default), 'sum' or 'none'."
         )
-    smooth_what = (
-        "It is the share of the target mass spread uniformly over the classes, in [0, 1] (0.1 is "
-        "typical, 0.0 turns it off)."
-    )
-    smoothing = _real("label_smoothing", label_smoothing, smooth_what)
-    if not 0.0 <= smoothing <= 1.0:
+    smoothing = (label_smoothing if type(label_smoothing) is float
+                 else _real("label_smoothing", label_smoothing, _SMOOTH_WHAT))
+    if smoothing > 1.0:  # as PyTorch: it refuses above 1 only, and smooths only above 0
         raise CrossEntropyInputError(
-            f"label_smoothing={label_smoothing!r} is outside [0, 1]. {smooth_what}"
-        )
-    z_what = "It is the coefficient of lse**2 (1e-4 in PaLM; 0.0 turns it off)."
-    z = _real("z_loss", z_loss, z_what)
-    if not (math.isfinite(z) and z >= 0.0):
+            f"label_smoothing={label_smoothing!r} is above 1 (PyTorch refuses it too). "
+            f"{_SMOOTH_WHAT}")
+    if not smoothing > 0.0:  # negative or NaN: no smoothing, PyTorch's result
+        smoothing = 0.0
+    z = z_loss if type(z_loss) is float else _real("z_loss", z_loss, _Z_WHAT)
+    if not 0.0 <= z < math.inf:
         raise CrossEntropyInputError(
-            f"z_loss={z_loss!r} must be a finite non-negative float. {z_what}"
-        )
+            f"z_loss={z_loss!r} must be a finite non-negative float. {_Z_WHAT}")
     cap = None
     if softcap is not None:
-        cap_what = (
-            "The logits become softcap * tanh(logits / softcap) (Gemma 2 uses 30.0); None turns "
-            "it off."
-        )
-        cap = _real("softcap", softcap, cap_what)
-        if not (math.isfinite(cap) and cap > 0.0):
+        cap = _real("softcap", softcap, _CAP_WHAT)
+        if not 0.0 < cap < math.inf:
             hint = " For no cap pass None, not inf." if cap == math.inf else ""
             raise CrossEntropyInputError(
-                f"softcap={softcap!r} must be a positive finite float or None.{hint} {cap_what}"
-            )
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+                f"softcap={softcap!r} must be a positive finite float or None.{hint} {_CAP_WHAT}")
+    if type(ignore_index) is not int and (isinstance(ignore_index, bool)
+                                          or not isinstance(ignore_index, int)):
         raise CrossEntropyInputError(f"ignore_index={ignore_index!r} must be an int (default -100).")
     return smoothing, z, cap
 
 
 def check_loss_dtype(loss_dtype) -> torch.dtype | None:
-    if loss_dtype is None:
-        return None
+    if loss_dtype is None or loss_dtype in FLOAT_DTYPES:
+        return loss_dtype
     if not isinstance(loss_dtype, torch.dtype) or loss_dtype not in FLOAT_DTYPES:
         raise CrossEntropyInputError(
             f"loss_dtype={loss_dtype!r} must be a floating-point torch.dtype (torch.float32 "
@@ -159,7 +169,7 @@ def check_loss_dtype(loss_dtype) -> torch.dtype | None:
     return loss_dtype
 
 
-_HALF = (torch.float16, torch.bfloat16)
+HALF = (torch.float16, torch.bfloat16)
 
 
 def autocast_loss_dtype(input, loss_dtype: torch.dtype | None, *, linear: bool = False):
@@ -171,26 +181,46 @@ def autocast_loss_dtype(input, loss_dtype: torch.dtype | None, *, linear: bool =
     ``F.linear``'s output, which autocast computes in its own dtype (float64 is left alone).
     """
     if loss_dtype is not None or not isinstance(input, torch.Tensor):
-        return loss_dtype
+        return check_loss_dtype(loss_dtype)
     dev = input.device.type
     if not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev):
         return None
     logits_dtype = input.dtype
     if linear and input.dtype != torch.float64 and input.is_floating_point():
         logits_dtype = torch.get_autocast_dtype(dev)
-    return torch.float32 if logits_dtype in _HALF else None
+    return torch.float32 if logits_dtype in HALF else None
 
 
-def check_logit_scale(logit_scale) -> None:
+def check_logit_scale(logit_scale) -> float | None:
+    """``logit_scale`` as a Python float (any real number or 0-d tensor, as the other options),
+    or None."""
     if logit_scale is None:
-        return
-    ok = isinstance(logit_scale, (int, float)) and not isinstance(logit_scale, bool)
-    if not ok or not math.isfinite(float(logit_scale)) or not float(logit_scale) > 0.0:
+        return None
+    what = ("The logits are multiplied by it before softcap and the softmax: Cohere's "
+            "config.logit_scale, or 1 / config.logits_scaling for Granite; None turns it off.")
+    scale = _real("logit_scale", logit_scale, what)
+    if not 0.0 < scale < math.inf:  # comparisons: torch.compile traces them on a SymFloat
         raise CrossEntropyInputError(
-            f"logit_scale={logit_scale!r} must be a positive finite float (the logits are "
-            "multiplied by it before softcap and the softmax: Cohere's config.logit_scale, or "
-            "1 / config.logits_scaling for Granite) or None to turn it off."
-        )
+            f"logit_scale={logit_scale!r} must be a positive finite number. {what}")
+    return scale
+
+
+def check_return_argmax(return_argmax, return_aux) -> None:
+    if not isinstance(return_argmax, bool):
+        raise CrossEntropyInputError(f"return_argmax={return_argmax!r} must be a bool.")
+    if return_argmax and not return_aux:
+        raise CrossEntropyInputError(
+            "return_argmax=True fills CrossEntropyAux.argmax and .accuracy: pass return_aux=True "
+            "too (the call then returns (loss, aux)).")
+
+
+def compile_check(validate: bool) -> None:
+    """With a process group under torch.compile: ``validate=True`` cannot run (a host sync)."""
+    if validate:
+        raise CrossEntropyInputError(
+            "validate=True with a process group under torch.compile: the ranks' targets (and the "
+            "linear head's hidden states) are compared with a host sync, which a compiled graph "
+            "cannot do. Validate in an eager call (outside the compiled region), or drop validate.")
 
 
 def check_divisor(divisor, reduction: str, device: torch.device | None):
@@ -226,7 +256,7 @@ def check_divisor(divisor, reduction: str, device: torch.device | None):
         raise CrossEntropyInputError(
             f"divisor={divisor!r} must be a number or a 0-d tensor (e.g. num_items_in_batch)."
         )
-    if not math.isfinite(float(divisor)) or float(divisor) == 0.0:
+    if not -math.inf < float(divisor) < math.inf or float(divisor) == 0.0:
         raise CrossEntropyInputError(
             f"divisor={divisor!r} must be finite and non-zero."
         )
@@ -354,7 +384,8 @@ def prepare(
 
 def check_inplace(input: torch.Tensor, logits: torch.Tensor) -> None:
     """Refuses, before anything is written, the inputs an in-place gradient would corrupt."""
-    if logits.data_ptr() != input.data_ptr():  # the rows were copied: a write would be lost
+    if logits.data_ptr() != input.data_ptr() or (logits.shape[1] > 1 and logits.stride(1) != 1):
+        # the rows were copied (a write would be lost), or the kernels could not write them
         raise CrossEntropyInputError(
             "inplace_backward=True needs the logits as rows (N, C) with a unit-stride class "
             "dimension; this input needed a copy, so nothing would be saved. Pass "
@@ -445,8 +476,6 @@ def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int
     Inside a CUDA graph capture (eager or compiled) nothing may sync: there it is a device-side
     assert (``torch._assert_async``), fatal to the CUDA context when it fires.
     """
-    from torch._subclasses.fake_tensor import is_fake
-
     if (torch.compiler.is_compiling() or is_fake(target) or target.device.type == "meta"
             or torch._C._functorch.is_functorch_wrapped_tensor(target)
             or (target.is_cuda and torch.cuda.is_current_stream_capturing())):

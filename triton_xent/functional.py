@@ -1,4 +1,10 @@
-"""The functional API: PyTorch's signatures, validation, dispatch."""
+"""The functional API of ``cross_entropy``: PyTorch's signature, each check once, the ready call.
+
+``cross_entropy`` and ``explain`` take the same arguments and share one builder
+(:func:`_build`): it runs every check once, chooses the backend, agrees on the vocabulary shard
+with the other ranks of a process group, and returns the call the op layer
+(:mod:`triton_xent.ops.cross_entropy`) runs.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +12,21 @@ from typing import NamedTuple
 
 import torch
 
-from . import _validation as V
-from . import dtensor
-from ._options import CEOptions
-from .autograd import run
+from . import _validation as checks
+from . import dtensor, parallel
+from .backends.protocol import Options, compute_dtype
 from .dispatch import (
     BackendChoice,
     BackendUnavailableError,
     choose_backend,
-    requested_backend,
+    dtensor_given,
+    group_size,
     serialised,
 )
-from .parallel import KIND_CE, Shard, agree, ce_options, world_size
-from .pipeline import Call
+from .ops.cross_entropy import Call, in_transform, run
+
+# Errors a rank raises on its own arguments: with a process group they are raised on every rank.
+LOCAL_ERRORS = (checks.CrossEntropyInputError, BackendUnavailableError, ValueError, TypeError)
 
 
 class CrossEntropyAux(NamedTuple):
@@ -55,141 +63,96 @@ def predictions(argmax: torch.Tensor, target: torch.Tensor, ignore_index: int, p
     return argmax, accuracy
 
 
-def check_return_argmax(return_argmax, return_aux) -> None:
-    if not isinstance(return_argmax, bool):
-        raise V.CrossEntropyInputError(f"return_argmax={return_argmax!r} must be a bool.")
-    if return_argmax and not return_aux:
-        raise V.CrossEntropyInputError(
-            "return_argmax=True fills CrossEntropyAux.argmax and .accuracy: pass return_aux=True "
-            "too (the call then returns (loss, aux)).")
+class _Built(NamedTuple):
+    """What :func:`_build` returns: the ready ``call`` (None when there are no classes: PyTorch's
+    result needs no backend), the problem as rows, the backend choice and the in-place flag."""
+
+    call: Call | None
+    problem: checks.Problem
+    choice: BackendChoice | None
+    inplace: bool
+    empty: tuple = ()  # no classes: (reduction, z_loss, loss_dtype, divisor, 1 / divisor)
 
 
-class _Args(NamedTuple):
-    """The keyword arguments after the checks, as the op takes them."""
-
-    reduction: str
-    label_smoothing: float
-    z_loss: float
-    softcap: float | None
-    loss_dtype: torch.dtype | None
-    divisor: torch.Tensor | None  # a tensor divisor, or None
-    inv_divisor: float  # 1 / a number divisor, else 1.0
-
-
-def _check_args(input, ignore_index, size_average, reduce, reduction, label_smoothing, z_loss,
-                softcap, validate, process_group, loss_dtype, divisor, logit_scale,
-                backend) -> _Args:
-    """Every check of the keywords, shared by ``cross_entropy`` and ``explain``: PyTorch's legacy
-    ``size_average``/``reduce``, option ranges, ``TRITON_XENT_VALIDATE``, the loss dtype (fp32
-    under autocast for 16-bit logits, as ``F.cross_entropy``), ``logit_scale``, ``divisor``."""
-    reduction = V.legacy_reduction(size_average, reduce, reduction)
-    label_smoothing, z_loss, softcap = V.check_options(
-        reduction, label_smoothing, z_loss, softcap, ignore_index)
-    V.validation_requested(validate)  # a bad value, or environment variable, raises here
-    requested_backend(backend)  # likewise
-    loss_dtype = V.autocast_loss_dtype(input, V.check_loss_dtype(loss_dtype))
-    V.check_logit_scale(logit_scale)
-    div_t, inv_div = V.check_divisor(
-        divisor, reduction, input.device if isinstance(input, torch.Tensor) else None)
-    return _Args(reduction, label_smoothing, z_loss, softcap, loss_dtype, div_t, inv_div)
-
-
-def _prepare(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-             validate, sharded=False):
-    V.check_options(reduction, label_smoothing, z_loss, softcap, ignore_index)
-    if sharded and isinstance(input, torch.Tensor) and input.dim() >= 1 and isinstance(
-            weight, torch.Tensor) and weight.dim() == 1:
-        c_local = input.shape[0] if input.dim() == 1 else input.shape[1]
-        if weight.shape[0] != c_local:  # a clearer message than the shape check's
-            raise V.CrossEntropyInputError(
-                f"weight has {weight.shape[0]} entries but this rank's logits have "
-                f"V_local={c_local} classes: with a process group, weight is this rank's shard of "
-                "the class weights (the same slice of the vocabulary as the logits).")
+def _build(a: dict, *, group) -> _Built:
+    """Every check of one call, once, and the call as the op layer takes it (``a``: the public
+    function's arguments, by name)."""
+    input, target, weight, ignore_index = a["input"], a["target"], a["weight"], a["ignore_index"]
+    reduction = a["reduction"]
+    if a["size_average"] is not None or a["reduce"] is not None:
+        reduction = checks.legacy_reduction(a["size_average"], a["reduce"], reduction)
+    smoothing, z_loss, softcap = checks.check_options(
+        reduction, a["label_smoothing"], a["z_loss"], a["softcap"], ignore_index)
+    logit_scale = a["logit_scale"]
+    if logit_scale is not None:
+        logit_scale = checks.check_logit_scale(logit_scale)
+    if a["return_argmax"] is not False:
+        checks.check_return_argmax(a["return_argmax"], a["return_aux"])
+    validating = checks.validation_requested(a["validate"])
+    loss_dtype = checks.autocast_loss_dtype(input, a["loss_dtype"])
+    is_tensor = isinstance(input, torch.Tensor)
+    div_t, inv_div = None, 1.0
+    if a["divisor"] is not None:
+        div_t, inv_div = checks.check_divisor(a["divisor"], reduction,
+                                              input.device if is_tensor else None)
+    sharded = group is not None
+    if sharded and is_tensor and input.dim() >= 1 and isinstance(weight, torch.Tensor) and (
+            weight.dim() == 1 and weight.shape[0] != input.shape[min(1, input.dim() - 1)]):
+        raise checks.CrossEntropyInputError(  # a clearer message than the shape check's
+            f"weight has {weight.shape[0]} entries but this rank's logits have "
+            f"V_local={input.shape[min(1, input.dim() - 1)]} classes: with a process group, "
+            "weight is this rank's shard of the class weights (the same slice of the vocabulary "
+            "as the logits).")
     # The range of class indices: always on the CPU (free), on an accelerator only with
     # validation on (a host sync); under torch.compile it runs when the graph runs. With a
     # process group the ids are global: checked once the ranks agree on the vocabulary.
-    on_cpu = isinstance(input, torch.Tensor) and input.device.type == "cpu"
-    check_values = (V.validation_requested(validate) or on_cpu) and not sharded
-    return V.prepare(input, target, weight, ignore_index, check_values=check_values)
-
-
-_LOCAL_ERRORS = (V.CrossEntropyInputError, BackendUnavailableError, ValueError, TypeError)
-
-
-def _build_call(input, target, weight, ignore_index, a, return_aux, inplace_backward, backend,
-                validate, logit_scale, sharded, return_argmax=False):
-    """The validated call, as rows: ``(Call, Problem)``, or ``(None, Problem)`` when there are
-    no classes at all (one process)."""
-    p = _prepare(input, target, weight, ignore_index, a.reduction, a.label_smoothing, a.z_loss,
-                 a.softcap, validate, sharded)
+    on_cpu = is_tensor and input.device.type == "cpu"
+    p = checks.prepare(input, target, weight, ignore_index,
+                       check_values=(validating or on_cpu) and not sharded)
+    if p.probs and ignore_index >= 0:
+        raise checks.CrossEntropyInputError(
+            f"ignore_index={ignore_index} with class-probability targets: PyTorch refuses a "
+            "non-negative ignore_index with floating-point targets ('ignore_index is not supported "
+            "for floating point target'), as no row has a class to compare. Pass class indices, "
+            "or leave ignore_index negative (it then has no effect, as in PyTorch).")
     if p.logits.shape[1] == 0 and not sharded:
-        return None, p
-    if p.probs and ignore_index != -100:
-        raise V.CrossEntropyInputError(
-            f"ignore_index={ignore_index} with class-probability targets: PyTorch refuses it "
-            "too ('ignore_index is not supported for floating point target'), as no row has a "
-            "class to compare. Drop ignore_index, or pass class indices.")
+        return _Built(None, p, None, False, (reduction, z_loss, loss_dtype, div_t, inv_div))
     if (p.weight is not None and not p.probs and p.weight.requires_grad
             and torch.is_grad_enabled()):
-        raise V.CrossEntropyInputError(
+        raise checks.CrossEntropyInputError(
             "weight requires grad, but cross-entropy with class-index targets is not "
             "differentiable with respect to the class weights (PyTorch raises too: "
             "'nll_loss_forward is not differentiable with respect to argument weight'). "
-            "Pass weight.detach()."
-        )
-    choice = choose_backend(p.logits, probs=p.probs, backend=backend)
+            "Pass weight.detach().")
+    choice = choose_backend(p.logits, probs=p.probs, backend=a["backend"])
     logits = p.logits
     if choice.backend == "triton" and logits.stride(-1) != 1:
         logits = logits.contiguous()
-    if inplace_backward and logits.requires_grad:
-        V.check_inplace(input, logits)
-    opts = CEOptions(ignore_index, a.reduction, float(a.label_smoothing), float(a.z_loss),
-                     None if a.softcap is None else float(a.softcap),
-                     None if logit_scale is None else float(logit_scale), a.inv_divisor,
-                     all_rows=bool(return_aux), argmax=bool(return_argmax))
-    call = Call(logits, p.target, p.weight, a.divisor, opts, choice.backend, p.probs,
-                a.loss_dtype or input.dtype)
-    return call, p
+    # In place only where something is written: eagerly, with a gradient to make. Under
+    # torch.compile and functorch transforms the gradient gets its own buffer.
+    inplace = bool(a["inplace_backward"]) and torch.is_grad_enabled() and (
+        logits.requires_grad and not torch.compiler.is_compiling()
+        and not in_transform(logits, p.target))
+    if inplace:
+        checks.check_inplace(input, logits)
+    opts = Options(ignore_index, reduction, smoothing, z_loss, softcap, logit_scale, inv_div,
+                   all_rows=bool(a["return_aux"]), argmax=bool(a["return_argmax"]),
+                   backend=choice.backend, probs=p.probs, out_dtype=loss_dtype or input.dtype,
+                   group="" if group is None else group.group_name)
+    return _Built(Call(logits, p.target, p.weight, div_t, opts), p, choice, inplace)
 
 
-def _with_shard(call, group, error, input, validate):
-    """Agrees on the shard with the other ranks (raising there too on a local error) and checks
-    class ids against the global vocabulary."""
-    if torch.compiler.is_compiling():
-        # The exchange is a host sync, which a graph cannot trace: the op agrees at run time
-        # (cached), and a local error raises here, on this rank (the others wait).
-        if error is not None:
-            raise error
-        if V.validation_requested(validate):
-            raise V.CrossEntropyInputError(
-                "validate=True with a process group under torch.compile: the ranks' targets are "
-                "compared with a host sync, which a compiled graph cannot do. Validate in an "
-                "eager call (outside the compiled region), or drop validate.")
-        return call._replace(shard=Shard(group, -1, -1, -1))
-    device = input.device if isinstance(input, torch.Tensor) else torch.device("cpu")
-    ok = call is not None
-    options = ce_options(call.opts, divisor=call.divisor, weight=call.weight,
-                         probs=call.probs) if ok else ()
-    validating = V.validation_requested(validate)
-    shard = agree(group, device, kind=KIND_CE, error=error,
-                  N=call.logits.shape[0] if ok else -1, V_local=call.logits.shape[1] if ok else -1,
-                  weight_len=call.weight.shape[0] if ok and call.weight is not None else -1,
-                  bias_len=-1, D=-1, dtype=call.logits.dtype if ok else None, options=options,
-                  validate=validating, target=call.target if ok else None)
-    if (validating or device.type == "cpu") and not call.probs and call.target.numel():
-        V.check_target_range(call.target, shard.vocab_size, call.opts.ignore_index)
-    return call._replace(shard=shard)
-
-
-def _no_classes(p, input, ignore_index, reduction, z_loss, loss_dtype, return_aux, div_t, inv_div,
-                return_argmax=False):
+def _no_classes(built: _Built, a: dict):
     """C=0: PyTorch's results, with nothing for a backend to compute. A row's loss is 0 when its
     target is ignored (or for probabilities: an empty sum), NaN for an unchecked out-of-range
     target; ``"mean"`` is NaN (0/0, as PyTorch); the gradient is empty."""
-    cdt = torch.float64 if input.dtype == torch.float64 else torch.float32
+    p = built.problem
+    reduction, z_loss, loss_dtype, div_t, inv_div = built.empty
+    input = a["input"]
+    cdt = compute_dtype(input.dtype)
     rows = p.logits.to(cdt).sum(1)  # zeros, on the autograd graph of the input
     if not p.probs:
-        rows = rows.masked_fill(p.target != ignore_index, float("nan"))
+        rows = rows.masked_fill(p.target != a["ignore_index"], float("nan"))
     if reduction == "none":
         loss = rows.view(p.batch_shape)
     elif reduction == "sum":
@@ -197,15 +160,15 @@ def _no_classes(p, input, ignore_index, reduction, z_loss, loss_dtype, return_au
     else:
         loss = rows.sum() * float("nan")
     loss = loss.to(loss_dtype or input.dtype)
-    if return_aux:
-        lse = torch.full(p.batch_shape, float("-inf"), dtype=cdt, device=rows.device)
-        aux = CrossEntropyAux(lse, torch.zeros_like(loss, dtype=cdt).detach())
-        if return_argmax:  # no class to predict
-            am, acc = predictions(torch.full_like(p.target, -1), p.target, ignore_index, p.probs,
-                                  cdt)
-            aux = aux._replace(argmax=am.view(p.batch_shape), accuracy=acc)
-        return loss, aux
-    return loss
+    if not a["return_aux"]:
+        return loss
+    lse = torch.full(p.batch_shape, float("-inf"), dtype=cdt, device=rows.device)
+    aux = CrossEntropyAux(lse, torch.zeros_like(loss, dtype=cdt).detach())
+    if a["return_argmax"]:  # no class to predict
+        am, acc = predictions(torch.full_like(p.target, -1), p.target, a["ignore_index"], p.probs,
+                              cdt)
+        aux = aux._replace(argmax=am.view(p.batch_shape), accuracy=acc)
+    return loss, aux
 
 
 @serialised
@@ -272,7 +235,7 @@ def cross_entropy(
         process_group: a ``torch.distributed`` group over which the classes are sharded
             (vocabulary parallelism): ``input`` then holds this rank's contiguous shard of the
             class dimension, in rank order, and ``weight`` the matching shard; ``target`` holds
-            global class ids, the same on every rank. See :mod:`triton_xent.distributed`.
+            global class ids, the same on every rank. See :mod:`triton_xent.parallel`.
         loss_dtype: dtype of the returned loss (a floating ``torch.dtype``); default the
             input's, as PyTorch, and fp32 for 16-bit logits under ``torch.autocast``. The loss
             is computed in fp32 either way: ``torch.float32`` keeps it unrounded for bf16 logits
@@ -295,38 +258,38 @@ def cross_entropy(
         >>> loss = triton_xent.cross_entropy(logits, target, label_smoothing=0.1)
         >>> loss.backward()
     """
-    if dtensor.given(input, target, weight, divisor):  # local shards, the mesh's group
-        return dtensor.call_cross_entropy(cross_entropy, dict(locals()))
-    group = process_group if world_size(process_group) > 1 else None
-    error = call = p = None
+    a = dict(locals())
+    if dtensor_given(input, target, weight, divisor):  # local shards, the mesh's group
+        return dtensor.call_cross_entropy(cross_entropy, a)
+    group = None
+    if process_group is not None and group_size(process_group) > 1:
+        group = process_group
+    built = error = None
     try:
-        a = _check_args(input, ignore_index, size_average, reduce, reduction, label_smoothing,
-                        z_loss, softcap, validate, process_group, loss_dtype, divisor, logit_scale,
-                        backend)
-        check_return_argmax(return_argmax, return_aux)
-        call, p = _build_call(input, target, weight, ignore_index, a, return_aux,
-                              inplace_backward, backend, validate, logit_scale, group is not None,
-                              return_argmax)
-    except _LOCAL_ERRORS as exc:
+        built = _build(a, group=group)
+    except LOCAL_ERRORS as exc:
         if group is None:
             raise
         error = exc  # raised on every rank by the agreement below
+    call = built.call if built is not None else None
     if group is not None:
-        call = _with_shard(call, group, error, input, validate)
+        shard = parallel.agree_call(
+            group, parallel.KIND_CE, call, error, validate=checks.validation_requested(validate),
+            device=input.device if isinstance(input, torch.Tensor) else torch.device("cpu"))
+        call = call._replace(shard=shard)
     elif call is None:
-        return _no_classes(p, input, ignore_index, a.reduction, a.z_loss, a.loss_dtype,
-                           return_aux, a.divisor, a.inv_divisor, return_argmax)
-    loss, lse, z_term, argmax = run(call, inplace=bool(inplace_backward))
-    if a.reduction == "none":
-        loss = loss.view(p.batch_shape)
-        z_term = z_term.view(p.batch_shape)
-    if return_aux:
-        aux = CrossEntropyAux(lse.view(p.batch_shape), z_term)
-        if return_argmax:
-            am, acc = predictions(argmax, call.target, ignore_index, call.probs, lse.dtype)
-            aux = aux._replace(argmax=am.view(p.batch_shape), accuracy=acc)
-        return loss, aux
-    return loss
+        return _no_classes(built, a)
+    loss, lse, z_term, argmax = run(call, inplace=built.inplace)
+    shape = built.problem.batch_shape
+    if call.opts.reduction == "none":
+        loss, z_term = loss.view(shape), z_term.view(shape)
+    if not return_aux:
+        return loss
+    aux = CrossEntropyAux(lse.view(shape), z_term)
+    if return_argmax:
+        am, acc = predictions(argmax, call.target, ignore_index, call.opts.probs, lse.dtype)
+        aux = aux._replace(argmax=am.view(shape), accuracy=acc)
+    return loss, aux
 
 
 def explain(
@@ -362,19 +325,14 @@ def explain(
         >>> triton_xent.explain(torch.randn(4, 10), torch.tensor([1, 2, 3, 4]))
         BackendChoice(backend='torch', reason='input is on cpu; the Triton kernel needs ...')
     """
-    if dtensor.given(input, target, weight, divisor):
-        return dtensor.call_cross_entropy(explain, dict(locals()))
-    a = _check_args(input, ignore_index, size_average, reduce, reduction, label_smoothing, z_loss,
-                    softcap, validate, process_group, loss_dtype, divisor, logit_scale,
-                    backend)
-    check_return_argmax(return_argmax, return_aux)
-    world = world_size(process_group)
-    p = _prepare(input, target, weight, ignore_index, a.reduction, a.label_smoothing, a.z_loss,
-                 a.softcap, validate, sharded=world > 1)
-    if p.logits.shape[1] == 0 and world == 1:
+    a = dict(locals())
+    if dtensor_given(input, target, weight, divisor):
+        return dtensor.call_cross_entropy(explain, a)
+    world = group_size(process_group)
+    built = _build(a, group=process_group if world > 1 else None)
+    if built.call is None:
         return BackendChoice("torch", "no classes (C=0): PyTorch's result needs no kernel")
-    choice = choose_backend(p.logits, probs=p.probs, backend=backend)
     if world > 1:
-        return BackendChoice(choice.backend,
-                             f"{choice.reason}; vocabulary parallel over {world} ranks")
-    return choice
+        return BackendChoice(built.choice.backend,
+                             f"{built.choice.reason}; vocabulary parallel over {world} ranks")
+    return built.choice

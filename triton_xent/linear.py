@@ -1,7 +1,7 @@
 """``linear_cross_entropy``: the LM head and the loss in one op, without the ``(N, V)`` logits.
 
-The functional API (validation, dispatch, PyTorch's signature); the op layer is
-:mod:`triton_xent.linear_autograd` and the chunk loop :mod:`triton_xent.backends.torch_linear`.
+The functional API (PyTorch's signature, each check once, the ready call); the op layer is
+:mod:`triton_xent.ops.linear_cross_entropy` and the chunk loop :mod:`triton_xent.ops.linear_chunks`.
 """
 
 from __future__ import annotations
@@ -14,14 +14,11 @@ import torch.nn.functional as F
 
 from . import _validation as V
 from . import dtensor, parallel
-from ._options import CEOptions
-from .backends.torch_linear import default_chunk_rows
-from .dispatch import BackendUnavailableError, choose_backend, requested_backend, serialised
-from .functional import CrossEntropyAux, check_return_argmax, cross_entropy, predictions
-from .linear_autograd import LinearCall, run
-
-_HALF = (torch.float16, torch.bfloat16)
-_LOCAL_ERRORS = (V.CrossEntropyInputError, BackendUnavailableError, ValueError, TypeError)
+from .backends.protocol import Options
+from .dispatch import choose_backend, dtensor_given, group_size, serialised
+from .functional import LOCAL_ERRORS, CrossEntropyAux, cross_entropy, predictions
+from .ops.linear_chunks import default_chunk_rows
+from .ops.linear_cross_entropy import LinearCall, run
 
 
 class _Problem(NamedTuple):
@@ -29,11 +26,6 @@ class _Problem(NamedTuple):
     target: torch.Tensor  # (N,) int64
     weight: torch.Tensor | None
     batch_shape: tuple[int, ...]
-
-
-def _shape(shape) -> str:
-    shape = tuple(shape)
-    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
 def _check_linear(input, linear_weight, linear_bias, target) -> None:
@@ -44,21 +36,21 @@ def _check_linear(input, linear_weight, linear_bias, target) -> None:
     if input.dtype not in V.FLOAT_DTYPES or input.dim() == 0:
         raise V.CrossEntropyInputError(
             f"input must be a floating-point tensor of shape (..., D) (the hidden states), got "
-            f"{input.dtype} {_shape(input.shape)}."
+            f"{input.dtype} {V.shape_str(input.shape)}."
         )
     D = input.shape[-1]
     if linear_weight.dim() != 2:
         raise V.CrossEntropyInputError(
             f"linear_weight must be (V, D) = (num_classes, in_features), got "
-            f"{_shape(linear_weight.shape)}. K-dimensional heads (C, d1, ..., D) are not "
+            f"{V.shape_str(linear_weight.shape)}. K-dimensional heads (C, d1, ..., D) are not "
             "supported: use torch.nn.functional.linear_cross_entropy for those."
         )
     if linear_weight.shape[1] != D:
         hint = " It looks transposed: pass lm_head.weight, shape (V, D)." if (
             linear_weight.shape[0] == D) else ""
         raise V.CrossEntropyInputError(
-            f"linear_weight {_shape(linear_weight.shape)} does not match input "
-            f"{_shape(input.shape)}: its second dimension must be the input's last, D={D}.{hint}"
+            f"linear_weight {V.shape_str(linear_weight.shape)} does not match input "
+            f"{V.shape_str(input.shape)}: its second dimension must be the input's last, D={D}.{hint}"
         )
     tensors = [("linear_weight", linear_weight)]
     if linear_bias is not None:
@@ -66,7 +58,7 @@ def _check_linear(input, linear_weight, linear_bias, target) -> None:
                 linear_weight.shape[0],):
             raise V.CrossEntropyInputError(
                 f"linear_bias must have shape ({linear_weight.shape[0]},), one value per class, "
-                f"got {_shape(getattr(linear_bias, 'shape', ()))}."
+                f"got {V.shape_str(getattr(linear_bias, 'shape', ()))}."
             )
         tensors.append(("linear_bias", linear_bias))
     for name, t in tensors:
@@ -89,10 +81,10 @@ def _prepare(input, linear_weight, linear_bias, target, weight, ignore_index, ch
         if target.dim() and tuple(target.shape[:-1]) == batch_shape and target.shape[-1] == 1:
             hint = " Remove the trailing dimension: target.squeeze(-1)."
         elif target.numel() == math.prod(batch_shape):
-            hint = f" Reshape it: target.view{_shape(batch_shape)}."
+            hint = f" Reshape it: target.view{V.shape_str(batch_shape)}."
         raise V.CrossEntropyInputError(
-            f"Expected target shape {_shape(batch_shape)} (the input's shape without its last "
-            f"dimension D) for input {_shape(input.shape)}, got {_shape(target.shape)}.{hint}"
+            f"Expected target shape {V.shape_str(batch_shape)} (the input's shape without its last "
+            f"dimension D) for input {V.shape_str(input.shape)}, got {V.shape_str(target.shape)}.{hint}"
         )
     N, D, Vn = math.prod(batch_shape), input.shape[-1], linear_weight.shape[0]
     # Checks of the target dtype, class weights and index range, on a zero-stride stand-in for
@@ -124,7 +116,7 @@ def _resolve_chunk_rows(chunk_size, chunk_bytes, N: int, D: int, num_classes: in
 def _resolve_fp32_accum(accum_dtype, weight_dtype: torch.dtype) -> bool:
     if accum_dtype is None or accum_dtype == weight_dtype:
         return False
-    if accum_dtype == torch.float32 and weight_dtype in _HALF:
+    if accum_dtype == torch.float32 and weight_dtype in V.HALF:
         return True
     raise V.CrossEntropyInputError(
         f"accum_dtype={accum_dtype} with a {weight_dtype} linear_weight: use None (the weight's "
@@ -148,22 +140,35 @@ def _autocast(input, linear_weight, linear_bias):
     return cast(input), cast(linear_weight), cast(linear_bias)
 
 
-def _linear_probs(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-                  label_smoothing, **extras):
+def _linear_probs(a: dict, group):
     """Class-probability targets: unfused (the ``(N, V)`` logits are formed), exact."""
+    if group is not None:
+        raise V.CrossEntropyInputError(
+            "class-probability targets are not supported by linear_cross_entropy with a "
+            "process group: form the logits shard (F.linear) and call cross_entropy with the "
+            "group and this rank's shard of the target distribution.")
+    _checked_options(a)
+    input, linear_weight, linear_bias = _autocast(a["input"], a["linear_weight"],
+                                                  a["linear_bias"])
+    target, reduction = a["target"], a["reduction"]
+    _check_linear(input, linear_weight, linear_bias, target)
     logits = F.linear(input, linear_weight, linear_bias)
     Vn = linear_weight.shape[0]
     if tuple(target.shape) != tuple(logits.shape):
         raise V.CrossEntropyInputError(
             f"target is floating point ({target.dtype}), read as class probabilities, which must "
-            f"have shape {_shape(logits.shape)} (the input's batch dimensions, then V={Vn}); got "
-            f"{_shape(target.shape)}. For class indices pass an integer tensor (target.long())."
+            f"have shape {V.shape_str(logits.shape)} (the input's batch dimensions, then V={Vn}); got "
+            f"{V.shape_str(target.shape)}. For class indices pass an integer tensor (target.long())."
         )
     batch_shape = tuple(logits.shape[:-1])
-    out = cross_entropy(logits.reshape(-1, Vn), target.reshape(-1, Vn), weight,
-                        ignore_index=ignore_index, reduction=reduction,
-                        label_smoothing=label_smoothing, **extras)
-    if not extras.get("return_aux"):
+    extras = {k: a[k] for k in ("z_loss", "softcap", "return_aux", "return_argmax", "backend",
+                                "validate", "loss_dtype", "divisor", "logit_scale")}
+    if extras["loss_dtype"] is None:  # F.linear under autocast, then F.cross_entropy in fp32
+        extras["loss_dtype"] = V.autocast_loss_dtype(a["input"], None, linear=True)
+    out = cross_entropy(logits.reshape(-1, Vn), target.reshape(-1, Vn), a["weight"],
+                        ignore_index=a["ignore_index"], reduction=reduction,
+                        label_smoothing=a["label_smoothing"], **extras)
+    if not a["return_aux"]:
         return out.view(batch_shape) if reduction == "none" else out
     loss, aux = out
     loss = loss.view(batch_shape) if reduction == "none" else loss
@@ -225,8 +230,8 @@ def linear_cross_entropy(
         label_smoothing, z_loss, softcap: as in :func:`triton_xent.cross_entropy` (softcap acts
             on the logits, bias included).
         return_aux: also return :class:`CrossEntropyAux` (per-row lse and z-loss term, both
-            differentiable). Ignored rows skipped by ``skip_ignored`` have ``lse = 0`` (a
-            constant: no gradient); the others their log-sum-exp.
+            differentiable), every row's log-sum-exp, ignored rows included (so with
+            ``return_aux`` ignored rows are not skipped: see ``skip_ignored``).
         return_argmax: with ``return_aux``, also fill ``aux.argmax`` and ``aux.accuracy``
             (see :class:`CrossEntropyAux`), tracked with the maximum in the same pass.
         chunk_size: rows per chunk. Default: as many as fit ``chunk_bytes``.
@@ -242,7 +247,8 @@ def linear_cross_entropy(
             on for CPU tensors, off on accelerators (no sync, CUDA-graph safe: fixed chunks over
             all rows, ignored ones computed and given zero gradients). Pass True on a GPU when
             many targets are ignored (prompt tokens in fine-tuning): the saved GEMMs outweigh
-            the sync.
+            the sync. With ``return_aux`` no row is skipped (the aux lse of every row is
+            returned, ignored rows included, as :func:`cross_entropy` returns it).
         backend: ``"auto"`` (default, or ``TRITON_XENT_BACKEND``), ``"triton"`` or ``"torch"``:
             which cross-entropy step runs; the GEMMs are torch's (cuBLAS, MKL) everywhere.
         validate: check class indices on an accelerator too (a host sync).
@@ -250,7 +256,7 @@ def linear_cross_entropy(
             ``linear_weight`` (and ``linear_bias``, ``weight``) hold this rank's contiguous
             shard of the vocabulary, in rank order; ``input`` and ``target`` are the same on
             every rank, and every rank gets the full gradient of ``input``. See
-            :mod:`triton_xent.distributed`.
+            :mod:`triton_xent.parallel`.
         loss_dtype: dtype of the returned loss (a floating ``torch.dtype``); default the
             input's, and fp32 under ``torch.autocast`` (``F.linear`` runs in the autocast dtype,
             ``F.cross_entropy`` upcasts: torch's result). It is computed in fp32 either way;
@@ -273,122 +279,89 @@ def linear_cross_entropy(
         >>> loss = triton_xent.linear_cross_entropy(hidden, lm_head.weight, labels)
         >>> loss.backward()
     """
-    if dtensor.given(input, linear_weight, linear_bias, target, weight, divisor):
-        return dtensor.call_linear_cross_entropy(linear_cross_entropy, dict(locals()))
+    a = dict(locals())
+    if dtensor_given(input, linear_weight, linear_bias, target, weight, divisor):
+        return dtensor.call_linear_cross_entropy(linear_cross_entropy, a)
     if ignore_index is None:
-        ignore_index = -100
-    label_smoothing, z_loss, softcap = V.check_options(
-        reduction, label_smoothing, z_loss, softcap, ignore_index)
-    V.validation_requested(validate)  # a bad value, or environment variable, raises here
-    requested_backend(backend)  # likewise
-    check_return_argmax(return_argmax, return_aux)
-    # F.linear runs in autocast's dtype, then F.cross_entropy (autocast's fp32 list) in fp32.
-    loss_dtype = V.autocast_loss_dtype(input, V.check_loss_dtype(loss_dtype), linear=True)
-    group = process_group if parallel.world_size(process_group) > 1 else None
-    out_dtype = loss_dtype or (input.dtype if isinstance(input, torch.Tensor) else None)
-    if isinstance(input, torch.Tensor):
-        input, linear_weight, linear_bias = _autocast(input, linear_weight, linear_bias)
+        a["ignore_index"] = ignore_index = -100
+    group = None
+    if process_group is not None and group_size(process_group) > 1:
+        group = process_group
     if isinstance(target, torch.Tensor) and target.is_floating_point():
-        if group is not None:
-            raise V.CrossEntropyInputError(
-                "class-probability targets are not supported by linear_cross_entropy with a "
-                "process group: form the logits shard (F.linear) and call cross_entropy with the "
-                "group and this rank's shard of the target distribution.")
-        V.check_options(reduction, label_smoothing, z_loss, softcap, ignore_index)
-        _check_linear(input, linear_weight, linear_bias, target)
-        return _linear_probs(input, linear_weight, target, linear_bias, weight, reduction,
-                             ignore_index, label_smoothing, z_loss=z_loss, softcap=softcap,
-                             return_aux=return_aux, return_argmax=return_argmax,
-                             backend=backend, validate=validate,
-                             loss_dtype=loss_dtype, divisor=divisor, logit_scale=logit_scale)
-    error = lc = need = None
+        return _linear_probs(a, group)
+    lc = error = batch_shape = None
     try:
-        lc, need, batch_shape = _build(
-            input, linear_weight, linear_bias, target, weight, reduction, ignore_index,
-            label_smoothing, z_loss, softcap, chunk_size, chunk_bytes, accum_dtype, skip_ignored,
-            backend, validate, out_dtype, divisor, logit_scale, check_values=group is None,
-            return_aux=return_aux, return_argmax=return_argmax)
-    except _LOCAL_ERRORS as exc:
+        lc, batch_shape = _build(a, sharded=group is not None)
+    except LOCAL_ERRORS as exc:
         if group is None:
             raise
         error = exc  # raised on every rank by the agreement below
     if group is not None:
-        lc = _with_shard(lc, need, group, error, input, validate)
-    loss, lse, z_term, argmax = run(lc, need)
+        shard = parallel.agree_call(
+            group, parallel.KIND_LINEAR, lc, error, validate=V.validation_requested(validate),
+            device=input.device if isinstance(input, torch.Tensor) else torch.device("cpu"))
+        lc = lc._replace(shard=shard, opts=lc.opts._replace(chunk_rows=shard.chunk_rows))
+    loss, lse, z_term, argmax = run(lc)
     if reduction == "none":
-        loss = loss.view(batch_shape)
-        z_term = z_term.view(batch_shape)
-    if return_aux:
-        aux = CrossEntropyAux(lse.view(batch_shape), z_term)
-        if return_argmax:
-            am, acc = predictions(argmax, lc.target, lc.opts.ignore_index, False, lse.dtype)
-            aux = aux._replace(argmax=am.view(batch_shape), accuracy=acc)
-        return loss, aux
-    return loss
+        loss, z_term = loss.view(batch_shape), z_term.view(batch_shape)
+    if not return_aux:
+        return loss
+    aux = CrossEntropyAux(lse.view(batch_shape), z_term)
+    if return_argmax:
+        am, acc = predictions(argmax, lc.target, lc.opts.ignore_index, False, lse.dtype)
+        aux = aux._replace(argmax=am.view(batch_shape), accuracy=acc)
+    return loss, aux
 
 
-def _build(input, linear_weight, linear_bias, target, weight, reduction, ignore_index,
-           label_smoothing, z_loss, softcap, chunk_size, chunk_bytes, accum_dtype, skip_ignored,
-           backend, validate, out_dtype, divisor, logit_scale, *, check_values: bool,
-           return_aux: bool = False, return_argmax: bool = False):
-    """Validates and normalises one call: ``(LinearCall, need (x, W, b), batch_shape)``."""
-    V.check_options(reduction, label_smoothing, z_loss, softcap, ignore_index)
-    V.check_logit_scale(logit_scale)
-    div_t, inv_div = V.check_divisor(
-        divisor, reduction, input.device if isinstance(input, torch.Tensor) else None)
+def _checked_options(a: dict):
+    """The keyword checks shared by the fused path and the probabilities' unfused one:
+    ``(label_smoothing, z_loss, softcap, logit_scale, loss_dtype)``."""
+    smoothing, z_loss, softcap = V.check_options(a["reduction"], a["label_smoothing"], a["z_loss"],
+                                                 a["softcap"], a["ignore_index"])
+    logit_scale = a["logit_scale"]
+    if logit_scale is not None:
+        logit_scale = V.check_logit_scale(logit_scale)
+    if a["return_argmax"] is not False:
+        V.check_return_argmax(a["return_argmax"], a["return_aux"])
+    V.validation_requested(a["validate"])  # a bad value, or environment variable, raises here
+    # F.linear runs in autocast's dtype, then F.cross_entropy (autocast's fp32 list) in fp32.
+    loss_dtype = V.autocast_loss_dtype(a["input"], a["loss_dtype"], linear=True)
+    return smoothing, z_loss, softcap, logit_scale, loss_dtype
+
+
+def _build(a: dict, *, sharded: bool):
+    """Every check of one call, once: ``(LinearCall, batch_shape)``."""
+    smoothing, z_loss, softcap, logit_scale, loss_dtype = _checked_options(a)
+    input, reduction = a["input"], a["reduction"]
+    out_dtype = loss_dtype or (input.dtype if isinstance(input, torch.Tensor) else None)
+    x, W, b = _autocast(input, a["linear_weight"], a["linear_bias"])
+    div_t, inv_div = None, 1.0
+    if a["divisor"] is not None:
+        div_t, inv_div = V.check_divisor(a["divisor"], reduction,
+                                         input.device if isinstance(input, torch.Tensor) else None)
     # The range of class indices: always on the CPU, with validation on accelerators; under
     # torch.compile it runs when the graph runs. With a group: after the ranks agree.
     on_cpu = isinstance(input, torch.Tensor) and input.device.type == "cpu"
-    check = check_values and (V.validation_requested(validate) or on_cpu)
-    p = _prepare(input, linear_weight, linear_bias, target, weight, ignore_index, check)
+    check = not sharded and (V.validation_requested(a["validate"]) or on_cpu)
+    p = _prepare(x, W, b, a["target"], a["weight"], a["ignore_index"], check)
     if p.weight is not None and p.weight.requires_grad and torch.is_grad_enabled():
         raise V.CrossEntropyInputError(
             "weight (the class weights) requires grad, but the loss is not differentiated with "
             "respect to them (PyTorch raises too). Pass weight.detach().")
-    choice = choose_backend(p.x, probs=False, backend=backend)
-    grad_on = torch.is_grad_enabled()
-    need = (grad_on and p.x.requires_grad, grad_on and linear_weight.requires_grad,
-            grad_on and linear_bias is not None and linear_bias.requires_grad)
-    fp32_accum = _resolve_fp32_accum(accum_dtype, linear_weight.dtype)
+    choice = choose_backend(p.x, probs=False, backend=a["backend"])
+    on = torch.is_grad_enabled()
+    need = (on and p.x.requires_grad, on and W.requires_grad,
+            on and b is not None and b.requires_grad)
+    fp32_accum = _resolve_fp32_accum(a["accum_dtype"], W.dtype)
     N, D = p.x.shape
-    chunk_rows = _resolve_chunk_rows(chunk_size, chunk_bytes, N, D, linear_weight.shape[0],
-                                     p.x.dtype, linear_weight.dtype, fp32_accum)
-    opts = CEOptions(ignore_index, reduction, float(label_smoothing), float(z_loss),
-                     None if softcap is None else float(softcap),
-                     None if logit_scale is None else float(logit_scale), inv_div,
-                     all_rows=bool(return_aux), argmax=bool(return_argmax))
-    lc = LinearCall(p.x, linear_weight, linear_bias, p.target, p.weight, div_t, opts,
-                    choice.backend, out_dtype, chunk_rows, fp32_accum,
-                    on_cpu if skip_ignored is None else bool(skip_ignored))
-    return lc, need, p.batch_shape
-
-
-def _with_shard(lc, need, group, error, input, validate):
-    """Agrees on the vocabulary shard with the other ranks (every rank raises a local error)."""
-    if torch.compiler.is_compiling():
-        # The exchange is a host sync, which a graph cannot trace: the op agrees at run time
-        # (cached), and a local error raises here, on this rank (the others wait).
-        if error is not None:
-            raise error
-        if V.validation_requested(validate):
-            raise V.CrossEntropyInputError(
-                "validate=True with a process group under torch.compile: the ranks' targets and "
-                "hidden states are compared with a host sync, which a compiled graph cannot do. "
-                "Validate in an eager call (outside the compiled region), or drop validate.")
-        return lc._replace(shard=parallel.Shard(group, -1, -1, -1))
-    ok = lc is not None
-    device = input.device if isinstance(input, torch.Tensor) else torch.device("cpu")
-    options = parallel.linear_options(lc.opts, divisor=lc.divisor, weight=lc.weight, bias=lc.b,
-                                      skip_ignored=lc.skip_ignored) if ok else ()
-    validating = V.validation_requested(validate)
-    shard = parallel.agree(
-        group, device, kind=parallel.KIND_LINEAR, error=error, N=lc.x.shape[0] if ok else -1,
-        V_local=lc.W.shape[0] if ok else -1,
-        weight_len=lc.weight.shape[0] if ok and lc.weight is not None else -1,
-        bias_len=lc.b.shape[0] if ok and lc.b is not None else -1, D=lc.x.shape[1] if ok else -1,
-        dtype=lc.x.dtype if ok else None, options=options, validate=validating,
-        target=lc.target if ok else None, input=lc.x if ok else None,
-        need_dx=bool(need[0]) if ok else False, chunk_rows=lc.chunk_rows if ok else 0)
-    if (validating or device.type == "cpu") and lc.target.numel():
-        V.check_target_range(lc.target, shard.vocab_size, lc.opts.ignore_index)
-    return lc._replace(shard=shard, chunk_rows=shard.chunk_rows)
+    chunk_rows = _resolve_chunk_rows(a["chunk_size"], a["chunk_bytes"], N, D, W.shape[0],
+                                     p.x.dtype, W.dtype, fp32_accum)
+    # Ignored rows are skipped (no GEMM) unless their lse is returned (return_aux).
+    skip = on_cpu if a["skip_ignored"] is None else bool(a["skip_ignored"])
+    opts = Options(a["ignore_index"], reduction, smoothing, z_loss, softcap, logit_scale, inv_div,
+                   all_rows=bool(a["return_aux"]), argmax=bool(a["return_argmax"]),
+                   backend=choice.backend, out_dtype=out_dtype,
+                   group=parallel.group_name(a["process_group"]) if sharded else "",
+                   chunk_rows=chunk_rows, fp32_accum=fp32_accum,
+                   skip_ignored=skip and not a["return_aux"], need=need)
+    return LinearCall(p.x, W, b, p.target, p.weight, div_t, opts), p.batch_shape

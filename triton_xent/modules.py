@@ -1,12 +1,31 @@
-"""``nn.Module`` wrappers: they store the arguments and call the functional API."""
+"""``nn.Module`` wrappers: they store the arguments and call the functional API.
+
+Each module stores the keywords of its function once, as attributes named like the function's
+parameters (PyTorch's modules do the same: ``loss_fn.reduction``); the names are read from the
+function's signature, so a keyword added there reaches the module through its ``__init__``
+signature alone.
+"""
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
 
 from ._validation import legacy_reduction
 from .functional import cross_entropy
+from .linear import linear_cross_entropy
+
+
+def _keywords(fn, skip: tuple[str, ...]) -> tuple[str, ...]:
+    """The parameters of ``fn`` a module stores (all but its tensors and the per-call ones)."""
+    return tuple(n for n in inspect.signature(fn).parameters if n not in skip)
+
+
+def _store(module: nn.Module, names: tuple[str, ...], values: dict) -> None:
+    for name in names:
+        setattr(module, name, values[name])
 
 
 class CrossEntropyLoss(nn.Module):
@@ -20,6 +39,9 @@ class CrossEntropyLoss(nn.Module):
         >>> loss_fn = triton_xent.CrossEntropyLoss(ignore_index=-100, z_loss=1e-4)
         >>> loss = loss_fn(logits.view(-1, vocab), labels.view(-1))
     """
+
+    _keywords = _keywords(cross_entropy, ("input", "target", "weight", "size_average", "reduce",
+                                           "divisor"))
 
     def __init__(
         self,
@@ -41,34 +63,16 @@ class CrossEntropyLoss(nn.Module):
         loss_dtype: torch.dtype | None = None,
         logit_scale: float | None = None,
     ) -> None:
+        values = dict(locals(), reduction=legacy_reduction(size_average, reduce, reduction))
         super().__init__()
         self.register_buffer("weight", weight)
-        self.logit_scale = logit_scale
-        self.process_group = process_group
-        self.loss_dtype = loss_dtype
-        self.ignore_index = ignore_index
-        self.reduction = legacy_reduction(size_average, reduce, reduction)
-        self.label_smoothing = label_smoothing
-        self.z_loss = z_loss
-        self.softcap = softcap
-        self.return_aux = return_aux
-        self.return_argmax = return_argmax
-        self.inplace_backward = inplace_backward
-        self.backend = backend
-        self.validate = validate
+        _store(self, self._keywords, values)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, *, divisor=None):
         """``divisor``: with ``reduction="sum"``, divide the loss by it inside the op (a number
         or a 0-d tensor, e.g. ``num_items_in_batch``); see :func:`triton_xent.cross_entropy`."""
-        return cross_entropy(
-            input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
-            label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-            return_aux=self.return_aux, return_argmax=self.return_argmax,
-            inplace_backward=self.inplace_backward,
-            backend=self.backend, validate=self.validate, process_group=self.process_group,
-            loss_dtype=self.loss_dtype, divisor=divisor,
-            logit_scale=self.logit_scale,
-        )
+        return cross_entropy(input, target, self.weight, divisor=divisor,
+                             **{k: getattr(self, k) for k in self._keywords})
 
     def extra_repr(self) -> str:
         return (
@@ -86,6 +90,9 @@ class LinearCrossEntropyLoss(nn.Module):
         >>> loss_fn = triton_xent.LinearCrossEntropyLoss(4096, 128256, z_loss=1e-4)
         >>> loss = loss_fn(hidden_states, labels)   # (B, T, 4096), (B, T)
     """
+
+    _keywords = _keywords(linear_cross_entropy, ("input", "linear_weight", "target",
+                                                  "linear_bias", "weight", "divisor"))
 
     def __init__(
         self,
@@ -113,41 +120,18 @@ class LinearCrossEntropyLoss(nn.Module):
         loss_dtype: torch.dtype | None = None,
         logit_scale: float | None = None,
     ) -> None:
+        values = locals()
         super().__init__()
-        self.logit_scale = logit_scale
         self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
         self.register_buffer("weight", weight)
         self.num_classes = num_classes
-        self.reduction = reduction
-        self.ignore_index = ignore_index
-        self.label_smoothing = label_smoothing
-        self.z_loss = z_loss
-        self.softcap = softcap
-        self.return_aux = return_aux
-        self.return_argmax = return_argmax
-        self.chunk_size = chunk_size
-        self.chunk_bytes = chunk_bytes
-        self.accum_dtype = accum_dtype
-        self.skip_ignored = skip_ignored
-        self.backend = backend
-        self.validate = validate
-        self.process_group = process_group
-        self.loss_dtype = loss_dtype
+        _store(self, self._keywords, values)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, *, divisor=None):
         """``divisor``: as in :meth:`CrossEntropyLoss.forward`."""
-        from .linear import linear_cross_entropy
-
-        return linear_cross_entropy(
-            input, self.linear.weight, target, linear_bias=self.linear.bias, weight=self.weight,
-            reduction=self.reduction, ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-            return_aux=self.return_aux, return_argmax=self.return_argmax,
-            chunk_size=self.chunk_size, chunk_bytes=self.chunk_bytes,
-            accum_dtype=self.accum_dtype, skip_ignored=self.skip_ignored, backend=self.backend,
-            validate=self.validate, process_group=self.process_group, loss_dtype=self.loss_dtype,
-            divisor=divisor, logit_scale=self.logit_scale,
-        )
+        return linear_cross_entropy(input, self.linear.weight, target,
+                                    linear_bias=self.linear.bias, weight=self.weight,
+                                    divisor=divisor, **{k: getattr(self, k) for k in self._keywords})
 
     def extra_repr(self) -> str:
         return (

@@ -7,11 +7,11 @@ logits, the class weights, class-probability targets, and for the linear head th
 weight and bias. The same on every rank: class-index targets (global ids), the hidden states of
 the linear head, every option.
 
-Per call, each rank computes its shard's partial statistics (the backend's
-``ce_shard_partials``), :func:`merge_ranks` merges them with two all-reduces of a few values per
-row (MAX of the row maxima, then one SUM of the rescaled partials; a third, MIN, only for the
-argmax), and each rank writes the loss rows and its shard's gradient from the merged statistics
-(``ce_shard_finish``). The collectives are functional collectives
+Per call, each rank computes its shard's partial statistics (the backend's ``partials``),
+:func:`merge_ranks` merges them with two all-reduces of a few values per row (MAX of the row
+maxima, then one SUM of the rescaled partials; a third, MIN, only for the argmax), and each rank
+writes the loss rows and its shard's gradient from the merged statistics (the backend's
+``finish``). The collectives are functional collectives
 (``torch.distributed._functional_collectives``), which torch.compile traces.
 
 The ranks' agreement (shard sizes, hence offsets; row counts, dtypes, options, the group) is
@@ -32,9 +32,9 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from . import _validation as V
-from ._options import CEOptions, RowOutputs
-from .backends.torch_ce import F_M, F_S, F_T, F_W, F_WT, F_XT, merge_parts
+from ._validation import CrossEntropyInputError, check_target_range, compile_check
+from .backends.protocol import F_M, F_S, F_T, F_W, F_WT, F_XT, Options, RowOutputs
+from .backends.torch_ce import denominators, merge_parts
 
 _MAGIC = 0x7670_6365  # "vpce": both sides of the metadata exchange are this module
 KIND_CE, KIND_LINEAR = 1, 2
@@ -51,10 +51,6 @@ class Shard(NamedTuple):
     vocab_size: int  # global V
     chunk_rows: int = 0  # linear head: rows per chunk, the same on every rank
     need_dx: bool = False  # linear head: some rank needs d(input)
-
-
-def world_size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
 
 
 def _crc(value) -> int:
@@ -113,7 +109,7 @@ def agree(group, device, *, kind: int, error: Exception | None, N: int, V_local:
     sums_t, sums_i = list(zip(cols[14], cols[15])), list(zip(cols[16], cols[17]))
 
     def fail(msg: str):
-        raise V.CrossEntropyInputError(msg + " (every rank of the group raises this error)")
+        raise CrossEntropyInputError(msg + " (every rank of the group raises this error)")
 
     if any(m != _MAGIC for m in magic) or len(set(kinds)) > 1:
         names = {r: _KIND_NAMES.get(k, "another collective") for r, k in enumerate(kinds)}
@@ -183,7 +179,7 @@ def all_reduce(t: torch.Tensor, op: str, group) -> torch.Tensor:
 
 def merge_ranks(part: torch.Tensor, part_idx: torch.Tensor | None, group, *,
                 extra: torch.Tensor | None = None):
-    """Merges this rank's partials ``(6, N, S)`` with every rank's: ``(merged (6, N, 1), argmax
+    """Merges this rank's partials ``(6, N, S)`` with every rank's: ``(merged (6, N), argmax
     (N,) or None, extra summed over the ranks)``. ``extra``: a few values that ride along in the
     SUM (the linear head's weighted-mean denominator)."""
     st, idx = merge_parts(part, part_idx)  # this rank's chunks first (a local LSE merge)
@@ -202,47 +198,39 @@ def merge_ranks(part: torch.Tensor, part_idx: torch.Tensor | None, group, *,
         flat = torch.cat([flat, extra.reshape(-1).to(flat.dtype)])
     summed = all_reduce(flat, "sum", group)
     body = summed[: rescaled.numel()].view_as(rescaled)
-    merged = torch.stack([M, body[0], body[1], body[2], body[3], body[4]]).unsqueeze(-1)
+    merged = torch.stack([M, body[0], body[1], body[2], body[3], body[4]])
     if idx is not None:
         cand = torch.where(m_r == M, idx, torch.full_like(idx, torch.iinfo(torch.int64).max))
         idx = all_reduce(cand, "min", group)
     return merged, idx, (summed[rescaled.numel():] if extra is not None else None)
 
 
-def shard_dens(merged: torch.Tensor, target, weight, opts: CEOptions, divisor, probs: bool,
-               dtype) -> torch.Tensor:
+def shard_dens(merged: torch.Tensor, target, weight, opts: Options, divisor) -> torch.Tensor:
     """The reduction's denominators from the merged statistics (no communication: the target
     weights ``w_t`` were merged from their owners)."""
-    from .backends.torch_ce import denominators
-
-    if opts.reduction == "mean" and weight is not None and not probs:
+    if opts.reduction == "mean" and weight is not None and not opts.probs:
         keep = target != opts.ignore_index
-        w_kept = torch.where(keep, merged[F_WT, :, 0].to(dtype), 0).sum()
-        return torch.stack([w_kept, keep.sum().to(dtype)])
-    return denominators(target, None, opts, divisor=divisor, probs=probs,
-                        V=None, dtype=dtype)
+        w_kept = torch.where(keep, merged[F_WT], 0).sum()
+        return torch.stack([w_kept, keep.sum().to(merged.dtype)])
+    return denominators(target, None, opts, divisor=divisor, V=0, dtype=merged.dtype)
 
 
-def shard_forward(B, call, weight, *, compute_grad: bool, inplace: bool, tuning: dict,
-                  extra: dict, dens: torch.Tensor | None = None) -> RowOutputs:
+def shard_forward(B, call, *, compute_grad: bool, inplace: bool, grad_target=None,
+                  dens: torch.Tensor | None = None) -> RowOutputs:
     """One rank of the pipeline: partials of this shard, merge across ranks, row losses and
-    this shard's gradient (for an upstream gradient of 1)."""
-    logits, target, opts, shard = call.logits, call.target, call.opts, call.shard
-    N = logits.shape[0]
-    kw = dict(offset=shard.offset, vocab_size=shard.vocab_size, **tuning, **extra)
-    part, part_idx = B.ce_shard_partials(logits, target, weight, opts, **kw)
+    this shard's gradient (for an upstream gradient of 1). ``call`` is an op layer ``Call``."""
+    logits, target, weight, opts, shard = call.logits, call.target, call.weight, call.opts, call.shard
+    span = dict(offset=shard.offset, vocab_size=shard.vocab_size)
+    part, part_idx = B.partials(logits, target, weight, opts, **span)
     merged, idx, _ = merge_ranks(part, part_idx, shard.group)
-    cdt = merged.dtype
     if dens is None:
-        dens = shard_dens(merged, target, weight, opts, call.divisor, call.probs, cdt)
-    if call.backend == "triton":
-        dens = dens.float()
-    rows = B.row_buffers(N, logits.device, opts, call.out_dtype, logits.dtype)
+        dens = shard_dens(merged, target, weight, opts, call.divisor)
+    rows = B.row_buffers(logits.shape[0], logits.device, opts, logits.dtype)
     grad = None
     if compute_grad:
         grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
-    B.ce_shard_finish(logits, target, weight, opts, merged.to(rows[5].dtype), idx, dens=dens,
-                      rows=rows, grad=grad, **kw)
+    B.finish(logits, target, weight, opts, merged, idx, dens=dens, rows=rows, grad=grad,
+             grad_target=grad_target, **span)
     return RowOutputs(*rows[:6], dens, grad)
 
 
@@ -253,9 +241,8 @@ def shard_forward(B, call, weight, *, compute_grad: bool, inplace: bool, tuning:
 # ------------------------------------------------------------------------------------------------
 
 
-def group_name(shard) -> str:
-    """The name of a shard's (or a group's) process group, "" for none."""
-    group = getattr(shard, "group", shard)
+def group_name(group) -> str:
+    """The name of a process group, "" for none."""
     return "" if group is None else group.group_name
 
 
@@ -265,37 +252,60 @@ def _group(name: str):
     return _resolve_process_group(name)
 
 
-def ce_options(opts: CEOptions, *, divisor, weight, probs) -> tuple:
-    """The options every rank must agree on, for a cross_entropy call."""
-    return (opts.ignore_index, opts.reduction, opts.label_smoothing, opts.z_loss, opts.softcap,
-            opts.logit_scale, opts.inv_divisor, divisor is not None, weight is not None, probs,
-            opts.argmax)
+def agree_call(group, kind: int, call, error: Exception | None, *, validate: bool,
+               device: torch.device) -> Shard:
+    """The shard of one call, agreed with the other ranks: ``call`` is the op layer's ``Call``
+    (``cross_entropy``) or ``LinearCall`` (``linear_cross_entropy``), None where this rank's
+    arguments raised ``error`` (then every rank raises). Under torch.compile the exchange (a
+    host sync) runs inside the op instead (:func:`shard_by_name`). Class ids are checked
+    against the global vocabulary on the CPU, and with ``validate``."""
+    if torch.compiler.is_compiling():
+        if error is not None:
+            raise error  # on this rank; the others wait
+        compile_check(validate)
+        return Shard(group, -1, -1, -1)
+    if call is None:
+        shard = agree(group, device, kind=kind, error=error, N=-1, V_local=-1, weight_len=-1,
+                      bias_len=-1, D=-1, dtype=None, options=(), validate=validate)
+    else:
+        shard = agree(group, device, error=error, validate=validate, target=call.target,
+                      **_described(kind, call))
+    opts = call.opts
+    if (validate or device.type == "cpu") and not opts.probs and call.target.numel():
+        check_target_range(call.target, shard.vocab_size, opts.ignore_index)
+    return shard
 
 
-def ce_shard_by_name(name: str, *, logits, target, weight, opts: CEOptions, divisor,
-                     probs: bool) -> Shard | None:
-    if not name:
+def _described(kind: int, call) -> dict:
+    """What the ranks compare of a call (its shapes, dtype and options)."""
+    opts, weight = call.opts, call.weight
+    linear = kind == KIND_LINEAR
+    rows = call.x if linear else call.logits
+    bias = call.b if linear else None
+    return dict(
+        kind=kind, N=rows.shape[0], V_local=call.W.shape[0] if linear else rows.shape[1],
+        weight_len=-1 if weight is None else weight.shape[0],
+        bias_len=-1 if bias is None else bias.shape[0], D=rows.shape[1] if linear else -1,
+        dtype=rows.dtype, input=call.x if linear else None, need_dx=bool(opts.need[0]),
+        chunk_rows=opts.chunk_rows,
+        options=(opts.ignore_index, opts.reduction, opts.label_smoothing, opts.z_loss,
+                 opts.softcap, opts.logit_scale, opts.inv_divisor, call.divisor is not None,
+                 weight is not None, opts.probs, opts.argmax, bias is not None,
+                 opts.skip_ignored))
+
+
+def shard_by_name(kind: int, call) -> Shard | None:
+    """Inside a custom op: the shard of ``call.opts.group`` (None for ""), agreed at run time
+    (cached after the first call, so a compiled step has no host sync)."""
+    opts = call.opts
+    if not opts.group:
         return None
-    return agree(_group(name), logits.device, kind=KIND_CE, error=None, N=logits.shape[0],
-                 V_local=logits.shape[1], weight_len=-1 if weight is None else weight.shape[0],
-                 bias_len=-1, D=-1, dtype=logits.dtype,
-                 options=ce_options(opts, divisor=divisor, weight=weight, probs=probs),
-                 validate=False)
-
-
-def linear_options(opts: CEOptions, *, divisor, weight, bias, skip_ignored) -> tuple:
-    """The options every rank must agree on, for a linear_cross_entropy call."""
-    return ce_options(opts, divisor=divisor, weight=weight, probs=False) + (
-        bias is not None, bool(skip_ignored))
-
-
-def linear_shard_by_name(name: str, *, x, W, b, weight, opts: CEOptions, divisor, chunk_rows: int,
-                         skip_ignored: bool, need_x: bool) -> Shard | None:
-    if not name:
-        return None
-    return agree(_group(name), x.device, kind=KIND_LINEAR, error=None, N=x.shape[0],
-                 V_local=W.shape[0], weight_len=-1 if weight is None else weight.shape[0],
-                 bias_len=-1 if b is None else b.shape[0], D=x.shape[1], dtype=x.dtype,
-                 options=linear_options(opts, divisor=divisor, weight=weight, bias=b,
-                                        skip_ignored=skip_ignored),
-                 validate=False, need_dx=need_x, chunk_rows=chunk_rows)
+    rows = call.x if kind == KIND_LINEAR else call.logits
+    desc = _described(kind, call)
+    desc.pop("input")
+    shard = agree(_group(opts.group), rows.device, error=None, validate=False, **desc)
+    if not opts.probs and call.target.device.type == "cpu" and call.target.numel():
+        # Global class ids, checked against the global vocabulary as an eager call does on the
+        # CPU (free there; on an accelerator only validate=True checks, eagerly).
+        check_target_range(call.target, shard.vocab_size, opts.ignore_index)
+    return shard

@@ -1,39 +1,42 @@
 """The lean pure-torch backend: the phases of the Triton launchers, on rows in chunks.
 
-Same functions, arguments and results as ``triton_xent.backends.triton_ce`` (``ce_forward``,
-``ce_partials``, ``ce_finish``, ``ce_finalize``, ``scale_``), so the op layer drives either
-backend through one pipeline. Per chunk of rows the logits are upcast to fp32 (fp64 for fp64
-inputs), the statistics and the gradient of the chunk are written straight into the gradient
-buffer (or into the logits with ``inplace``); nothing of size N x V beyond that one buffer is
-held, where ``F.cross_entropy`` on upcast logits holds the fp32 copy, log-softmax and its gradient.
+It implements :class:`triton_xent.backends.protocol.Backend` (``forward``, ``partials``, ``finish``,
+``finalize``, ``denominators``, ``scale_``, ``row_buffers``), as the Triton launcher does, so the op
+layer drives either backend through one pipeline. Per chunk of rows the logits are upcast to fp32
+(fp64 for fp64 inputs), the statistics and the gradient of the chunk are written straight into the
+gradient buffer (or into the logits with ``inplace``); nothing of size N x V beyond that one buffer
+is held, where ``F.cross_entropy`` on upcast logits holds the fp32 copy, log-softmax and its
+gradient.
 
-The math is the kernels' (see ``triton_xent/kernels/cross_entropy.py`` for the derivation): the
-row maximum is subtracted before anything is added, ``ce = (1 - eps) w_t ((M - x_t) + log s) +
-(eps / V) (T + W log s)`` with ``T = sum_c w_c (M - x_c)``. It also runs what the kernels do not:
-float64, and class-probability targets ``q`` (the loss ``sum_c q_c (lse - x_c)`` is the smoothing
-term with per-row weights ``q``: ``T_q + Q log s``, gradient ``Q p - q``), whose gradient with
-respect to ``q`` it can compute too.
+The math is the kernels' (see ``triton_xent/kernels/cross_entropy.py`` for the derivation): the row
+maximum is subtracted before anything is added, ``ce = (1 - eps) w_t ((M - x_t) + log s) + (eps / V)
+(T + W log s)`` with ``T = sum_c w_c (M - x_c)``. It also runs what the kernels do not: float64, and
+class-probability targets ``q`` (the loss ``sum_c q_c (lse - x_c)`` is the smoothing term with per-
+row weights ``q``: ``T_q + Q log s``, gradient ``Q p - q``), whose gradient with respect to ``q`` it
+can compute too.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .._options import CEOptions, RowOutputs, compute_dtype
+from .. import _config
+from .protocol import F_M, F_S, F_T, F_W, F_WT, F_XT, NUM_FIELDS, Options, RowOutputs, compute_dtype
 
 # Bytes of fp32 scratch per chunk: large enough that per-op overhead vanishes, small enough to
 # stay in the last-level cache of a CPU and far below the logits' size.
 _CHUNK_BYTES = 32 << 20
-NUM_FIELDS = 6
-F_M, F_S, F_T, F_W, F_XT, F_WT = range(NUM_FIELDS)
 
 
 def chunk_rows_for(V: int, dtype: torch.dtype, budget: int = _CHUNK_BYTES) -> int:
+    """Rows per chunk (``_config.TORCH_CHUNK_ROWS`` overrides it)."""
+    if _config.TORCH_CHUNK_ROWS:
+        return _config.TORCH_CHUNK_ROWS
     item = 8 if dtype == torch.float64 else 4
     return max(1, budget // max(1, V * item))
 
 
-def _transform(raw: torch.Tensor, cdt, opts: CEOptions):
+def _transform(raw: torch.Tensor, cdt, opts: Options):
     """``x = softcap * tanh(logit_scale * raw / softcap)`` (each part optional) and the tanh (or
     None). Without either, ``raw`` is returned in its own dtype (the reductions accumulate in
     ``cdt``); otherwise ``x`` is in ``cdt``."""
@@ -49,7 +52,7 @@ def _transform(raw: torch.Tensor, cdt, opts: CEOptions):
     return x, th
 
 
-def _chain(p: torch.Tensor, th: torch.Tensor | None, opts: CEOptions) -> None:
+def _chain(p: torch.Tensor, th: torch.Tensor | None, opts: Options) -> None:
     """Chain rule back to the raw logits, in place: times ``1 - tanh**2`` (softcap) and times
     ``logit_scale``."""
     if th is not None:
@@ -82,18 +85,14 @@ def _probs_q(q_raw, weight, eps, V, cdt):
     return q
 
 
-class _Rows:
-    """Per-row outputs (as ``triton_ce.RowOutputs``), allocated once."""
-
-    def __init__(self, N, device, opts: CEOptions, out_dtype, cdt):
-        self.ce, self.z, self.lse = (torch.empty(N, dtype=cdt, device=device) for _ in range(3))
-        self.loss_rows = (torch.empty(N, dtype=out_dtype, device=device)
-                          if opts.reduction == "none" else None)
-        self.argmax = torch.empty(N, dtype=torch.int64, device=device) if opts.argmax else None
-        self.stats = torch.zeros((NUM_FIELDS, N), dtype=cdt, device=device)
-
-    def as_tuple(self):
-        return self.ce, self.z, self.lse, self.loss_rows, self.argmax, self.stats
+def row_buffers(N: int, device: torch.device, opts: Options, dtype: torch.dtype) -> tuple:
+    """``(ce, z, lse, loss_rows, argmax, stats)`` in the compute dtype of ``dtype`` logits."""
+    cdt = compute_dtype(dtype)
+    ce, z, lse = (torch.empty(N, dtype=cdt, device=device) for _ in range(3))
+    loss_rows = (torch.empty(N, dtype=opts.out_dtype, device=device)
+                 if opts.reduction == "none" else None)
+    argmax = torch.empty(N, dtype=torch.int64, device=device) if opts.argmax else None
+    return ce, z, lse, loss_rows, argmax, torch.zeros((NUM_FIELDS, N), dtype=cdt, device=device)
 
 
 def _row_loss(st, w_t, eps, z_loss, V, probs):
@@ -112,7 +111,7 @@ def _row_loss(st, w_t, eps, z_loss, V, probs):
 
 
 def _grad_from_p(p, t_loc, owned, kept, w_t, W, lse, dens, g, g_lse, q, weight, th,
-                 opts: CEOptions, V: int):
+                 opts: Options, V: int):
     """dL/dx_raw of a chunk of rows, in place over ``p`` (the chunk's softmax, ``cdt``).
 
     ``dL/dx_c = p_c coef_p - coef_t [c == t] - coef_w w_c`` (class indices) or
@@ -147,7 +146,7 @@ def _grad_from_p(p, t_loc, owned, kept, w_t, W, lse, dens, g, g_lse, q, weight, 
     _chain(p, th, opts)
 
 
-def _stats_into(st, x, M, s, target, weight, opts: CEOptions, V, offset, probs, cdt):
+def _stats_into(st, x, M, s, target, weight, opts: Options, V, offset, probs, cdt):
     """Writes one chunk's statistics (fields x rows view ``st``) from its transformed logits
     ``x`` (``cdt``), row max ``M`` and ``s = sum exp(x - M)``."""
     V_local = x.shape[1]
@@ -169,23 +168,12 @@ def _stats_into(st, x, M, s, target, weight, opts: CEOptions, V, offset, probs, 
         st[F_WT] = torch.where(owned, w_t, torch.zeros_like(w_t))
 
 
-def ce_partials(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    opts: CEOptions,
-    *,
-    offset: int = 0,
-    vocab_size: int | None = None,
-    probs: bool = False,
-    chunk_rows: int | None = None,
-    **_unused,
-):
-    """Partial statistics of this part's columns, per row: ``part`` ``(NUM_FIELDS, N, 1)`` and
-    ``part_idx`` ``(N, 1)`` (global argmax column) with ``opts.argmax``. See the Triton
-    launcher of the same name."""
+def partials(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+             opts: Options, *, offset: int, vocab_size: int):
+    """Partial statistics of this shard's columns, per row: ``part`` ``(NUM_FIELDS, N, 1)`` and
+    ``part_idx`` ``(N, 1)`` (global argmax column) with ``opts.argmax``."""
     N, V_local = logits.shape
-    V = V_local if vocab_size is None else vocab_size
+    V, probs = vocab_size, opts.probs
     cdt = compute_dtype(logits.dtype)
     dev = logits.device
     part = torch.zeros((NUM_FIELDS, N, 1), dtype=cdt, device=dev)
@@ -193,7 +181,7 @@ def ce_partials(
     part[F_M].fill_(float("-inf"))
     if N == 0 or V_local == 0:
         return part, part_idx
-    step = chunk_rows or chunk_rows_for(V_local, cdt)
+    step = chunk_rows_for(V_local, cdt)
     for s in range(0, N, step):
         e = min(N, s + step)
         x = _transform(logits[s:e], cdt, opts)[0].to(cdt)
@@ -229,7 +217,7 @@ def merge_parts(part: torch.Tensor, part_idx: torch.Tensor | None):
 class _RowInfo:
     """What the gradient of a chunk needs of its rows, from the merged statistics."""
 
-    def __init__(self, st, target, weight, opts: CEOptions, V, offset, V_local, probs, cdt):
+    def __init__(self, st, target, weight, opts: Options, V, offset, V_local, probs, cdt):
         N = st.shape[1]
         if probs:
             self.ignored = self.invalid = torch.zeros(N, dtype=torch.bool, device=st.device)
@@ -241,7 +229,7 @@ class _RowInfo:
         self.ce, self.z, self.lse = _row_loss(st, self.w_t, opts.label_smoothing, opts.z_loss, V,
                                               probs)
 
-    def write(self, rows, st, idx, opts: CEOptions):
+    def write(self, rows, st, idx, opts: Options):
         if rows is None:
             return
         r_ce, r_z, r_lse, r_loss, r_argmax, r_stats = rows
@@ -272,35 +260,21 @@ def _grad_target(x, lse, g, dens, weight, eps, cdt):
     return gt * weight.to(cdt) if weight is not None else gt
 
 
-def ce_finish(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    opts: CEOptions,
-    part: torch.Tensor,
-    part_idx: torch.Tensor | None,
-    *,
-    dens: torch.Tensor,
-    rows=None,
-    grad: torch.Tensor | None = None,
-    upstream: torch.Tensor | None = None,
-    upstream_lse: torch.Tensor | None = None,
-    skip_unit: bool = True,
-    offset: int = 0,
-    vocab_size: int | None = None,
-    probs: bool = False,
-    grad_target: torch.Tensor | None = None,
-    chunk_rows: int | None = None,
-    **_unused,
-) -> None:
-    """Merges the partials, writes the row outputs into ``rows`` and the gradient of this part's
-    columns into ``grad`` (see the Triton launcher of the same name). With ``upstream`` this is
-    the backward's recompute: rows whose upstream is 1 (and lse upstream 0) are left as they are.
-    ``grad_target``: also write d(loss)/d(target) of class-probability targets."""
+def finish(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+           opts: Options, merged: torch.Tensor, merged_idx: torch.Tensor | None, *,
+           dens: torch.Tensor, rows: tuple | None, grad: torch.Tensor | None, offset: int = 0,
+           vocab_size: int | None = None, upstream: torch.Tensor | None = None,
+           upstream_lse: torch.Tensor | None = None, skip_unit: bool = True,
+           grad_target: torch.Tensor | None = None) -> None:
+    """Writes the row outputs into ``rows`` and the gradient of this shard's columns into
+    ``grad`` from the merged statistics ``(NUM_FIELDS, N)`` (see the protocol). With
+    ``upstream`` this is the backward's recompute: rows whose upstream is 1 (and lse upstream 0)
+    are left as they are. ``grad_target``: also write d(loss)/d(target) of probabilities."""
     N, V_local = logits.shape
     V = V_local if vocab_size is None else vocab_size
+    probs = opts.probs
     cdt = compute_dtype(logits.dtype)
-    st, idx = merge_parts(part, part_idx)
+    st, idx = merged.to(cdt), merged_idx
     info = _RowInfo(st, target, weight, opts, V, offset, V_local, probs, cdt)
     info.write(rows, st, idx, opts)
     if (grad is None and grad_target is None) or N == 0 or V_local == 0:
@@ -319,17 +293,22 @@ def ce_finish(
                 write = write | (g_lse != 0)
             if logits.device.type == "cpu" and not bool(write.any()):
                 return  # nothing to recompute (a free check on the CPU)
-    step = chunk_rows or chunk_rows_for(V_local, cdt)
+    step = chunk_rows_for(V_local, cdt)
     direct = grad is not None and grad.dtype == cdt and write is None
     for s in range(0, N, step):
         e = min(N, s + step)
         sl = slice(s, e)
         x, th = _transform(logits[sl], cdt, opts)
         x = x.to(cdt)
-        M = st[F_M, sl]
-        mref = torch.where(M == float("-inf"), torch.zeros_like(M), M).unsqueeze(1)
-        p = torch.sub(x, mref, out=grad[sl]) if direct else x - mref
-        p.exp_().div_(st[F_S, sl].unsqueeze(1))
+        if V_local == V:
+            # The whole row: the forward's own softmax, so a recompute (a second backward, an
+            # upstream other than 1) gives the forward's gradient bit for bit.
+            p = torch.softmax(x, 1, out=grad[sl]) if direct else torch.softmax(x, 1)
+        else:  # a shard of the row: the merged statistics
+            M = st[F_M, sl]
+            mref = torch.where(M == float("-inf"), torch.zeros_like(M), M).unsqueeze(1)
+            p = torch.sub(x, mref, out=grad[sl]) if direct else x - mref
+            p.exp_().div_(st[F_S, sl].unsqueeze(1))
         if grad_target is not None:
             grad_target[sl].copy_(_grad_target(x, info.lse[sl], g[sl], dens, weight,
                                                opts.label_smoothing, cdt))
@@ -344,35 +323,24 @@ def ce_finish(
             grad[sl].copy_(p)
 
 
-def ce_forward(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    opts: CEOptions,
-    *,
-    divisor: torch.Tensor | None = None,
-    dens: torch.Tensor | None = None,
-    compute_grad: bool,
-    inplace: bool = False,
-    out_dtype: torch.dtype = torch.float32,
-    probs: bool = False,
-    grad_target: torch.Tensor | None = None,
-    chunk_rows: int | None = None,
-    **_unused,
-) -> RowOutputs:
+def forward(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+            opts: Options, *, divisor: torch.Tensor | None = None,
+            dens: torch.Tensor | None = None, compute_grad: bool, inplace: bool = False,
+            grad_target: torch.Tensor | None = None) -> RowOutputs:
     """One process, the whole vocabulary, one pass per chunk of rows: a fused softmax gives the
     statistics and, in place, the gradient (merge: none). Returns ``RowOutputs`` (fields in the
     compute dtype)."""
     N, V = logits.shape
     cdt = compute_dtype(logits.dtype)
     dev = logits.device
-    rows = _Rows(N, dev, opts, out_dtype, cdt)
+    probs = opts.probs
+    r_ce, r_z, r_lse, r_loss, r_argmax, r_stats = row_buffers(N, dev, opts, logits.dtype)
     if dens is None:
-        dens = denominators(target, weight, opts, divisor=divisor, probs=probs, V=V, dtype=cdt)
+        dens = denominators(target, weight, opts, divisor=divisor, V=V, dtype=cdt)
     grad = None
     if compute_grad:
         grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
-    step = chunk_rows or chunk_rows_for(V, cdt)
+    step = chunk_rows_for(V, cdt)
     for s in range(0, N, step):
         e = min(N, s + step)
         sl = slice(s, e)
@@ -381,7 +349,7 @@ def ce_forward(
         # One fused softmax (ATen's vectorised kernel) gives p, straight into the gradient slice
         # when that holds cdt (over the logits too: what is read from x is read before); the
         # row's s = 1 / max(p), as p's max sits at x's arg-max and is exp(0) / s (>= 1/V).
-        st = rows.stats[:, sl]
+        st = r_stats[:, sl]
         xc = x.to(cdt)  # a copy only for 16-bit logits without a transform
         _stats_into(st, xc, M, M, target[sl], weight, opts, V, 0, probs, cdt)  # s: below
         idx = xc.argmax(1) if opts.argmax else None
@@ -394,8 +362,8 @@ def ce_forward(
         p = torch.softmax(xc, 1, out=grad[sl]) if direct else torch.softmax(xc, 1)
         st[F_S] = p.amax(1).reciprocal()
         info = _RowInfo(st, target[sl], weight, opts, V, 0, V, probs, cdt)
-        info.write(tuple(None if t is None else t[sl] for t in rows.as_tuple()[:5]) + (None,),
-                   st, idx, opts)
+        info.write(tuple(None if t is None else t[sl] for t in (r_ce, r_z, r_lse, r_loss, r_argmax))
+                   + (None,), st, idx, opts)
         if gt is not None:
             grad_target[sl].copy_(gt)
         if grad is None:
@@ -404,13 +372,13 @@ def ce_forward(
                   opts, V, probs, cdt)
         if not direct:
             grad[sl].copy_(p)
-    return RowOutputs(rows.ce, rows.z, rows.lse, rows.loss_rows, rows.argmax, rows.stats, dens,
-                      grad)
+    return RowOutputs(r_ce, r_z, r_lse, r_loss, r_argmax, r_stats, dens, grad)
 
 
-def denominators(target, weight, opts: CEOptions, *, divisor=None, probs=False, V=None,
-                 dtype=torch.float32) -> torch.Tensor:
+def denominators(target: torch.Tensor, weight: torch.Tensor | None, opts: Options, *,
+                 divisor: torch.Tensor | None, V: int, dtype: torch.dtype) -> torch.Tensor:
     """``(D_ce, D_z)`` on the device, without a host sync (see the kernels)."""
+    probs = opts.probs
     dev = target.device
     if opts.reduction != "mean":
         if divisor is not None:
@@ -427,13 +395,18 @@ def denominators(target, weight, opts: CEOptions, *, divisor=None, probs=False, 
     return torch.stack([w_kept, n_kept])
 
 
-def ce_finalize(ce, z, dens, *, has_z: bool, out_dtype: torch.dtype):
-    """``(loss, z_term)`` from per-row values (see the Triton launcher)."""
-    nan = torch.full((), float("nan"), dtype=ce.dtype, device=ce.device)
+def finalize(ce: torch.Tensor, z: torch.Tensor, dens: torch.Tensor, opts: Options
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, z_term)`` from per-row values: a mean's zero denominator gives NaN (0/0, as
+    PyTorch), a sum's divisor divides as it is (``sum / 0`` is inf)."""
     d = dens.to(ce.dtype)
-    loss_ce = torch.where(d[0] == 0, nan, ce.sum() / d[0])
-    z_term = torch.where(d[1] == 0, nan, z.sum() / d[1]) if has_z else torch.zeros_like(loss_ce)
-    return (loss_ce + z_term).to(out_dtype), z_term
+    loss_ce = ce.sum() / d[0]
+    z_term = z.sum() / d[1] if opts.z_loss > 0.0 else torch.zeros_like(loss_ce)
+    if opts.reduction == "mean":
+        nan = torch.full((), float("nan"), dtype=ce.dtype, device=ce.device)
+        loss_ce = torch.where(d[0] == 0, nan, loss_ce)
+        z_term = torch.where(d[1] == 0, nan, z_term) if opts.z_loss > 0.0 else z_term
+    return (loss_ce + z_term).to(opts.out_dtype), z_term
 
 
 def scale_(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -444,26 +417,3 @@ def scale_(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if t.device.type == "cpu" and bool((g == 1).all()):
         return t
     return t.mul_(g.to(t.dtype) if g.dim() == 0 else g.to(t.dtype).unsqueeze(1))
-
-
-def ce_shard_partials(logits, target, weight, opts: CEOptions, *, offset: int, vocab_size: int,
-                      probs: bool = False, chunk_rows: int | None = None, **_unused):
-    """Partials of this shard's columns ``(NUM_FIELDS, N, 1)`` (see the Triton launcher)."""
-    return ce_partials(logits, target, weight, opts, offset=offset, vocab_size=vocab_size,
-                       probs=probs, chunk_rows=chunk_rows)
-
-
-def ce_shard_finish(logits, target, weight, opts: CEOptions, merged, merged_idx, *, dens, rows,
-                    grad, offset: int = 0, vocab_size: int | None = None, upstream=None,
-                    upstream_lse=None, skip_unit: bool = True, probs: bool = False,
-                    grad_target=None, chunk_rows: int | None = None, **_unused) -> None:
-    """Row outputs and this shard's gradient from merged statistics (see the Triton launcher)."""
-    idx = None if merged_idx is None else merged_idx.reshape(-1, 1)
-    ce_finish(logits, target, weight, opts, merged, idx, dens=dens, rows=rows, grad=grad,
-              upstream=upstream, upstream_lse=upstream_lse, skip_unit=skip_unit, offset=offset,
-              vocab_size=vocab_size, probs=probs, grad_target=grad_target, chunk_rows=chunk_rows)
-
-
-def row_buffers(N: int, device, opts: CEOptions, out_dtype, dtype):
-    """``(ce, z, lse, loss_rows, argmax, stats)`` to be filled by :func:`ce_shard_finish`."""
-    return _Rows(N, device, opts, out_dtype, compute_dtype(dtype)).as_tuple()

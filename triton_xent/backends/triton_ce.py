@@ -1,8 +1,11 @@
-"""Launchers of the Triton cross-entropy kernels: the launch plan, checks, allocation, grids.
+"""The Triton backend: the launchers of the kernels, the launch plan, checks, allocation, grids.
 
 Plain torch functions (no autograd), testable alone. One function, :func:`plan`, decides every
 launch parameter from the shape, the dtype and the device; tests and the traffic meter import it.
-The phases of the pipeline are separate launchers so the op layer can put a merge between them:
+The entry points of :class:`triton_xent.backends.protocol.Backend` (``forward``, ``partials``,
+``finish``, ``finalize``, ``denominators``, ``scale_``, ``row_buffers``) are at the end; they
+take the plan's overrides from ``triton_xent._config`` and call the launchers. The phases of the
+pipeline are separate launchers so the op layer can put a merge between them:
 
 * :func:`ce_forward`: one process, the whole vocabulary: the fused kernel, or the split path
   (partials + finish) for few long rows; then :func:`ce_finalize` for ``"mean"``/``"sum"``;
@@ -15,6 +18,7 @@ The phases of the pipeline are separate launchers so the op layer can put a merg
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -22,8 +26,8 @@ import torch
 import triton
 from triton.runtime.interpreter import InterpretedFunction
 
-from triton_xent import _interpreter
-from triton_xent._options import CEOptions, RowOutputs
+from triton_xent import _config
+from triton_xent.dispatch import LOCK
 from triton_xent.kernels.ce_helpers import NUM_FIELDS
 from triton_xent.kernels.cross_entropy import (
     _ce_dens_kernel,
@@ -33,6 +37,8 @@ from triton_xent.kernels.cross_entropy import (
     _ce_partials_kernel,
     _scale_kernel,
 )
+
+from .protocol import Options, RowOutputs
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _RED = {"none": 0, "sum": 1, "mean": 2}
@@ -60,6 +66,7 @@ class DeviceSpec:
 H100 = DeviceSpec("H100 SXM (planning model)", 132, 50 << 20)
 
 
+@functools.lru_cache(maxsize=64)
 def device_spec(device: torch.device) -> DeviceSpec:
     if device.type != "cuda":
         return H100
@@ -113,6 +120,7 @@ def _warps_for_block(block: int) -> int:
     return max(4, min(32, block // 1024))
 
 
+@functools.lru_cache(maxsize=1024)
 def plan(N: int, V: int, dtype: torch.dtype, spec: DeviceSpec = H100, *,
          block_v: int | None = None, num_splits: int | None = None) -> Plan:
     """The launch plan of one call (see the table above). ``block_v`` / ``num_splits`` force a
@@ -157,7 +165,7 @@ def _guard(device: torch.device):
     elif INTERPRETED:
         import numpy as np
 
-        with _interpreter.LOCK, np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        with LOCK, np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             yield
     else:
         yield
@@ -182,9 +190,10 @@ def check_logits(logits: torch.Tensor) -> None:
                          "TRITON_INTERPRET=1 set before triton is imported (interpreter, for tests).")
 
 
-def _flags(opts: CEOptions, weight) -> dict:
+@functools.lru_cache(maxsize=256)
+def _flags(opts: Options, has_weight: bool) -> dict:
     return dict(
-        HAS_WEIGHT=weight is not None,
+        HAS_WEIGHT=has_weight,
         HAS_SMOOTHING=opts.label_smoothing > 0.0,
         HAS_SCALE=opts.logit_scale is not None,
         HAS_SOFTCAP=opts.softcap is not None,
@@ -192,12 +201,13 @@ def _flags(opts: CEOptions, weight) -> dict:
     )
 
 
-def _scalars(opts: CEOptions):
+@functools.lru_cache(maxsize=256)
+def _scalars(opts: Options):
     return (1.0 if opts.logit_scale is None else float(opts.logit_scale),
             1.0 if opts.softcap is None else float(opts.softcap))
 
 
-def _row_buffers(N, device, opts: CEOptions, out_dtype):
+def _row_buffers(N, device, opts: Options, out_dtype):
     f32 = dict(dtype=torch.float32, device=device)
     ce, z, lse = (torch.empty(N, **f32) for _ in range(3))
     loss_rows = torch.empty(N, dtype=out_dtype, device=device) if opts.reduction == "none" else None
@@ -206,7 +216,7 @@ def _row_buffers(N, device, opts: CEOptions, out_dtype):
     return ce, z, lse, loss_rows, argmax, stats
 
 
-def dens_for_empty(opts: CEOptions, divisor: torch.Tensor | None, device) -> torch.Tensor:
+def dens_for_empty(opts: Options, divisor: torch.Tensor | None, device) -> torch.Tensor:
     """The denominators when there are no rows (no kernel program runs to compute them)."""
     if opts.reduction == "mean":
         return torch.zeros(2, dtype=torch.float32, device=device)
@@ -224,7 +234,7 @@ def ce_forward(
     logits: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None,
-    opts: CEOptions,
+    opts: Options,
     *,
     divisor: torch.Tensor | None = None,
     dens: torch.Tensor | None = None,
@@ -259,7 +269,7 @@ def ce_forward(
     # (N,) / (V,) vectors: the kernels index them with unit stride (a copy only when strided).
     target = target.contiguous()
     weight = None if weight is None else weight.contiguous()
-    flags = _flags(opts, weight)
+    flags = _flags(opts, weight is not None)
     scale, cap = _scalars(opts)
     ce, z, lse, loss_rows, argmax, stats = _row_buffers(N, device, opts, out_dtype)
     grad = None
@@ -308,7 +318,7 @@ def ce_partials(
     logits: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None,
-    opts: CEOptions,
+    opts: Options,
     *,
     splits: int,
     chunk: int,
@@ -351,7 +361,7 @@ def ce_partials(
             opts.ignore_index, scale, cap, opts.inv_divisor,
             BLOCK_V=block_v, BLOCK_N=BLOCK_N, REDUCTION=_RED[opts.reduction],
             COMPUTE_DENS=dens_out is not None, HAS_DIVISOR=divisor is not None,
-            ALL_ROWS=bool(opts.all_rows), num_warps=num_warps, **_flags(opts, weight),
+            ALL_ROWS=bool(opts.all_rows), num_warps=num_warps, **_flags(opts, weight is not None),
         )
     return part, part_idx
 
@@ -360,7 +370,7 @@ def ce_finish(
     logits: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None,
-    opts: CEOptions,
+    opts: Options,
     part: torch.Tensor,
     part_idx: torch.Tensor | None,
     *,
@@ -404,7 +414,8 @@ def ce_finish(
             logits, target, weight if weight is not None else dummy, dens, part,
             part_idx if part_idx is not None else target, up,
             upstream_lse if upstream_lse is not None else dummy,
-            *(t if t is not None else dummy for t in (ce, z, lse, stats)),
+            dummy if ce is None else ce, dummy if z is None else z,
+            dummy if lse is None else lse, dummy if stats is None else stats,
             argmax if argmax is not None else target, loss_rows if loss_rows is not None else dummy,
             grad if grad is not None else logits,
             N, V, V_local, offset, chunk, max(splits, 1), P,
@@ -417,12 +428,12 @@ def ce_finish(
             HAS_UPSTREAM=upstream is not None, HAS_UPSTREAM_LSE=upstream_lse is not None,
             SKIP_UNIT=skip_unit,
             WRITE_STATS=compute_loss and stats is not None, EMULATE_RTNE=INTERPRETED,
-            num_warps=num_warps, **_flags(opts, weight),
+            num_warps=num_warps, **_flags(opts, weight is not None),
         )
 
 
 def ce_finalize(ce: torch.Tensor, z: torch.Tensor, dens: torch.Tensor, *, has_z: bool,
-                out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                out_dtype: torch.dtype, mean: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, z_term)``: the reduced loss (0-d, ``out_dtype``) and z-loss term (0-d fp32) from
     per-row values and the denominators, summed in a fixed order (one program)."""
     device = ce.device
@@ -430,12 +441,13 @@ def ce_finalize(ce: torch.Tensor, z: torch.Tensor, dens: torch.Tensor, *, has_z:
     z_term = torch.empty((), dtype=torch.float32, device=device)
     with _guard(device):
         _ce_finalize_kernel[(1,)](ce, z, dens, loss, z_term, ce.shape[0], BLOCK_N=BLOCK_N,
-                                  HAS_Z_LOSS=has_z, EMULATE_RTNE=INTERPRETED, num_warps=4)
+                                  HAS_Z_LOSS=has_z, IS_MEAN=mean, EMULATE_RTNE=INTERPRETED,
+                                  num_warps=4)
     return loss, z_term
 
 
-def denominators(target: torch.Tensor, weight: torch.Tensor | None, opts: CEOptions, *,
-                 divisor: torch.Tensor | None = None, V: int, **_unused) -> torch.Tensor:
+def denominators(target: torch.Tensor, weight: torch.Tensor | None, opts: Options, *,
+                 divisor: torch.Tensor | None, V: int, dtype: torch.dtype) -> torch.Tensor:
     """``(D_ce, D_z)`` of a batch of class-index targets, fp32 on the device, in one launch
     (no host sync): see the kernels' ``_denominators``."""
     target = target.contiguous()
@@ -476,48 +488,69 @@ def scale_(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# The phases of a vocabulary shard (vocabulary parallelism) and the backward recompute, with the
-# plan chosen here: the same entry points as the torch backend's.
+# The Backend entry points (triton_xent.backends.protocol): the plan's overrides from _config, the
+# class weights and denominators in fp32 (what the kernels read).
 # ----------------------------------------------------------------------------------------------
 
 
-def _shard_plan(logits, block_v, num_splits) -> Plan:
+def forward(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+            opts: Options, *, divisor: torch.Tensor | None = None,
+            dens: torch.Tensor | None = None, compute_grad: bool, inplace: bool = False,
+            grad_target: torch.Tensor | None = None) -> RowOutputs:
+    """One process, the whole vocabulary: :func:`ce_forward` with the plan's overrides."""
+    if opts.probs or grad_target is not None:
+        raise ValueError("class-probability targets run on the torch backend")
+    return ce_forward(logits, target, None if weight is None else weight.float(), opts,
+                      divisor=divisor, dens=None if dens is None else dens.float(),
+                      compute_grad=compute_grad, inplace=inplace, out_dtype=opts.out_dtype,
+                      block_v=_config.TRITON_BLOCK_V, num_splits=_config.TRITON_NUM_SPLITS)
+
+
+def _shard_plan(logits: torch.Tensor) -> Plan:
     N, V_local = logits.shape
-    return plan(N, max(V_local, 1), logits.dtype, device_spec(logits.device), block_v=block_v,
-                num_splits=num_splits)
+    return plan(N, max(V_local, 1), logits.dtype, device_spec(logits.device),
+                block_v=_config.TRITON_BLOCK_V, num_splits=_config.TRITON_NUM_SPLITS)
 
 
-def ce_shard_partials(logits, target, weight, opts: CEOptions, *, offset: int, vocab_size: int,
-                      block_v: int | None = None, num_splits: int | None = None, **_unused):
+def partials(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+             opts: Options, *, offset: int, vocab_size: int):
     """Partials of this shard's columns, ``(NUM_FIELDS, N, S)`` (S chunks per row, from the
     plan) and their argmax columns; the op layer merges them across the ranks."""
     check_logits(logits)
-    target = target.contiguous()
-    weight = None if weight is None else weight.contiguous()
-    p = _shard_plan(logits, block_v, num_splits)
-    return ce_partials(logits, target, weight, opts, splits=p.splits, chunk=p.chunk,
-                       block_v=p.block_v, num_warps=p.num_warps, offset=offset,
+    p = _shard_plan(logits)
+    return ce_partials(logits, target.contiguous(), None if weight is None else weight.float(),
+                       opts, splits=p.splits,
+                       chunk=p.chunk, block_v=p.block_v, num_warps=p.num_warps, offset=offset,
                        vocab_size=vocab_size)
 
 
-def ce_shard_finish(logits, target, weight, opts: CEOptions, merged, merged_idx, *, dens, rows,
-                    grad, offset: int = 0, vocab_size: int | None = None, upstream=None,
-                    upstream_lse=None, skip_unit: bool = True, block_v: int | None = None,
-                    num_splits: int | None = None, **_unused) -> None:
+def finish(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+           opts: Options, merged: torch.Tensor, merged_idx: torch.Tensor | None, *,
+           dens: torch.Tensor, rows: tuple | None, grad: torch.Tensor | None, offset: int = 0,
+           vocab_size: int | None = None, upstream: torch.Tensor | None = None,
+           upstream_lse: torch.Tensor | None = None, skip_unit: bool = True,
+           grad_target: torch.Tensor | None = None) -> None:
     """Row outputs and this shard's gradient from statistics merged over the whole vocabulary
-    (``merged`` ``(NUM_FIELDS, N, 1)``); with ``upstream``, the backward's recompute."""
+    (``merged`` ``(NUM_FIELDS, N)``); with ``upstream``, the backward's recompute."""
+    if opts.probs or grad_target is not None:
+        raise ValueError("class-probability targets run on the torch backend")
     check_logits(logits)
-    target = target.contiguous()
-    weight = None if weight is None else weight.contiguous()
-    p = _shard_plan(logits, block_v, num_splits)
-    merged_idx = None if merged_idx is None else merged_idx.reshape(-1, 1).contiguous()
-    ce_finish(logits, target, weight, opts, merged.contiguous(), merged_idx, P=1, dens=dens,
-              splits=p.splits,
-              chunk=p.chunk, block_v=p.block_v, num_warps=p.num_warps, rows=rows, grad=grad,
-              upstream=upstream, upstream_lse=upstream_lse, skip_unit=skip_unit, offset=offset,
-              vocab_size=vocab_size)
+    p = _shard_plan(logits)
+    idx = None if merged_idx is None else merged_idx.reshape(-1, 1).contiguous()
+    ce_finish(logits, target.contiguous(), None if weight is None else weight.float(), opts,
+              merged.float().unsqueeze(-1).contiguous(), idx, P=1, dens=dens.float(),
+              splits=p.splits, chunk=p.chunk, block_v=p.block_v, num_warps=p.num_warps,
+              rows=rows, grad=grad, upstream=upstream, upstream_lse=upstream_lse,
+              skip_unit=skip_unit, offset=offset, vocab_size=vocab_size)
 
 
-def row_buffers(N: int, device, opts: CEOptions, out_dtype, dtype):
-    """``(ce, z, lse, loss_rows, argmax, stats)`` to be filled by :func:`ce_shard_finish`."""
-    return _row_buffers(N, device, opts, out_dtype)
+def finalize(ce: torch.Tensor, z: torch.Tensor, dens: torch.Tensor, opts: Options
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, z_term)`` from per-row values (:func:`ce_finalize`)."""
+    return ce_finalize(ce, z, dens.float(), has_z=opts.z_loss > 0.0, out_dtype=opts.out_dtype,
+                       mean=opts.reduction == "mean")
+
+
+def row_buffers(N: int, device: torch.device, opts: Options, dtype: torch.dtype) -> tuple:
+    """``(ce, z, lse, loss_rows, argmax, stats)`` to be filled by :func:`finish`."""
+    return _row_buffers(N, device, opts, opts.out_dtype)

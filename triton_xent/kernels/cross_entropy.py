@@ -361,11 +361,13 @@ def _ce_finalize_kernel(
     N,
     BLOCK_N: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr,
+    IS_MEAN: tl.constexpr,
     EMULATE_RTNE: tl.constexpr,
 ):
     """One program: ``loss = sum ce / D_ce + sum z / D_z`` over the rows in a fixed order
-    (deterministic), stored in the loss's dtype; the z-loss term in fp32. A zero denominator
-    gives NaN (an all-ignored mean, or class weights summing to zero), as in PyTorch."""
+    (deterministic), stored in the loss's dtype; the z-loss term in fp32. A mean's zero
+    denominator gives NaN (an all-ignored mean, or class weights summing to zero), as in
+    PyTorch; a sum's divisor divides as it is (``sum / 0`` is inf)."""
     acc_ce = tl.zeros((BLOCK_N,), tl.float32)
     acc_z = tl.zeros((BLOCK_N,), tl.float32)
     for start in range(0, N, BLOCK_N):
@@ -375,10 +377,13 @@ def _ce_finalize_kernel(
             acc_z += tl.load(z_ptr + offs, mask=offs < N, other=0.0)
     D_ce = tl.load(dens_ptr)
     D_z = tl.load(dens_ptr + 1)
-    loss_ce = tl.where(D_ce == 0.0, float("nan"), tl.sum(acc_ce, axis=0) / D_ce)
+    loss_ce = tl.sum(acc_ce, axis=0) / D_ce
     z_term = tl.zeros((), tl.float32)
     if HAS_Z_LOSS:
-        z_term = tl.where(D_z == 0.0, float("nan"), tl.sum(acc_z, axis=0) / D_z)
+        z_term = tl.sum(acc_z, axis=0) / D_z
+    if IS_MEAN:
+        loss_ce = tl.where(D_ce == 0.0, float("nan"), loss_ce)
+        z_term = tl.where(D_z == 0.0, float("nan"), z_term)
     tl.store(z_term_ptr, z_term)
     _round_store(loss_ptr, loss_ce + z_term, True, EMULATE_RTNE, "")
 

@@ -1,6 +1,6 @@
 """Chunked linear + cross-entropy: ``loss(x @ W.T + b)`` without the ``(N, V)`` logits.
 
-A plain torch function (no autograd), testable alone; ``triton_xent.linear_autograd`` wraps it
+A plain torch function (no autograd), testable alone; ``triton_xent.ops.linear_cross_entropy`` wraps it
 in the op layer. The GEMMs are torch's (cuBLAS on CUDA, MKL/oneDNN on the CPU) on every backend;
 the cross-entropy step on a chunk of logits (the Triton kernels or the torch backend, through the
 op layer's pipeline) turns the logits, in place, into d(loss)/d(logits).
