@@ -87,6 +87,7 @@ class Counts:
     flops: int = 0
     kernels: dict = field(default_factory=dict)
     ops: dict = field(default_factory=dict)
+    programs: dict = field(default_factory=dict)  # kernel -> the largest grid it launched
 
     @property
     def triton_bytes(self) -> int:
@@ -196,6 +197,11 @@ class Meter:
                 c.triton_launches += 1
                 name = executor.fn.__name__
                 c.kernels[name] = c.kernels.get(name, 0) + 1
+                grid = executor.grid(kwargs) if callable(executor.grid) else executor.grid
+                n = 1
+                for d in tuple(grid):
+                    n *= int(d)
+                c.programs[name] = max(c.programs.get(name, 0), n)
             with meter.pause_torch():  # the interpreter's own copies of the arguments
                 return real_call(executor, *args, **kwargs)
 
@@ -347,6 +353,8 @@ def _add(a: Counts, b: Counts) -> None:
     for d_a, d_b in ((a.kernels, b.kernels), (a.ops, b.ops)):
         for k, v in d_b.items():
             d_a[k] = d_a.get(k, 0) + v
+    for k, v in b.programs.items():
+        a.programs[k] = max(a.programs.get(k, 0), v)
 
 
 # The README's table. bf16, N=16 rows (none ignored unless said), forward+backward with the

@@ -100,6 +100,13 @@ class Plan(NamedTuple):
 #                         | V / 8192 and 64               | keeps >= 8192 columns (fixed costs small)
 #   chunk                 | multiple of 16 columns        | aligned vector loads (Triton's divisibility
 #                         |                               | specialization sees CHUNK % 16 == 0)
+#   finish grid           | min(N x S, SMs x threads per  | persistent: the backward at upstream 1
+#   (merge + gradient)    | SM / block threads)           | is one launch of a few programs per SM,
+#                         |                               | each reading its items' g in one vector
+#                         |                               | load and stopping (no program per row)
+#   scale_ grid           | min(units, SMs x 4), 8 warps; | persistent: g read once per unit, one
+#                         | a unit = a row, or a share of | launch of <= 4 programs per SM whatever
+#                         | one (rows < programs)         | the size (dW is V x D)
 SINGLE_BLOCK_MAX = 32768
 BLOCK_V_TWO_SWEEPS = 8192
 SPLIT_MIN_CHUNK = 8192
@@ -111,6 +118,12 @@ BLOCK_N = 1024  # targets per step of the denominators' and the finalize's loops
 
 def _warps_for_block(block: int) -> int:
     return max(4, min(32, block // 1024))
+
+
+def persistent_programs(work: int, num_warps: int, spec: DeviceSpec = H100) -> int:
+    """Programs of a persistent grid over ``work`` items: as many as fit the SMs at once (by
+    threads), never more than the items."""
+    return max(1, min(work, spec.sms * max(1, THREADS_PER_SM // (32 * num_warps))))
 
 
 def plan(N: int, V: int, dtype: torch.dtype, spec: DeviceSpec = H100, *,
@@ -400,7 +413,8 @@ def ce_finish(
     up = upstream if upstream is not None else dummy
     stride_up = 0 if upstream is None or upstream.dim() == 0 else upstream.stride(0)
     with _guard(device):
-        _ce_finish_kernel[(N * max(splits, 1),)](
+        grid = persistent_programs(N * max(splits, 1), num_warps, device_spec(device))
+        _ce_finish_kernel[(grid,)](
             logits, target, weight if weight is not None else dummy, dens, part,
             part_idx if part_idx is not None else target, up,
             upstream_lse if upstream_lse is not None else dummy,
@@ -452,12 +466,25 @@ def denominators(target: torch.Tensor, weight: torch.Tensor | None, opts: CEOpti
 
 
 SCALE_BLOCK = 4096
+SCALE_WARPS = 8
+SCALE_PER_SM = 4
+
+
+def scale_grid(rows: int, row_len: int, spec: DeviceSpec = H100) -> tuple[int, int, int]:
+    """``(programs, parts, blocks)`` of :func:`scale_`: ``blocks`` of ``SCALE_BLOCK`` per row,
+    each row cut into ``parts`` units (several when there are fewer rows than programs), and a
+    persistent grid of at most ``SCALE_PER_SM`` programs per SM over the units."""
+    target = spec.sms * SCALE_PER_SM
+    blocks = triton.cdiv(row_len, SCALE_BLOCK)
+    parts = max(1, min(blocks, triton.cdiv(target, max(rows, 1))))
+    return max(1, min(rows * parts, target)), parts, blocks
 
 
 def scale_(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``t *= g`` in place on the device and returns ``t``: ``g`` a 0-d tensor, or one value per
-    row of ``t`` (2-D, unit stride along rows). Programs whose ``g`` is exactly 1 touch nothing,
-    so an upstream gradient of 1 costs one tiny launch and no pass over ``t``."""
+    row of ``t`` (2-D, unit stride along rows). One launch of a few programs per SM; programs
+    whose ``g`` are all exactly 1 stop after one read of them, so an upstream gradient of 1 costs
+    one small launch and no pass over ``t``."""
     if t.numel() == 0:
         return t
     rows = 1 if g.dim() == 0 else t.shape[0]
@@ -467,11 +494,11 @@ def scale_(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if g.dim() and (t.dim() != 2 or t.stride(1) != 1):
         raise ValueError("scale_ with one g per row needs a 2-D tensor with unit column stride")
     stride_t = row_len if g.dim() == 0 else t.stride(0)
-    blocks = triton.cdiv(row_len, SCALE_BLOCK)
+    programs, parts, blocks = scale_grid(rows, row_len, device_spec(t.device))
     with _guard(t.device):
-        _scale_kernel[(rows * blocks,)](t, g, row_len, blocks, stride_t,
-                                        0 if g.dim() == 0 else g.stride(0), BLOCK=SCALE_BLOCK,
-                                        EMULATE_RTNE=INTERPRETED, num_warps=8)
+        _scale_kernel[(programs,)](t, g, rows, row_len, blocks, parts, stride_t,
+                                   0 if g.dim() == 0 else g.stride(0), BLOCK=SCALE_BLOCK,
+                                   EMULATE_RTNE=INTERPRETED, num_warps=SCALE_WARPS)
     return t
 
 
