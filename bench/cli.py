@@ -84,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="default: all but triton_xent_torch")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--out", help="output folder (default bench/results/<device-slug>/)")
-    p.add_argument("--quick", action="store_true", help="fewer points, fewer repetitions")
+    p.add_argument("--quick", action="store_true", help="fewer points, fewer repetitions (with "
+                   "--compile-report: three cases)")
     p.add_argument("--time-budget", type=float, metavar="S",
                    help="start no provider run after S seconds (the rest is reported skipped)")
     p.add_argument("--threads", type=int, default=1, metavar="T",
@@ -105,6 +106,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--traffic", action="store_true",
                    help="count bytes per logit and launches of every path under the Triton "
                    "interpreter (no GPU needed; see bench/traffic.py) and exit")
+    p.add_argument("--compile-report", action="store_true",
+                   help="compile every launch the launcher would make for sm_90 (no GPU) and "
+                   "print registers, spills, occupancy, in-flight bytes (bench/compile_report.py)")
+    p.add_argument("--roofline", action="store_true",
+                   help="print the roofline model's expected times per case (bench/roofline.py)")
     return p
 
 
@@ -287,6 +293,15 @@ def main(argv: list[str] | None = None) -> int:
         from bench import traffic
 
         return traffic.run_in_interpreter(["--out", args.out] if args.out else [])
+    if args.compile_report:
+        from bench import compile_report
+
+        return compile_report.run_compiled((["--out", args.out] if args.out else [])
+                                           + (["--quick"] if args.quick else []))
+    if args.roofline:
+        from bench import roofline
+
+        return roofline.main([])
     if args.replot:
         return _replot(args.replot, args.baseline, args.no_plots)
     device = args.device

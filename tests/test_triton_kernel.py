@@ -392,7 +392,7 @@ def test_plan_table():
     """The launch plan on the H100 planning model (the table in backends/triton_ce.py)."""
     p = plan(8192, 32000, torch.bfloat16)
     assert (p.path, p.single_block, p.block_v, p.num_warps) == ("fused", True, 32768, 32)
-    assert p.programs == 132 * 2
+    assert p.programs == 132  # one 32-warp program per SM: the registers allow no more
     p = plan(16, 32000, torch.bfloat16)  # few rows, one block: fused, one program per row
     assert (p.path, p.programs) == ("fused", 16)
     p = plan(8192, 128256, torch.bfloat16)  # two sweeps, rows in flight within half the L2

@@ -90,10 +90,16 @@ class Plan(NamedTuple):
 #                         |                               | thread at 32 warps; read once (4 B/logit
 #                         |                               | bf16 with the gradient)
 #   BLOCK_V (two sweeps)  | 8192                          | 64 B per thread per load (16-bit, 8 warps)
-#   programs per SM       | single block: 2048 threads /  | full occupancy; two sweeps: the rows in
-#   (fused, persistent)   | block threads; two sweeps: as | flight (programs x row bytes) stay under
-#                         | many rows as half the L2 holds| half the L2, so the second sweep hits L2
-#                         | (1..2)                        | (evict_last, then evict_first)
+#   programs per SM       | what the registers allow:     | a persistent grid must fit one wave, or
+#   (persistent grids)    | 64K / (block threads x        | its last programs run alone after the
+#                         | PLAN_REGS), PLAN_REGS = 128   | others (twice the time). The compiled
+#                         | (64 at 1024 threads): 1 at    | kernels use 58-128 registers per thread
+#                         | 16-32 warps, 2 at 8, 4 at 4;  | (bench/compile_report.py checks each
+#                         | two sweeps: also as many rows | launch: no grid above what fits). Two
+#                         | as half the L2 holds (1..2)   | sweeps: the rows in flight (programs x
+#                         |                               | row bytes) stay under half the L2, so the
+#                         |                               | second sweep hits L2 (evict_last, then
+#                         |                               | evict_first)
 #   split path            | rows > SINGLE_BLOCK_MAX and   | too few rows to fill the SMs
 #                         | N < 2 x SMs                   |
 #   splits S              | ceil(2 x SMs / N), capped at  | about two waves of programs; a chunk
@@ -113,6 +119,8 @@ SPLIT_MIN_CHUNK = 8192
 SPLIT_MAX = 64
 CHUNK_ALIGN = 16
 THREADS_PER_SM = 2048
+REGS_PER_SM = 65536
+PLAN_REGS = 128  # registers per thread the plan assumes a kernel may use (checked offline)
 BLOCK_N = 1024  # targets per step of the denominators' and the finalize's loops
 
 
@@ -120,10 +128,18 @@ def _warps_for_block(block: int) -> int:
     return max(4, min(32, block // 1024))
 
 
+def programs_per_sm(num_warps: int) -> int:
+    """Programs of ``num_warps`` warps that fit one SM at once, by threads and by registers at
+    ``PLAN_REGS`` per thread (a 1024-thread program may use at most 64)."""
+    threads = 32 * num_warps
+    regs = min(PLAN_REGS, REGS_PER_SM // threads)
+    return max(1, min(THREADS_PER_SM // threads, REGS_PER_SM // (threads * regs)))
+
+
 def persistent_programs(work: int, num_warps: int, spec: DeviceSpec = H100) -> int:
-    """Programs of a persistent grid over ``work`` items: as many as fit the SMs at once (by
-    threads), never more than the items."""
-    return max(1, min(work, spec.sms * max(1, THREADS_PER_SM // (32 * num_warps))))
+    """Programs of a persistent grid over ``work`` items: as many as fit the SMs at once (one
+    wave), never more than the items."""
+    return max(1, min(work, spec.sms * programs_per_sm(num_warps)))
 
 
 def plan(N: int, V: int, dtype: torch.dtype, spec: DeviceSpec = H100, *,
@@ -146,10 +162,9 @@ def plan(N: int, V: int, dtype: torch.dtype, spec: DeviceSpec = H100, *,
     splits = triton.cdiv(V, chunk)
     if splits > 1:
         return Plan("split", block_v, warps, False, N * splits, splits, chunk)
-    if single:
-        per_sm = max(1, THREADS_PER_SM // (32 * warps))
-    else:
-        per_sm = max(1, min(2, spec.l2_bytes // 2 // max(1, spec.sms * V * elt)))
+    per_sm = programs_per_sm(warps)
+    if not single:
+        per_sm = max(1, min(per_sm, 2, spec.l2_bytes // 2 // max(1, spec.sms * V * elt)))
     return Plan("fused", block_v, warps, single, max(1, min(N, spec.sms * per_sm)), 1, V)
 
 
