@@ -323,6 +323,11 @@ def test_gpu_check_dry_run(tmp_path):
     assert len(files) <= 8 and all(os.path.isfile(tmp_path / "out" / f) for f in files)
     assert {"gpu_check.log", "results.csv", "skipped.csv", "bench_results.tar.gz"} <= set(files)
     assert "== summary" in p.stdout and "sweep: complete" in p.stdout
+    # the GPU tests are collected (an import error in a GPU-only test fails here), the model's
+    # expected times and the cases a GPU run would measure are printed with an estimate
+    n = int(p.stdout.split("GPU tests: ", 1)[1].split()[0])
+    assert n >= 20 and "COLLECTION FAILED" not in p.stdout, p.stdout[-3000:]
+    assert "| N=8192 V=262144 fwd+bwd |" in p.stdout and "estimate on an H100" in p.stdout
     with open(tmp_path / "out" / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["V"] for r in rows if r["kernel"] == "cross_entropy"} == {"256", "512"}

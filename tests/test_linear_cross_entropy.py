@@ -471,14 +471,14 @@ def test_gpu_grid(n, d, v, dtype, kw):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_fp32_dw_accumulation(dtype):
     """The fused fp32-output GEMM (or its blocked fallback) adds bf16/fp16 products into fp32."""
-    from triton_xent.backends.torch_linear import _accumulate_dw
+    from triton_xent.backends.torch_linear import accumulate_dw
 
     g = torch.Generator(device="cuda").manual_seed(0)
     acc = torch.randn(3000, 256, device="cuda", generator=g)
     dl = torch.randn(64, 3000, device="cuda", generator=g).to(dtype)
     xc = torch.randn(64, 256, device="cuda", generator=g).to(dtype)
     want = acc.double() + dl.double().T @ xc.double()
-    _accumulate_dw(acc, dl, xc, first=False)
+    accumulate_dw(acc, dl, xc, first=False)
     assert rel_err(acc, want) < 1e-5
 
 

@@ -396,7 +396,8 @@ def test_plan_table():
     p = plan(16, 32000, torch.bfloat16)  # few rows, one block: fused, one program per row
     assert (p.path, p.programs) == ("fused", 16)
     p = plan(8192, 128256, torch.bfloat16)  # two sweeps, rows in flight within half the L2
-    assert (p.path, p.single_block, p.block_v, p.programs) == ("fused", False, 8192, 132)
+    assert (p.path, p.single_block, p.block_v, p.programs) == ("fused", False, 32768, 132)
+    assert plan(8192, 128256, torch.bfloat16, heavy=True).block_v == 8192
     p = plan(16, 128256, torch.bfloat16)  # few long rows: split
     assert p.path == "split" and p.splits == 15 and p.chunk % 16 == 0
     assert p.splits * p.chunk >= 128256 > (p.splits - 1) * p.chunk

@@ -89,7 +89,15 @@ class Plan(NamedTuple):
 #   SINGLE_BLOCK_MAX      | 32768 columns                 | the whole row in registers: 32 fp32 per
 #                         |                               | thread at 32 warps; read once (4 B/logit
 #                         |                               | bf16 with the gradient)
-#   BLOCK_V (two sweeps)  | 8192                          | 64 B per thread per load (16-bit, 8 warps)
+#   BLOCK_V (two sweeps)  | 32768 at 32 warps; 8192 at 8  | bytes in flight: one program per SM (the
+#                         | warps with any option that    | L2 rule below) must keep >= 32 KB of
+#                         | needs registers (smoothing,   | loads in flight to near the copy
+#                         | z-loss, a logit transform,    | bandwidth (Little's law: ~3 TB/s x ~1 us
+#                         | weights, argmax)              | / 132 SMs ~ 23 KB): 32768 bf16 = 64 KB
+#                         |                               | (56 registers, no spill); with options
+#                         |                               | it spills above 8192 (16 KB in flight:
+#                         |                               | the model says ~2.2 TB/s at most)
+#   BLOCK_V (split path)  | 8192 at 8 warps               | chunks of 8-17K columns
 #   programs per SM       | what the registers allow:     | a persistent grid must fit one wave, or
 #   (persistent grids)    | 64K / (block threads x        | its last programs run alone after the
 #                         | PLAN_REGS), PLAN_REGS = 128   | others (twice the time). The compiled
@@ -114,13 +122,16 @@ class Plan(NamedTuple):
 #                         | a unit = a row, or a share of | launch of <= 4 programs per SM whatever
 #                         | one (rows < programs)         | the size (dW is V x D)
 SINGLE_BLOCK_MAX = 32768
-BLOCK_V_TWO_SWEEPS = 8192
+BLOCK_V_TWO_SWEEPS = 32768
+BLOCK_V_TWO_SWEEPS_HEAVY = 8192
+SPLIT_BLOCK_V = 8192
 SPLIT_MIN_CHUNK = 8192
 SPLIT_MAX = 64
 CHUNK_ALIGN = 16
 THREADS_PER_SM = 2048
 REGS_PER_SM = 65536
 PLAN_REGS = 128  # registers per thread the plan assumes a kernel may use (checked offline)
+PLAN_REGS_HEAVY = 176  # the same with a logit transform, class weights or argmax
 BLOCK_N = 1024  # targets per step of the denominators' and the finalize's loops
 
 
@@ -128,29 +139,42 @@ def _warps_for_block(block: int) -> int:
     return max(4, min(32, block // 1024))
 
 
-def programs_per_sm(num_warps: int) -> int:
+def programs_per_sm(num_warps: int, heavy: bool = False) -> int:
     """Programs of ``num_warps`` warps that fit one SM at once, by threads and by registers at
-    ``PLAN_REGS`` per thread (a 1024-thread program may use at most 64)."""
+    ``PLAN_REGS`` (``heavy``: ``PLAN_REGS_HEAVY``) per thread (a 1024-thread program may use at
+    most 64)."""
     threads = 32 * num_warps
-    regs = min(PLAN_REGS, REGS_PER_SM // threads)
+    regs = min(PLAN_REGS_HEAVY if heavy else PLAN_REGS, REGS_PER_SM // threads)
     return max(1, min(THREADS_PER_SM // threads, REGS_PER_SM // (threads * regs)))
 
 
-def persistent_programs(work: int, num_warps: int, spec: DeviceSpec = H100) -> int:
+def persistent_programs(work: int, num_warps: int, spec: DeviceSpec = H100,
+                        heavy: bool = False) -> int:
     """Programs of a persistent grid over ``work`` items: as many as fit the SMs at once (one
     wave), never more than the items."""
-    return max(1, min(work, spec.sms * programs_per_sm(num_warps)))
+    return max(1, min(work, spec.sms * programs_per_sm(num_warps, heavy)))
+
+
+def heavy_features(opts: CEOptions, weight) -> bool:
+    """Options whose code needs more registers (bench/compile_report.py: 141-175 per thread at
+    8 warps with every feature, 48-111 without; a 32768-column block spills with any of them)."""
+    return bool(opts.softcap is not None or opts.logit_scale is not None or opts.argmax
+                or weight is not None or opts.label_smoothing > 0.0 or opts.z_loss > 0.0)
 
 
 def plan(N: int, V: int, dtype: torch.dtype, spec: DeviceSpec = H100, *,
-         block_v: int | None = None, num_splits: int | None = None) -> Plan:
+         block_v: int | None = None, num_splits: int | None = None,
+         heavy: bool = False) -> Plan:
     """The launch plan of one call (see the table above). ``block_v`` / ``num_splits`` force a
-    block size (a power of two) or a number of chunks per row (1 = fused path), for tests."""
+    block size (a power of two) or a number of chunks per row (1 = fused path), for tests;
+    ``heavy``: the options need more registers (:func:`heavy_features`)."""
     elt = torch.empty((), dtype=dtype).element_size()
     V = max(V, 1)
+    forced = block_v
     if block_v is None:
         full = triton.next_power_of_2(V)
-        block_v = full if full <= SINGLE_BLOCK_MAX else BLOCK_V_TWO_SWEEPS
+        block_v = full if full <= SINGLE_BLOCK_MAX else (
+            BLOCK_V_TWO_SWEEPS_HEAVY if heavy else BLOCK_V_TWO_SWEEPS)
     single = block_v >= V
     warps = _warps_for_block(block_v)
     if num_splits is None:
@@ -161,8 +185,11 @@ def plan(N: int, V: int, dtype: torch.dtype, spec: DeviceSpec = H100, *,
     chunk = triton.cdiv(triton.cdiv(V, num_splits), CHUNK_ALIGN) * CHUNK_ALIGN
     splits = triton.cdiv(V, chunk)
     if splits > 1:
+        if forced is None:
+            block_v = min(block_v, SPLIT_BLOCK_V)
+            warps = _warps_for_block(block_v)
         return Plan("split", block_v, warps, False, N * splits, splits, chunk)
-    per_sm = programs_per_sm(warps)
+    per_sm = programs_per_sm(warps, heavy)
     if not single:
         per_sm = max(1, min(per_sm, 2, spec.l2_bytes // 2 // max(1, spec.sms * V * elt)))
     return Plan("fused", block_v, warps, single, max(1, min(N, spec.sms * per_sm)), 1, V)
@@ -301,7 +328,8 @@ def ce_forward(
         if V == 0 and N:  # no class at all: PyTorch's empty softmax (NaN), zero gradient
             raise ValueError("logits has V = 0 classes; cross-entropy needs at least one class.")
         return RowOutputs(ce, z, lse, loss_rows, argmax, stats, dens, grad)
-    p = plan(N, V, logits.dtype, device_spec(device), block_v=block_v, num_splits=num_splits)
+    p = plan(N, V, logits.dtype, device_spec(device), block_v=block_v, num_splits=num_splits,
+             heavy=heavy_features(opts, weight))
     weight_arg = weight if weight is not None else ce  # never read without HAS_WEIGHT
     div_arg = divisor if divisor is not None else dens
     grad_arg = grad if grad is not None else logits  # never written without COMPUTE_GRAD
@@ -428,7 +456,8 @@ def ce_finish(
     up = upstream if upstream is not None else dummy
     stride_up = 0 if upstream is None or upstream.dim() == 0 else upstream.stride(0)
     with _guard(device):
-        grid = persistent_programs(N * max(splits, 1), num_warps, device_spec(device))
+        grid = persistent_programs(N * max(splits, 1), num_warps, device_spec(device),
+                                   heavy_features(opts, weight))
         _ce_finish_kernel[(grid,)](
             logits, target, weight if weight is not None else dummy, dens, part,
             part_idx if part_idx is not None else target, up,
@@ -523,10 +552,10 @@ def scale_(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-def _shard_plan(logits, block_v, num_splits) -> Plan:
+def _shard_plan(logits, block_v, num_splits, opts: CEOptions, weight) -> Plan:
     N, V_local = logits.shape
     return plan(N, max(V_local, 1), logits.dtype, device_spec(logits.device), block_v=block_v,
-                num_splits=num_splits)
+                num_splits=num_splits, heavy=heavy_features(opts, weight))
 
 
 def ce_shard_partials(logits, target, weight, opts: CEOptions, *, offset: int, vocab_size: int,
@@ -536,7 +565,7 @@ def ce_shard_partials(logits, target, weight, opts: CEOptions, *, offset: int, v
     check_logits(logits)
     target = target.contiguous()
     weight = None if weight is None else weight.contiguous()
-    p = _shard_plan(logits, block_v, num_splits)
+    p = _shard_plan(logits, block_v, num_splits, opts, weight)
     return ce_partials(logits, target, weight, opts, splits=p.splits, chunk=p.chunk,
                        block_v=p.block_v, num_warps=p.num_warps, offset=offset,
                        vocab_size=vocab_size)
@@ -551,7 +580,7 @@ def ce_shard_finish(logits, target, weight, opts: CEOptions, merged, merged_idx,
     check_logits(logits)
     target = target.contiguous()
     weight = None if weight is None else weight.contiguous()
-    p = _shard_plan(logits, block_v, num_splits)
+    p = _shard_plan(logits, block_v, num_splits, opts, weight)
     merged_idx = None if merged_idx is None else merged_idx.reshape(-1, 1).contiguous()
     ce_finish(logits, target, weight, opts, merged.contiguous(), merged_idx, P=1, dens=dens,
               splits=p.splits,

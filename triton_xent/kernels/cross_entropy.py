@@ -194,10 +194,25 @@ def _ce_fused_kernel(
                                 HAS_SCALE, HAS_SOFTCAP)
                 _round_store(grad_row_ptr + cols, g, mask, EMULATE_RTNE, "")
             else:
-                _write_grad(row_ptr, grad_row_ptr, weight_ptr, 0, V, t_loc, is_ignored,
-                            is_invalid, mref, inv_s, coef_p, coef_t, coef_w, logit_scale, softcap,
-                            BLOCK_V, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP,
-                            EMULATE_RTNE)
+                # The gradient sweep runs from the row's end back to its start: the blocks the
+                # statistics sweep loaded last are the likeliest still in L2, so when the rows in
+                # flight outgrow the L2 (V=262144: 132 x 512 KB) the misses fall on the blocks
+                # read first, not on all of them (a forward sweep would evict its own next blocks).
+                nblk = tl.cdiv(V, BLOCK_V)
+                read_end = tl.where(is_ignored, 0, V)
+                for i in range(0, nblk):
+                    cols = (nblk - 1 - i) * BLOCK_V + tl.arange(0, BLOCK_V)
+                    mask = cols < V
+                    xb, dcb = _load_x(row_ptr + cols, cols < read_end, logit_scale, softcap,
+                                      HAS_SCALE, HAS_SOFTCAP, "evict_first")
+                    wb2 = xb
+                    if HAS_WEIGHT and HAS_SMOOTHING:
+                        wb2 = tl.load(weight_ptr + cols, mask=tl.where(is_ignored, False, mask),
+                                      other=0.0)
+                    g = _grad_block(xb, dcb, cols, mask, wb2, t_loc, mref, inv_s, coef_p, coef_t,
+                                    coef_w, is_ignored, is_invalid, HAS_WEIGHT, HAS_SMOOTHING,
+                                    HAS_SCALE, HAS_SOFTCAP)
+                    _round_store(grad_row_ptr + cols, g, mask, EMULATE_RTNE, "evict_first")
 
 
 # ----------------------------------------------------------------------------------------------
