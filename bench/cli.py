@@ -34,10 +34,17 @@ _CPU_FIXED = {"cross_entropy": dict(N=128, V=32000),
 _CPU_QUICK_FIXED = {"cross_entropy": dict(N=64, V=4096),
                     "linear_cross_entropy": dict(N=64, D=64, V=4096)}
 DEFAULTS = {
+    # The decisive grid first (N = 16, 256, 8192 x V = 32000, 128256, 262144, then the fused
+    # head at D=4096 V=128256), so that a run cut short by its budget still has it; then the
+    # points between.
     ("cuda", False): dict(dtype="bfloat16", modes=["fwd_bwd", "fwd"], fixed=_GPU_FIXED, curves=[
+        ("cross_entropy", "N", dict(V=32000), [16, 256, 8192]),
+        ("cross_entropy", "N", dict(V=128256), [16, 256, 8192]),
+        ("cross_entropy", "N", dict(V=262144), [16, 256, 8192]),
+        ("linear_cross_entropy", "shape", {}, _LLM_HEADS[:1]),
         ("cross_entropy", "V", dict(N=8192), [32000, 50257, 128256, 152064, 262144]),
-        ("linear_cross_entropy", "shape", {}, _LLM_HEADS),
         ("cross_entropy", "N", dict(V=128256), [16, 256, 1024, 8192]),
+        ("linear_cross_entropy", "shape", {}, _LLM_HEADS),
     ]),
     ("cuda", True): dict(dtype="bfloat16", modes=["fwd_bwd"], fixed=_GPU_FIXED, curves=[
         ("cross_entropy", "V", dict(N=8192), [32000, 128256, 262144]),

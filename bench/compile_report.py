@@ -48,6 +48,7 @@ OPTIONS = {
                 argmax=True),
 }
 SHAPES = [(n, v) for n in (16, 256, 8192) for v in (32000, 128256, 262144)]
+SHAPES += [(8192, 16000), (8192, 8000), (16, 16000)]  # one read per logit (single block)
 QUICK = [(8192, 32000, "ls+z+cap"), (8192, 128256, "plain"), (16, 262144, "plain")]
 LINEAR = (4096, 4096, 128256)  # rows of one chunk, D, V: the fused head's CE and scale_ launches
 
@@ -335,7 +336,7 @@ def all_launches(quick: bool, cases=None) -> list[Launch]:
     for opt in OPTIONS:
         for n, v in SHAPES:
             out += launches_of(n, v, torch.bfloat16, opt)
-    for n, v in ((8192, 32000), (8192, 128256)):
+    for n, v in ((8192, 16000), (8192, 32000), (8192, 128256)):
         out += launches_of(n, v, torch.float32, "plain")
     return out + linear_launches()
 

@@ -5,9 +5,9 @@ launch plan of ``triton_xent/backends/triton_ce.py`` (the same function the laun
 
 * the bytes the design moves with no cache reuse (the traffic meter's count: 1 read + 1 write per
   logit where a row is read once, one more read on the two-sweep and split paths) and the bytes
-  expected from DRAM (the second read is served by L2 when the live set between the two reads,
-  rows in flight x row bytes, fits half the L2; from DRAM when it exceeds the L2; linearly
-  between);
+  expected from DRAM: the second read is served by L2 when the live set between the two reads
+  (rows in flight x row bytes; N x V on the split path) fits half the L2; above, the fused
+  path's reverse gradient sweep finds about L2_KEEP x L2 of it, the split path none;
 * the bandwidth the schedule can draw: ``min(copy bandwidth, busy SMs x bytes in flight per SM /
   latency)`` (Little's law; the bytes in flight per SM are the programs per SM x one block of
   logits);
@@ -32,6 +32,8 @@ import torch
 LATENCY_S = 1.0e-6  # DRAM round trip under load
 LAUNCH_S = 3.0e-6  # one launch on the stream, tail and gap included
 GEMM_EFF = 0.70  # achieved fraction of the dense bf16 peak for the fused head's GEMMs
+L2_BW_RATIO = 2.0  # L2 read bandwidth / the copy bandwidth (a second read that hits L2 costs this)
+L2_KEEP = 0.6  # share of the L2 a reverse second sweep finds still holding its own row's data
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ def expect(N: int, V: int, grad: bool, gpu: Gpu, dtype=torch.bfloat16) -> Expect
     from triton_xent.backends import triton_ce as L
 
     spec = L.DeviceSpec(gpu.name, gpu.sms, gpu.l2_bytes)
-    p = L.plan(N, V, dtype, spec)
+    p = L.plan(N, V, dtype, spec, grad=grad)
     elt = torch.empty((), dtype=dtype).element_size()
     logits = N * V * elt
     two_reads = grad and not p.single_block  # a second read of the logits (the gradient sweep)
@@ -85,11 +87,16 @@ def expect(N: int, V: int, grad: bool, gpu: Gpu, dtype=torch.bfloat16) -> Expect
         per_sm = -(-p.programs // gpu.sms)
         busy = min(gpu.sms, p.programs)
         launches = 1 + (1 if grad else 0) + 1  # fused, (bwd check), finalize
-    hit = 1.0 if live <= gpu.l2_bytes / 2 else max(0.0, (gpu.l2_bytes - live) / (gpu.l2_bytes / 2))
-    dram = counted - (logits * hit if two_reads else 0)
+    if not two_reads:
+        live, hit = 0, 0.0
+    elif live <= gpu.l2_bytes / 2:
+        hit = 1.0
+    else:
+        hit = 0.0 if p.path == "split" else min(1.0, L2_KEEP * gpu.l2_bytes / live)
+    dram = counted - logits * hit
     inflight = per_sm * min(p.block_v, V) * elt
     bw = min(gpu.copy_bw, busy * inflight / LATENCY_S)
-    seconds = launches * LAUNCH_S + dram / bw
+    seconds = launches * LAUNCH_S + dram / bw + logits * hit / (L2_BW_RATIO * gpu.copy_bw)
     target = None
     if grad:
         target = 2 * logits / ((0.85 if N >= 8192 else 0.60) * gpu.copy_bw)
@@ -108,7 +115,9 @@ def linear_expect(N: int, D: int, V: int, gpu: Gpu) -> tuple[str, float]:
 
 def table() -> str:
     lines = ["MODEL, not a measurement (bench/roofline.py; constants: DRAM latency "
-             f"{LATENCY_S * 1e6:.1f} us, {LAUNCH_S * 1e6:.0f} us per launch, GEMMs at "
+             f"{LATENCY_S * 1e6:.1f} us, {LAUNCH_S * 1e6:.0f} us per launch, L2 reads at "
+             f"{L2_BW_RATIO:g} x the copy bandwidth, a reverse sweep keeps {L2_KEEP:.0%} of the "
+             f"L2, GEMMs at "
              f"{GEMM_EFF:.0%} of the bf16 peak; copy bandwidth "
              + ", ".join(f"{g.name} {g.copy_bw / 1e12:.1f} TB/s" for g in GPUS) + ").", ""]
     head = "| case | path | launches | counted MB | DRAM MB | in flight /SM | L2 live MB |"

@@ -86,18 +86,29 @@ class Plan(NamedTuple):
 #
 #   knob                  | value                         | why
 #   ----------------------+-------------------------------+----------------------------------------
-#   SINGLE_BLOCK_MAX      | 32768 columns                 | the whole row in registers: 32 fp32 per
-#                         |                               | thread at 32 warps; read once (4 B/logit
-#                         |                               | bf16 with the gradient)
-#   BLOCK_V (two sweeps)  | 32768 at 32 warps; 8192 at 8  | bytes in flight: one program per SM (the
-#                         | warps with any option that    | L2 rule below) must keep >= 32 KB of
-#                         | needs registers (smoothing,   | loads in flight to near the copy
-#                         | z-loss, a logit transform,    | bandwidth (Little's law: ~3 TB/s x ~1 us
+#   SINGLE_BLOCK_MAX      | 16384 columns, 32 per thread  | the whole row in registers, read once (4
+#   (one read per logit)  | (16 warps); 8192 with options | B/logit bf16 with the gradient). No
+#                         | that need registers, 16 per   | spill (bench/compile_report.py): 32 fp32
+#                         | thread (16 warps)             | values per thread plus the working set
+#                         |                               | take 80-128 registers; 32768 columns
+#                         |                               | would need 32 per thread at 32 warps,
+#                         |                               | where a thread has 64 registers: it
+#                         |                               | spills 150 B (plain) to 4.4 KB (every
+#                         |                               | option) per thread. Longer rows: two
+#                         |                               | sweeps, the second from L2
+#   BLOCK_V (two sweeps)  | 32768 at 32 warps (16-bit;    |
+#                         | fp32: 16384 at 16, the same   |
+#                         | 64 KB); 8192 at 8 (forward    | bytes in flight: one program per SM (the
+#                         | only: 16) warps with options  | L2 rule below) must keep >= 32 KB of
+#                         | that need registers (smooth-  | loads in flight to near the copy
+#                         | ing, z-loss, logit transform, | bandwidth (Little's law: ~3 TB/s x ~1 us
 #                         | weights, argmax)              | / 132 SMs ~ 23 KB): 32768 bf16 = 64 KB
 #                         |                               | (56 registers, no spill); with options
 #                         |                               | it spills above 8192 (16 KB in flight:
 #                         |                               | the model says ~2.2 TB/s at most)
 #   BLOCK_V (split path)  | 8192 at 8 warps               | chunks of 8-17K columns
+#   BLOCK_V (backward     | at most 16384 (16 warps)      | 32768 at 32 warps spills 80 B per thread
+#   recompute, "none")    |                               | under triton 3.6 (64 registers)
 #   programs per SM       | what the registers allow:     | a persistent grid must fit one wave, or
 #   (persistent grids)    | 64K / (block threads x        | its last programs run alone after the
 #                         | PLAN_REGS), PLAN_REGS = 128   | others (twice the time). The compiled
@@ -107,9 +118,18 @@ class Plan(NamedTuple):
 #                         | as half the L2 holds (1..2)   | sweeps: the rows in flight (programs x
 #                         |                               | row bytes) stay under half the L2, so the
 #                         |                               | second sweep hits L2 (evict_last, then
-#                         |                               | evict_first)
-#   split path            | rows > SINGLE_BLOCK_MAX and   | too few rows to fill the SMs
-#                         | N < 2 x SMs                   |
+#                         |                               | evict_first). Where they outgrow it
+#                         |                               | (V=262144: 132 x 512 KB = 69 MB) the
+#                         |                               | gradient sweep runs backwards, from what
+#                         |                               | is likeliest still cached. Forward only
+#                         |                               | reads once (the L2 rule does not bind);
+#                         |                               | the registers hold every two-sweep
+#                         |                               | block to one program per SM anyway, so
+#                         |                               | the plan needs no gradient flag
+#   split path            | rows > SINGLE_BLOCK_MAX and   | too few rows to fill the SMs; between
+#                         | N < SMs, or N < 2 x SMs with  | SMs and 2 x SMs rows the split path's
+#                         | N x V bytes <= half the L2    | re-read (N x V live) must hit L2, else
+#                         |                               | the fused path (132 rows live) is used
 #   splits S              | ceil(2 x SMs / N), capped at  | about two waves of programs; a chunk
 #                         | V / 8192 and 64               | keeps >= 8192 columns (fixed costs small)
 #   chunk                 | multiple of 16 columns        | aligned vector loads (Triton's divisibility
@@ -121,10 +141,12 @@ class Plan(NamedTuple):
 #   scale_ grid           | min(units, SMs x 4), 8 warps; | persistent: g read once per unit, one
 #                         | a unit = a row, or a share of | launch of <= 4 programs per SM whatever
 #                         | one (rows < programs)         | the size (dW is V x D)
-SINGLE_BLOCK_MAX = 32768
+SINGLE_BLOCK_MAX = 16384
+SINGLE_BLOCK_MAX_HEAVY = 8192
 BLOCK_V_TWO_SWEEPS = 32768
 BLOCK_V_TWO_SWEEPS_HEAVY = 8192
 SPLIT_BLOCK_V = 8192
+FINISH_BLOCK_V = 16384
 SPLIT_MIN_CHUNK = 8192
 SPLIT_MAX = 64
 CHUNK_ALIGN = 16
@@ -135,8 +157,8 @@ PLAN_REGS_HEAVY = 176  # the same with a logit transform, class weights or argma
 BLOCK_N = 1024  # targets per step of the denominators' and the finalize's loops
 
 
-def _warps_for_block(block: int) -> int:
-    return max(4, min(32, block // 1024))
+def _warps_for_block(block: int, per_thread: int = 32) -> int:
+    return max(4, min(32, block // (32 * per_thread)))
 
 
 def programs_per_sm(num_warps: int, heavy: bool = False) -> int:
@@ -164,22 +186,31 @@ def heavy_features(opts: CEOptions, weight) -> bool:
 
 def plan(N: int, V: int, dtype: torch.dtype, spec: DeviceSpec = H100, *,
          block_v: int | None = None, num_splits: int | None = None,
-         heavy: bool = False) -> Plan:
+         heavy: bool = False, grad: bool = True) -> Plan:
     """The launch plan of one call (see the table above). ``block_v`` / ``num_splits`` force a
     block size (a power of two) or a number of chunks per row (1 = fused path), for tests;
-    ``heavy``: the options need more registers (:func:`heavy_features`)."""
+    ``heavy``: the options need more registers (:func:`heavy_features`); ``grad``: the
+    gradient is computed in this call (the plan picks warps by what compiles without spills)."""
     elt = torch.empty((), dtype=dtype).element_size()
     V = max(V, 1)
     forced = block_v
     if block_v is None:
         full = triton.next_power_of_2(V)
-        block_v = full if full <= SINGLE_BLOCK_MAX else (
-            BLOCK_V_TWO_SWEEPS_HEAVY if heavy else BLOCK_V_TWO_SWEEPS)
-    single = block_v >= V
-    warps = _warps_for_block(block_v)
+        single = full <= (SINGLE_BLOCK_MAX_HEAVY if heavy else SINGLE_BLOCK_MAX)
+        # two sweeps may use one block as wide as the row (V <= 32768): read twice, not held
+        block_v = full if single else min(full, BLOCK_V_TWO_SWEEPS_HEAVY if heavy
+                                          else BLOCK_V_TWO_SWEEPS * 2 // elt)
+    else:
+        single = block_v >= V
+    # values per thread: 32, or 16 with heavy options (on two sweeps with the gradient 8 warps:
+    # at 16 they spill 56 B under triton 3.6, at 8 without the gradient 16-68 B)
+    warps = _warps_for_block(block_v, 16 if heavy and (single or not grad) else 32)
     if num_splits is None:
         num_splits = 1
-        if not single and N < 2 * spec.sms:
+        # few long rows: split them, unless the SMs are filled anyway (N >= SMs) and the
+        # partials -> finish re-read would miss L2 (the whole N x V live between the two)
+        if not single and (N < spec.sms or (N < 2 * spec.sms
+                                            and N * V * elt <= spec.l2_bytes // 2)):
             want = triton.cdiv(2 * spec.sms, max(N, 1))
             num_splits = max(1, min(want, V // SPLIT_MIN_CHUNK, SPLIT_MAX))
     chunk = triton.cdiv(triton.cdiv(V, num_splits), CHUNK_ALIGN) * CHUNK_ALIGN
@@ -329,7 +360,7 @@ def ce_forward(
             raise ValueError("logits has V = 0 classes; cross-entropy needs at least one class.")
         return RowOutputs(ce, z, lse, loss_rows, argmax, stats, dens, grad)
     p = plan(N, V, logits.dtype, device_spec(device), block_v=block_v, num_splits=num_splits,
-             heavy=heavy_features(opts, weight))
+             heavy=heavy_features(opts, weight), grad=compute_grad)
     weight_arg = weight if weight is not None else ce  # never read without HAS_WEIGHT
     div_arg = divisor if divisor is not None else dens
     grad_arg = grad if grad is not None else logits  # never written without COMPUTE_GRAD
@@ -581,6 +612,8 @@ def ce_shard_finish(logits, target, weight, opts: CEOptions, merged, merged_idx,
     target = target.contiguous()
     weight = None if weight is None else weight.contiguous()
     p = _shard_plan(logits, block_v, num_splits, opts, weight)
+    if block_v is None and p.block_v > FINISH_BLOCK_V:  # see the knob table
+        p = p._replace(block_v=FINISH_BLOCK_V, num_warps=_warps_for_block(FINISH_BLOCK_V))
     merged_idx = None if merged_idx is None else merged_idx.reshape(-1, 1).contiguous()
     ce_finish(logits, target, weight, opts, merged.contiguous(), merged_idx, P=1, dens=dens,
               splits=p.splits,
