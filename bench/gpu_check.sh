@@ -144,6 +144,12 @@ case $brc in
     *) sweep="FAILED (exit $brc)"; tail -n 20 "$WORK/bench.err" ;;
 esac
 
+# The model beside what was measured (where the first GPU run says the model is wrong).
+if [ -n "$res_dir" ] && [ -f "$res_dir/results.csv" ]; then
+    echo "== model vs measured (bench/roofline.py --compare)"
+    "$PY" -m bench.roofline --compare "$res_dir/results.csv" 2>&1 | head -n 60
+fi
+
 # The detailed tables, then the short one last.
 sed -n '/^== .* | torch /,/^== summary/p' "$WORK/bench.log" | sed '$d'
 echo

@@ -143,9 +143,48 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def compare(csv_path: str) -> str:
+    """The model beside a finished run's measured times (``results.csv`` of ``python -m
+    bench``): each cross-entropy case of ours, the model's time for the run's GPU (an H200 when
+    its name says so, else an H100) with the copy bandwidth measured in the same run, the
+    measured median, and the other providers' medians."""
+    import dataclasses
+
+    from bench import report
+
+    import csv
+
+    rows = report.read_csv(csv_path)
+    copies = [r for r in rows if r.kernel == "device_copy" and r.metric == "bandwidth"]
+    with open(csv_path, newline="") as f:
+        device = next(csv.DictReader(f), {}).get("device", "")
+    gpu = GPUS[1] if "H200" in device else GPUS[0]
+    if copies:
+        gpu = dataclasses.replace(gpu, copy_bw=copies[0].p50 * 1e9)
+    times = {}
+    for r in rows:
+        if r.kernel == "cross_entropy" and r.metric == "time":
+            times.setdefault((r.mode, r.dtype, r.N, r.V), {})[r.provider] = r.p50 * 1e3
+    others = sorted({p for t in times.values() for p in t if p != "triton_xent"})
+    lines = [f"MODEL vs MEASURED ({device}; model of {gpu.name} at the run's copy bandwidth "
+             f"{gpu.copy_bw / 1e12:.2f} TB/s; times in us)", "",
+             "| case | path | model | ours | model / ours | " + " | ".join(others) + " |",
+             "|" + "---|" * (5 + len(others))]
+    for (mode, dtype, N, V), t in sorted(times.items()):
+        e = expect(N, V, mode == "fwd_bwd", gpu, getattr(torch, dtype))
+        ours = t.get("triton_xent")
+        lines.append(f"| {mode} {dtype} N={N} V={V} | {e.path} | {e.seconds * 1e6:.0f} | "
+                     + (f"{ours:.0f} | {e.seconds * 1e6 / ours:.2f} | " if ours else "- | - | ")
+                     + " | ".join(f"{t[p]:.0f}" if p in t else "-" for p in others) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argparse.ArgumentParser(prog="python -m bench --roofline").parse_known_args(argv)
-    print(table())
+    p = argparse.ArgumentParser(prog="python -m bench --roofline")
+    p.add_argument("--compare", metavar="RESULTS_CSV",
+                   help="print the model beside the measured times of a finished run")
+    args, _ = p.parse_known_args(argv)
+    print(compare(args.compare) if args.compare else table())
     return 0
 
 

@@ -333,6 +333,7 @@ def test_gpu_check_dry_run(tmp_path):
     n = int(p.stdout.split("GPU tests: ", 1)[1].split()[0])
     assert n >= 20 and "COLLECTION FAILED" not in p.stdout, p.stdout[-3000:]
     assert "| N=8192 V=262144 fwd+bwd |" in p.stdout and "estimate on an H100" in p.stdout
+    assert "MODEL vs MEASURED" in p.stdout and "| fwd_bwd float32 N=16 V=256 |" in p.stdout
     with open(tmp_path / "out" / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["V"] for r in rows if r["kernel"] == "cross_entropy"} == {"256", "512"}
