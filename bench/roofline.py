@@ -148,11 +148,10 @@ def compare(csv_path: str) -> str:
     bench``): each cross-entropy case of ours, the model's time for the run's GPU (an H200 when
     its name says so, else an H100) with the copy bandwidth measured in the same run, the
     measured median, and the other providers' medians."""
+    import csv
     import dataclasses
 
     from bench import report
-
-    import csv
 
     rows = report.read_csv(csv_path)
     copies = [r for r in rows if r.kernel == "device_copy" and r.metric == "bandwidth"]
