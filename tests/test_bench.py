@@ -410,3 +410,32 @@ def test_compile_report_full():
     p = _compile_report(timeout=3000)
     assert "| N=8192 V=262144 bf16 all fwd+bwd |" in p.stdout, p.stderr[-3000:]
     assert p.returncode == 0 and "No spill" in p.stdout, p.stdout[-4000:]
+
+
+def test_compiling_providers_leave_time_for_the_rest():
+    """A provider that compiles per shape (torch.compile) is skipped, with the reason, once the
+    time left only covers the other providers' remaining cases; those still run."""
+    import time
+
+    from bench import harness
+    from bench.providers import PROVIDERS as P
+    from bench.providers import Built, Provider
+
+    def compiling(case, inp, opts):
+        logits, target = inp["logits"], inp["target"]
+        return Built(lambda: F.cross_entropy(logits, target))
+
+    cases = tuple(Case("cross_entropy", "fwd", "float32", 8, v, 0, "cpu") for v in (100, 200))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(P, "torch_compile", Provider("torch_compile", "", compiling,
+                                                ops=("cross_entropy",)))
+        mp.setattr(harness, "CASE_RESERVE_S", 1000.0)
+        res = harness.run_sweep([Series("V", cases)], ["torch_compile", "torch_eager_fp32"],
+                                opts={}, memory=False, quick=True, deadline=time.time() + 600,
+                                log=lambda _m: None)
+    timed = [(r.provider, r.V) for r in res.rows if r.metric == "time"]
+    # the first case leaves one case to come (1000 s reserved > 600 s left): skipped; the last
+    # case reserves nothing: measured
+    assert timed == [("torch_eager_fp32", 100), ("torch_compile", 200), ("torch_eager_fp32", 200)]
+    assert [(s["provider"], "still to come" in s["reason"]) for s in res.skipped] == [
+        ("torch_compile", True)]
