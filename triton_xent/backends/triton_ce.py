@@ -105,7 +105,14 @@ class Plan(NamedTuple):
 #                         | weights, argmax)              | / 132 SMs ~ 23 KB): 32768 bf16 = 64 KB
 #                         |                               | (56 registers, no spill); with options
 #                         |                               | it spills above 8192 (16 KB in flight:
-#                         |                               | the model says ~2.2 TB/s at most)
+#                         |                               | the model says ~2.2 TB/s at most).
+#                         |                               | Not done: loads one block ahead (a
+#                         |                               | tl.range(num_stages=2) sweep: cp.async
+#                         |                               | into 64 KB of shared memory, 128 KB in
+#                         |                               | flight) compiles clean without options
+#                         |                               | but spills 16 B in the finish with
+#                         |                               | every option (triton 3.9); a GPU run
+#                         |                               | should decide
 #   BLOCK_V (split path)  | 8192 at 8 warps               | chunks of 8-17K columns
 #   BLOCK_V (backward     | at most 16384 (16 warps)      | 32768 at 32 warps spills 80 B per thread
 #   recompute, "none")    |                               | under triton 3.6 (64 registers)
