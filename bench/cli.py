@@ -34,10 +34,17 @@ _CPU_FIXED = {"cross_entropy": dict(N=128, V=32000),
 _CPU_QUICK_FIXED = {"cross_entropy": dict(N=64, V=4096),
                     "linear_cross_entropy": dict(N=64, D=64, V=4096)}
 DEFAULTS = {
+    # The decisive grid first (N = 16, 256, 8192 x V = 32000, 128256, 262144, then the fused
+    # head at D=4096 V=128256), so that a run cut short by its budget still has it; then the
+    # points between.
     ("cuda", False): dict(dtype="bfloat16", modes=["fwd_bwd", "fwd"], fixed=_GPU_FIXED, curves=[
+        ("cross_entropy", "N", dict(V=32000), [16, 256, 8192]),
+        ("cross_entropy", "N", dict(V=128256), [16, 256, 8192]),
+        ("cross_entropy", "N", dict(V=262144), [16, 256, 8192]),
+        ("linear_cross_entropy", "shape", {}, _LLM_HEADS[:1]),
         ("cross_entropy", "V", dict(N=8192), [32000, 50257, 128256, 152064, 262144]),
-        ("linear_cross_entropy", "shape", {}, _LLM_HEADS),
         ("cross_entropy", "N", dict(V=128256), [16, 256, 1024, 8192]),
+        ("linear_cross_entropy", "shape", {}, _LLM_HEADS),
     ]),
     ("cuda", True): dict(dtype="bfloat16", modes=["fwd_bwd"], fixed=_GPU_FIXED, curves=[
         ("cross_entropy", "V", dict(N=8192), [32000, 128256, 262144]),
@@ -84,7 +91,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="default: all but triton_xent_torch")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--out", help="output folder (default bench/results/<device-slug>/)")
-    p.add_argument("--quick", action="store_true", help="fewer points, fewer repetitions")
+    p.add_argument("--quick", action="store_true", help="fewer points, fewer repetitions (with "
+                   "--compile-report: three cases)")
     p.add_argument("--time-budget", type=float, metavar="S",
                    help="start no provider run after S seconds (the rest is reported skipped)")
     p.add_argument("--threads", type=int, default=1, metavar="T",
@@ -109,6 +117,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--traffic", action="store_true",
                    help="count bytes per logit and launches of every path under the Triton "
                    "interpreter (no GPU needed; see bench/traffic.py) and exit")
+    p.add_argument("--compile-report", action="store_true",
+                   help="compile every launch the launcher would make for sm_90 (no GPU) and "
+                   "print registers, spills, occupancy, in-flight bytes (bench/compile_report.py)")
+    p.add_argument("--roofline", action="store_true",
+                   help="print the roofline model's expected times per case (bench/roofline.py)")
     return p
 
 
@@ -295,6 +308,15 @@ def main(argv: list[str] | None = None) -> int:
         from bench import host
 
         return host.run_in_interpreter(["--quick"] if args.quick else [])
+    if args.compile_report:
+        from bench import compile_report
+
+        return compile_report.run_compiled((["--out", args.out] if args.out else [])
+                                           + (["--quick"] if args.quick else []))
+    if args.roofline:
+        from bench import roofline
+
+        return roofline.main([])
     if args.replot:
         return _replot(args.replot, args.baseline, args.no_plots)
     device = args.device

@@ -14,6 +14,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 PEERS=${PEERS:-"liger-kernel==0.8.5 cut-cross-entropy==25.1.1"}
+# The GPU tests' runner, in case the image lacks it (gpu_check.sh runs python -m pytest -m gpu;
+# its requirements, pluggy and iniconfig, come with the round below).
+TOOLS=${TOOLS:-"pytest==8.3.5"}
 # What the GPU image already has (not fetched): torch, triton and what they pull in.
 PRESENT=${PRESENT:-"torch triton numpy filelock typing-extensions sympy networkx jinja2 fsspec setuptools"}
 DEST=.whl
@@ -27,7 +30,7 @@ download() {
 rm -rf "$DEST"
 mkdir -p "$DEST"
 # shellcheck disable=SC2086
-download $PEERS
+download $PEERS $TOOLS
 # Requirements of the fetched wheels that the image lacks, one round at a time.
 for _ in 1 2 3 4 5; do
     # shellcheck disable=SC2086

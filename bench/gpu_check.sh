@@ -79,6 +79,26 @@ else
     "$PY" -c "import torch; print('torch', torch.__version__, '| cuda available:', torch.cuda.is_available())"
 fi
 
+echo "== GPU tests collected (python -m pytest --collect-only -m gpu)"
+"$PY" -m pytest --collect-only -q -m gpu -p no:cacheprovider tests >"$WORK/collect.log" 2>&1
+crc=$?
+ngpu=$(grep -c "::" "$WORK/collect.log")
+echo "GPU tests: $ngpu collected (exit $crc)"
+if [ $crc != 0 ] && [ $crc != 5 ]; then
+    grep -E "ERROR|Error" "$WORK/collect.log" | head -n 20
+    echo "GPU tests: COLLECTION FAILED"
+    [ $DRY = 1 ] && exit 2
+fi
+echo "== model (bench/roofline.py: expected times, not measurements)"
+"$PY" -m bench --roofline 2>&1 | tail -n +3 | head -n 22
+if [ $DRY = 1 ]; then
+    echo "== cases a GPU run would measure (python -m bench --list-cases${EXTRA[*]:+ ${EXTRA[*]}})"
+    "$PY" -m bench --device cuda --list-cases "${EXTRA[@]}" 2>&1 | tee "$WORK/cases.txt" | head -n 60
+    echo "estimate on an H100: peers ~15 s, GPU tests <= ${TEST_TIMEOUT}s ($ngpu tests), sweep" \
+         "$(grep -c . "$WORK/cases.txt") cases within --time-budget $((BUDGET - TEST_TIMEOUT - 40))s," \
+         "all in <= ${BUDGET}s + 90 s"
+fi
+
 tests="not run (--no-tests)"
 trc=0
 if [ $TESTS = 1 ]; then
@@ -123,6 +143,12 @@ case $brc in
     124|130|137) sweep="KILLED by timeout" ;;
     *) sweep="FAILED (exit $brc)"; tail -n 20 "$WORK/bench.err" ;;
 esac
+
+# The model beside what was measured (where the first GPU run says the model is wrong).
+if [ -n "$res_dir" ] && [ -f "$res_dir/results.csv" ]; then
+    echo "== model vs measured (bench/roofline.py --compare)"
+    "$PY" -m bench.roofline --compare "$res_dir/results.csv" 2>&1 | head -n 60
+fi
 
 # The detailed tables, then the short one last.
 sed -n '/^== .* | torch /,/^== summary/p' "$WORK/bench.log" | sed '$d'

@@ -18,6 +18,12 @@ from bench.providers import PROVIDERS, Skip
 
 MiB = 2 ** 20
 LOSS_RTOL = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 1e-2}
+# Providers whose first call on a shape compiles (torch.compile with dynamic=False on a GPU
+# recompiles per shape: 15-40 s each). They run only while the time left covers the cases still
+# to come at CASE_RESERVE_S each, so a budget spent on compilations never costs the other
+# providers their cases.
+COMPILING = {"torch_compile", "torch_native_linear_ce"}
+CASE_RESERVE_S = 6.0
 
 
 def wrap(loss_fn: Callable[[], torch.Tensor], mode: str) -> Callable[[], torch.Tensor]:
@@ -150,8 +156,9 @@ def run_sweep(series: list[Series], providers: list[str], *, opts: dict, memory:
     def out_of_time() -> bool:
         return deadline is not None and time.time() > deadline
 
-    for case in cases:
+    for index, case in enumerate(cases):
         todo = [PROVIDERS[n] for n in providers if case.op in PROVIDERS[n].ops]
+        reserve = (len(cases) - index - 1) * CASE_RESERVE_S
         if not stop and out_of_time():
             stop = budget_out
         if stop:
@@ -167,6 +174,12 @@ def run_sweep(series: list[Series], providers: list[str], *, opts: dict, memory:
                 if out_of_time():  # checked per provider: a case can take minutes on a GPU
                     stop = budget_out
                     res.skip(case, case.op, prov.name, stop, lambda _m: None)
+                    continue
+                if (prov.name in COMPILING and deadline is not None
+                        and time.time() > deadline - reserve):
+                    res.skip(case, case.op, prov.name, "kept the time budget for the other "
+                             f"providers' {len(cases) - index - 1} cases still to come (a "
+                             "compilation per shape)", lambda _m: None)
                     continue
                 if progress:
                     progress(f"{case.label()} {prov.name}")

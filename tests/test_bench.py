@@ -273,6 +273,11 @@ def test_gpu_default_sweep_covers_the_reference_shapes():
     heads = ["N=8192 D=4096 V=128256", "N=8192 D=4096 V=262144", "N=8192 D=2304 V=256000 softcap=30"]
     for h in heads:
         assert f"linear_cross_entropy fwd_bwd bfloat16 {h}" in cases
+    # the decisive grid (issue 19) first within each mode: N = 16, 256, 8192 x V = 32000,
+    # 128256, 262144, then the fused head at D=4096 V=128256
+    grid = [f"cross_entropy fwd_bwd bfloat16 N={N} V={V}" for V in (32000, 128256, 262144)
+            for N in (16, 256, 8192)] + [f"linear_cross_entropy fwd_bwd bfloat16 {heads[0]}"]
+    assert cases[:len(grid)] == grid
     # fwd_bwd first: a run cut short by its budget has the main mode
     modes = [c.split()[1] for c in cases]
     assert modes == sorted(modes, key=["fwd_bwd", "fwd"].index)
@@ -323,6 +328,12 @@ def test_gpu_check_dry_run(tmp_path):
     assert len(files) <= 8 and all(os.path.isfile(tmp_path / "out" / f) for f in files)
     assert {"gpu_check.log", "results.csv", "skipped.csv", "bench_results.tar.gz"} <= set(files)
     assert "== summary" in p.stdout and "sweep: complete" in p.stdout
+    # the GPU tests are collected (an import error in a GPU-only test fails here), the model's
+    # expected times and the cases a GPU run would measure are printed with an estimate
+    n = int(p.stdout.split("GPU tests: ", 1)[1].split()[0])
+    assert n >= 20 and "COLLECTION FAILED" not in p.stdout, p.stdout[-3000:]
+    assert "| N=8192 V=262144 fwd+bwd |" in p.stdout and "estimate on an H100" in p.stdout
+    assert "MODEL vs MEASURED" in p.stdout and "| fwd_bwd float32 N=16 V=256 |" in p.stdout
     with open(tmp_path / "out" / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["V"] for r in rows if r["kernel"] == "cross_entropy"} == {"256", "512"}
@@ -357,3 +368,74 @@ def test_liger_provider_calls_its_api(op, monkeypatch):
     capped = Case(op, "fwd_bwd", "float32", 6, 300, case.D, "cpu", 30.0)
     P["liger"].build(capped, make_inputs(capped), {"interpreter_ok": True})
     assert made == [{"softcap": 30.0}]
+
+
+def _compile_report(*argv, timeout=900):
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="no NVIDIA backend in this triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "bench.compile_report", *argv], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_compile_report_two_sweeps_and_split_path():
+    """Every launch of a two-sweep (fused, V=128256) and a split-path (N=16, V=262144) call,
+    fwd+bwd, forward only, "none" and in place, compiled for sm_90 with the installed triton:
+    no spill, and no persistent grid beyond one wave of what the registers allow."""
+    p = _compile_report("--case", "8192,128256,plain", "--case", "16,262144,plain")
+    assert p.returncode == 0 and "No spill" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = [ln for ln in p.stdout.splitlines() if ln.startswith("| N=")]
+    kernels = {ln.split("|")[2].strip() for ln in rows}
+    assert {"ce_fused_kernel", "ce_partials_kernel", "ce_finish_kernel", "scale_kernel",
+            "ce_finalize_kernel"} <= kernels, kernels
+    assert all("evict_" in ln for ln in rows if "finish_kernel" in ln and "fwd+bwd" in ln)
+
+
+def test_compile_report_single_block():
+    """The one-read path (the row in registers): the widest row it takes without options (16384
+    columns, 16 warps) and with every option (8192 columns, 16 warps), and V=32000, which the
+    plan sends to two sweeps of one 32768-column block (32 values per thread at 32 warps, where
+    a thread has 64 registers, spilled): no spill."""
+    p = _compile_report("--case", "8192,16000,plain", "--case", "8192,8000,all",
+                        "--case", "8192,32000,plain")
+    assert p.returncode == 0 and "No spill" in p.stdout, p.stdout[-3000:] + p.stderr[-2000:]
+    assert "| N=8192 V=8000 bf16 all fwd+bwd | ce_fused_kernel | 16 | 8192 |" in p.stdout
+
+
+@pytest.mark.slow
+def test_compile_report_full():
+    """The whole report (every shape and option set of bench/results/compile/): no spill, no
+    persistent grid beyond one wave."""
+    p = _compile_report(timeout=3000)
+    assert "| N=8192 V=262144 bf16 all fwd+bwd |" in p.stdout, p.stderr[-3000:]
+    assert p.returncode == 0 and "No spill" in p.stdout, p.stdout[-4000:]
+
+
+def test_compiling_providers_leave_time_for_the_rest():
+    """A provider that compiles per shape (torch.compile) is skipped, with the reason, once the
+    time left only covers the other providers' remaining cases; those still run."""
+    import time
+
+    from bench import harness
+    from bench.providers import PROVIDERS as P
+    from bench.providers import Built, Provider
+
+    def compiling(case, inp, opts):
+        logits, target = inp["logits"], inp["target"]
+        return Built(lambda: F.cross_entropy(logits, target))
+
+    cases = tuple(Case("cross_entropy", "fwd", "float32", 8, v, 0, "cpu") for v in (100, 200))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(P, "torch_compile", Provider("torch_compile", "", compiling,
+                                                ops=("cross_entropy",)))
+        mp.setattr(harness, "CASE_RESERVE_S", 1000.0)
+        res = harness.run_sweep([Series("V", cases)], ["torch_compile", "torch_eager_fp32"],
+                                opts={}, memory=False, quick=True, deadline=time.time() + 600,
+                                log=lambda _m: None)
+    timed = [(r.provider, r.V) for r in res.rows if r.metric == "time"]
+    # the first case leaves one case to come (1000 s reserved > 600 s left): skipped; the last
+    # case reserves nothing: measured
+    assert timed == [("torch_eager_fp32", 100), ("torch_compile", 200), ("torch_eager_fp32", 200)]
+    assert [(s["provider"], "still to come" in s["reason"]) for s in res.skipped] == [
+        ("torch_compile", True)]

@@ -392,20 +392,33 @@ def test_upstream_recompute_and_scale(monkeypatch):
 
 def test_plan_table():
     """The launch plan on the H100 planning model (the table in backends/triton_ce.py)."""
+    p = plan(8192, 16000, torch.bfloat16)  # one read: the row in registers, 32 per thread
+    assert (p.path, p.single_block, p.block_v, p.num_warps) == ("fused", True, 16384, 16)
+    assert p.programs == 132  # one 16-warp program per SM: the registers allow no more
+    p = plan(8192, 8000, torch.bfloat16, heavy=True)  # options: 16 values per thread
+    assert (p.single_block, p.block_v, p.num_warps, p.programs) == (True, 8192, 16, 132)
+    assert plan(16, 16000, torch.bfloat16).programs == 16  # few rows: one program per row
+    # V=32000: two sweeps of one 32768-column block (64 KB in flight; in registers it spills)
     p = plan(8192, 32000, torch.bfloat16)
-    assert (p.path, p.single_block, p.block_v, p.num_warps) == ("fused", True, 32768, 32)
-    assert p.programs == 132 * 2
-    p = plan(16, 32000, torch.bfloat16)  # few rows, one block: fused, one program per row
-    assert (p.path, p.programs) == ("fused", 16)
-    p = plan(8192, 128256, torch.bfloat16)  # two sweeps, rows in flight within half the L2
-    assert (p.path, p.single_block, p.block_v, p.programs) == ("fused", False, 8192, 132)
+    assert (p.path, p.single_block, p.block_v, p.num_warps, p.programs) == (
+        "fused", False, 32768, 32, 132)
+    assert plan(8192, 32000, torch.float32).block_v == 16384  # the same 64 KB in fp32
+    p = plan(8192, 128256, torch.bfloat16)  # two sweeps, rows in flight within the L2
+    assert (p.path, p.single_block, p.block_v, p.programs) == ("fused", False, 32768, 132)
+    assert plan(8192, 128256, torch.bfloat16, heavy=True).block_v == 8192
     p = plan(16, 128256, torch.bfloat16)  # few long rows: split
-    assert p.path == "split" and p.splits == 15 and p.chunk % 16 == 0
+    assert p.path == "split" and p.splits == 15 and p.chunk % 16 == 0 and p.block_v == 8192
     assert p.splits * p.chunk >= 128256 > (p.splits - 1) * p.chunk
     p = plan(16, 262144, torch.bfloat16)
     assert p.path == "split" and p.splits == 17
+    # between SMs and 2 x SMs rows: split only while the N x V re-read fits half the L2
+    assert plan(256, 32000, torch.bfloat16).path == "split"
+    assert plan(256, 128256, torch.bfloat16).path == "fused"
     assert plan(300, 262144, torch.bfloat16).path == "fused"  # enough rows to fill the SMs
     assert plan(4, 1000, torch.float32, block_v=32, num_splits=3).splits == 3
+    # persistent grids never assume more programs per SM than the registers allow
+    assert [ops.programs_per_sm(w) for w in (4, 8, 16, 32)] == [4, 2, 1, 1]
+    assert [ops.programs_per_sm(w, heavy=True) for w in (4, 8, 16, 32)] == [2, 1, 1, 1]
 
 
 _COMPILE_SCRIPT = r"""

@@ -194,10 +194,25 @@ def _ce_fused_kernel(
                                 HAS_SCALE, HAS_SOFTCAP)
                 _round_store(grad_row_ptr + cols, g, mask, EMULATE_RTNE, "")
             else:
-                _write_grad(row_ptr, grad_row_ptr, weight_ptr, 0, V, t_loc, is_ignored,
-                            is_invalid, mref, inv_s, coef_p, coef_t, coef_w, logit_scale, softcap,
-                            BLOCK_V, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP,
-                            EMULATE_RTNE)
+                # The gradient sweep runs from the row's end back to its start: the blocks the
+                # statistics sweep loaded last are the likeliest still in L2, so when the rows in
+                # flight outgrow the L2 (V=262144: 132 x 512 KB) the misses fall on the blocks
+                # read first, not on all of them (a forward sweep would evict its own next blocks).
+                nblk = tl.cdiv(V, BLOCK_V)
+                read_end = tl.where(is_ignored, 0, V)
+                for i in range(0, nblk):
+                    cols = (nblk - 1 - i) * BLOCK_V + tl.arange(0, BLOCK_V)
+                    mask = cols < V
+                    xb, dcb = _load_x(row_ptr + cols, cols < read_end, logit_scale, softcap,
+                                      HAS_SCALE, HAS_SOFTCAP, "evict_first")
+                    wb2 = xb
+                    if HAS_WEIGHT and HAS_SMOOTHING:
+                        wb2 = tl.load(weight_ptr + cols, mask=tl.where(is_ignored, False, mask),
+                                      other=0.0)
+                    g = _grad_block(xb, dcb, cols, mask, wb2, t_loc, mref, inv_s, coef_p, coef_t,
+                                    coef_w, is_ignored, is_invalid, HAS_WEIGHT, HAS_SMOOTHING,
+                                    HAS_SCALE, HAS_SOFTCAP)
+                    _round_store(grad_row_ptr + cols, g, mask, EMULATE_RTNE, "evict_first")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,11 +304,58 @@ def _ce_finish_kernel(
     WRITE_STATS: tl.constexpr,
     EMULATE_RTNE: tl.constexpr,
 ):
-    """Grid ``N * S``: merges the ``P`` partials of row ``row``, then writes the row's loss
-    (chunk 0) and chunk ``split`` of its gradient (this part's local columns)."""
+    """Persistent grid (a few programs per SM) over the ``N * S`` items (row ``row``, chunk
+    ``split``): merges the ``P`` partials of the row, then writes its loss (chunk 0) and chunk
+    ``split`` of its gradient (this part's local columns). With ``SKIP_UNIT`` a program first
+    reads the upstream gradients of all its items in one vector load and stops at once when every
+    one is 1 (and every lse upstream 0): ``loss.backward()`` costs one small launch."""
     pid = tl.program_id(0)
-    row = (pid // S).to(tl.int64)
-    split = pid % S
+    nprog = tl.num_programs(0)
+    work = N * S
+    end = work
+    if HAS_UPSTREAM and SKIP_UNIT:
+        todo = tl.zeros((), tl.int32)
+        for c in range(0, tl.cdiv(work - pid, nprog), 1024):
+            items = pid + (c + tl.arange(0, 1024)) * nprog
+            in_work = items < work
+            rows = (items // S).to(tl.int64)
+            g_all = tl.load(upstream_ptr + rows * stride_up, mask=in_work, other=1.0)
+            busy = g_all.to(tl.float32) != 1.0
+            if HAS_UPSTREAM_LSE:
+                g_lse_all = tl.load(upstream_lse_ptr + rows * stride_up_lse, mask=in_work,
+                                    other=0.0)
+                busy = busy | (g_lse_all.to(tl.float32) != 0.0)
+            todo += tl.sum(busy.to(tl.int32), axis=0)
+        end = tl.where(todo > 0, work, 0)
+    for item in range(pid, end, nprog):
+        _finish_item(
+            item, logits_ptr, target_ptr, weight_ptr, dens_ptr, part_ptr, part_idx_ptr,
+            upstream_ptr, upstream_lse_ptr, ce_ptr, z_ptr, lse_ptr, stats_ptr, argmax_ptr,
+            loss_rows_ptr, grad_ptr, V, V_LOCAL, OFFSET, CHUNK, S, P,
+            stride_logits_n, stride_grad_n, stride_part_f, stride_stats_f, stride_up,
+            stride_up_lse, ignore_index, label_smoothing, z_loss, logit_scale, softcap,
+            BLOCK_V, P_BLOCK, REDUCTION, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SCALE,
+            HAS_SOFTCAP, HAS_ARGMAX, COMPUTE_LOSS, COMPUTE_GRAD, HAS_UPSTREAM, HAS_UPSTREAM_LSE,
+            SKIP_UNIT, WRITE_STATS, EMULATE_RTNE)
+
+
+@triton.jit
+def _finish_item(
+    item, logits_ptr, target_ptr, weight_ptr, dens_ptr, part_ptr, part_idx_ptr, upstream_ptr,
+    upstream_lse_ptr, ce_ptr, z_ptr, lse_ptr, stats_ptr, argmax_ptr, loss_rows_ptr, grad_ptr,
+    V, V_LOCAL, OFFSET, CHUNK, S, P,
+    stride_logits_n, stride_grad_n, stride_part_f, stride_stats_f, stride_up, stride_up_lse,
+    ignore_index, label_smoothing, z_loss, logit_scale, softcap,
+    BLOCK_V: tl.constexpr, P_BLOCK: tl.constexpr, REDUCTION: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ARGMAX: tl.constexpr,
+    COMPUTE_LOSS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, HAS_UPSTREAM: tl.constexpr,
+    HAS_UPSTREAM_LSE: tl.constexpr, SKIP_UNIT: tl.constexpr, WRITE_STATS: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr,
+):
+    """One item of :func:`_ce_finish_kernel`: row ``item // S``, chunk ``item % S``."""
+    row = (item // S).to(tl.int64)
+    split = item % S
     t_loc, is_ignored, is_invalid = _row_target(target_ptr, row, ignore_index, V, OFFSET, V_LOCAL)
     g = 1.0
     g_lse = 0.0
@@ -391,21 +453,35 @@ def _ce_finalize_kernel(
 @triton.jit
 def _scale_kernel(
     t_ptr, g_ptr,
-    row_len, blocks_per_row, stride_t, stride_g,
+    rows, row_len, blocks_per_row, parts, stride_t, stride_g,
     BLOCK: tl.constexpr,
     EMULATE_RTNE: tl.constexpr,
 ):
-    """``t[row] *= g[row]`` in place (``g`` one device scalar when ``stride_g == 0``); a program
-    whose ``g`` is exactly 1 returns without touching memory. Grid: ``rows * blocks_per_row``."""
+    """``t[row] *= g[row]`` in place (``g`` one device scalar when ``stride_g == 0``, ``rows``
+    1). Persistent grid (a few programs per SM) over ``rows * parts`` units: unit ``u`` is row
+    ``u // parts`` and its blocks ``u % parts``, ``+ parts``, ... A program first reads the ``g``
+    of all its units in one vector load and stops at once when every one is exactly 1; a unit
+    whose ``g`` is 1 touches nothing."""
     pid = tl.program_id(0)
-    row = (pid // blocks_per_row).to(tl.int64)
-    cols = (pid % blocks_per_row).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    g = tl.load(g_ptr + row * stride_g).to(tl.float32)
-    if g != 1.0:
-        mask = cols < row_len
-        ptrs = t_ptr + row * stride_t + cols
-        t = tl.load(ptrs, mask=mask).to(tl.float32)
-        _round_store(ptrs, t * g, mask, EMULATE_RTNE, "")
+    nprog = tl.num_programs(0)
+    units = rows * parts
+    todo = tl.zeros((), tl.int32)
+    for c in range(0, tl.cdiv(units - pid, nprog), 1024):
+        us = pid + (c + tl.arange(0, 1024)) * nprog
+        g_all = tl.load(g_ptr + (us // parts).to(tl.int64) * stride_g, mask=us < units,
+                        other=1.0)
+        todo += tl.sum((g_all.to(tl.float32) != 1.0).to(tl.int32), axis=0)
+    end = tl.where(todo > 0, units, 0)
+    for u in range(pid, end, nprog):
+        row = (u // parts).to(tl.int64)
+        g = tl.load(g_ptr + row * stride_g).to(tl.float32)
+        if g != 1.0:
+            for b in range(u % parts, blocks_per_row, parts):
+                cols = (tl.zeros((), tl.int64) + b) * BLOCK + tl.arange(0, BLOCK)
+                mask = cols < row_len
+                ptrs = t_ptr + row * stride_t + cols
+                t = tl.load(ptrs, mask=mask, eviction_policy="evict_first").to(tl.float32)
+                _round_store(ptrs, t * g, mask, EMULATE_RTNE, "evict_first")
 
 
 @triton.jit
