@@ -66,10 +66,12 @@ class DeviceSpec:
 H100 = DeviceSpec("H100 SXM (planning model)", 132, 50 << 20)
 
 
-@functools.lru_cache(maxsize=64)
 def device_spec(device: torch.device) -> DeviceSpec:
-    if device.type != "cuda":
-        return H100
+    return H100 if device.type != "cuda" else _cuda_spec(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cuda_spec(device: torch.device) -> DeviceSpec:
     props = torch.cuda.get_device_properties(device)  # cached by torch, no sync
     return DeviceSpec(props.name, props.multi_processor_count,
                       int(getattr(props, "L2_cache_size", H100.l2_bytes)))
