@@ -193,11 +193,12 @@ def persistent_programs(work: int, num_warps: int, spec: DeviceSpec = H100,
     return max(1, min(work, spec.sms * programs_per_sm(num_warps, heavy)))
 
 
-def heavy_features(opts: Options, weight) -> bool:
+@functools.lru_cache(maxsize=256)
+def heavy_features(opts: Options, has_weight: bool) -> bool:
     """Options whose code needs more registers (bench/compile_report.py: 141-175 per thread at
     8 warps with every feature, 48-111 without; a 32768-column block spills with any of them)."""
     return bool(opts.softcap is not None or opts.logit_scale is not None or opts.argmax
-                or weight is not None or opts.label_smoothing > 0.0 or opts.z_loss > 0.0)
+                or has_weight or opts.label_smoothing > 0.0 or opts.z_loss > 0.0)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -304,7 +305,7 @@ def _scalars(opts: Options):
 
 def _row_buffers(N, device, opts: Options, out_dtype):
     f32 = dict(dtype=torch.float32, device=device)
-    ce, z, lse = (torch.empty(N, **f32) for _ in range(3))
+    ce, z, lse = torch.empty(N, **f32), torch.empty(N, **f32), torch.empty(N, **f32)
     loss_rows = torch.empty(N, dtype=out_dtype, device=device) if opts.reduction == "none" else None
     argmax = torch.empty(N, dtype=torch.int64, device=device) if opts.argmax else None
     stats = torch.empty((NUM_FIELDS, N), **f32)
@@ -379,7 +380,7 @@ def ce_forward(
             raise ValueError("logits has V = 0 classes; cross-entropy needs at least one class.")
         return RowOutputs(ce, z, lse, loss_rows, argmax, stats, dens, grad)
     p = plan(N, V, logits.dtype, device_spec(device), block_v=block_v, num_splits=num_splits,
-             heavy=heavy_features(opts, weight), grad=compute_grad)
+             heavy=heavy_features(opts, weight is not None), grad=compute_grad)
     weight_arg = weight if weight is not None else ce  # never read without HAS_WEIGHT
     div_arg = divisor if divisor is not None else dens
     grad_arg = grad if grad is not None else logits  # never written without COMPUTE_GRAD
@@ -507,7 +508,7 @@ def ce_finish(
     stride_up = 0 if upstream is None or upstream.dim() == 0 else upstream.stride(0)
     with _guard(device):
         grid = persistent_programs(N * max(splits, 1), num_warps, device_spec(device),
-                                   heavy_features(opts, weight))
+                                   heavy_features(opts, weight is not None))
         _ce_finish_kernel[(grid,)](
             logits, target, weight if weight is not None else dummy, dens, part,
             part_idx if part_idx is not None else target, up,
@@ -621,7 +622,7 @@ def _shard_plan(logits: torch.Tensor, opts: Options, weight) -> Plan:
     N, V_local = logits.shape
     return plan(N, max(V_local, 1), logits.dtype, device_spec(logits.device),
                 block_v=_config.TRITON_BLOCK_V, num_splits=_config.TRITON_NUM_SPLITS,
-                heavy=heavy_features(opts, weight))
+                heavy=heavy_features(opts, weight is not None))
 
 
 def partials(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,

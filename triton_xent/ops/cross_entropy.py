@@ -6,7 +6,7 @@ process the backend's ``forward`` merges within each row (the Triton fused kerne
 its split path across programs); with a process group each rank computes its shard's
 ``partials``, :func:`triton_xent.parallel.merge_ranks` merges them across the ranks, and the
 backend's ``finish`` writes the row losses and the shard's gradient. :func:`forward` and
-:func:`backward` are the two entry points; :func:`backend_of` names the backend module.
+:func:`backward` are the two entry points; :data:`BACKENDS` maps a backend's name to its module.
 
 Autograd. One :class:`_CrossEntropy` Function serves every mode with one backward body
 (:func:`_backward`), also registered as the custom ops' own autograd:
@@ -40,13 +40,20 @@ from ..backends.protocol import Backend, Options, RowOutputs, compute_dtype
 _LIB = "triton_xent"
 
 
-def backend_of(name: str) -> Backend:
-    """The backend module (Triton imported only when asked for)."""
-    if name == "triton":
-        from ..backends import triton_ce as backend
-    else:
-        from ..backends import torch_ce as backend
-    return backend
+class _Backends(dict):
+    """``BACKENDS[name]``: the backend module of that name ("triton", "torch"), imported on first
+    use (Triton only when asked for); later lookups are a dict's."""
+
+    def __missing__(self, name: str) -> Backend:
+        if name == "triton":
+            from ..backends import triton_ce as backend
+        else:
+            from ..backends import torch_ce as backend
+        self[name] = backend
+        return backend
+
+
+BACKENDS = _Backends()
 
 
 class Call(NamedTuple):
@@ -86,7 +93,7 @@ def rows(call: Call, *, compute_grad: bool, inplace: bool = False,
     gradient of 1, written over the logits with ``inplace``; ``grad_target`` receives
     d(loss)/d(target) of class-probability targets; ``dens``: the reduction's denominators
     (the fused head passes the whole batch's to each chunk), else computed here."""
-    B = backend_of(call.opts.backend)
+    B = BACKENDS[call.opts.backend]
     if call.shard is None:
         return B.forward(call.logits, call.target, call.weight, call.opts, divisor=call.divisor,
                          dens=dens, compute_grad=compute_grad, inplace=inplace,
@@ -103,7 +110,7 @@ def forward(call: Call, *, compute_grad: bool, inplace: bool = False,
     if opts.reduction == "none":
         loss, z_term = out.loss_rows, out.z
     else:
-        loss, z_term = backend_of(opts.backend).finalize(out.ce, out.z, out.dens, opts)
+        loss, z_term = BACKENDS[opts.backend].finalize(out.ce, out.z, out.dens, opts)
     return Result(loss, out.lse, z_term, out.argmax, out.grad, out.stats, out.dens)
 
 
@@ -120,7 +127,7 @@ def backward(call: Call, stats: torch.Tensor, dens: torch.Tensor, grad: torch.Te
     the logits are gone: the gradient is scaled (rounded twice where ``g != 1``). ``grad`` None:
     the whole gradient is computed here, upstream folded in; ``recompute_all``: likewise, into
     ``grad`` (the fused head's chunk of logits)."""
-    B = backend_of(call.opts.backend)
+    B = BACKENDS[call.opts.backend]
     if inplace:
         return B.scale_(grad, g_loss.detach())
     fresh = grad is None

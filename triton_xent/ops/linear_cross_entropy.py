@@ -52,7 +52,7 @@ def _dens(lc: LinearCall, cdt) -> torch.Tensor:
     """The whole batch's denominators (every chunk's gradient is scaled by them)."""
     opts, target = lc.opts, lc.target
     if lc.shard is None or opts.reduction != "mean" or lc.weight is None:
-        return ce.backend_of(opts.backend).denominators(target, lc.weight, opts,
+        return ce.BACKENDS[opts.backend].denominators(target, lc.weight, opts,
                                                         divisor=lc.divisor, V=lc.W.shape[0],
                                                         dtype=cdt)
     # A weighted mean over a sharded vocabulary: each rank sums the weights of the targets it
@@ -135,7 +135,7 @@ def forward(lc: LinearCall):
     if opts.reduction == "none":
         loss, z_term = (ce_rows + z if opts.z_loss else ce_rows).to(opts.out_dtype), z
     else:
-        loss, z_term = ce.backend_of(opts.backend).finalize(ce_rows, z, dens.to(ce_rows.dtype),
+        loss, z_term = ce.BACKENDS[opts.backend].finalize(ce_rows, z, dens.to(ce_rows.dtype),
                                                             opts)
     return loss, lse, z_term, argmax, stats, dens, dX, dW, db
 
@@ -188,7 +188,7 @@ def _backward(ctx, g_loss, g_lse, g_z):
         if opts.reduction == "none" or g_lse is not None or grads is None:
             grads = backward_recompute(lc, stats, dens, g_loss, g_lse)
         else:
-            B = ce.backend_of(opts.backend)
+            B = ce.BACKENDS[opts.backend]
             grads = tuple(None if t is None else B.scale_(t, g_loss.detach()) for t in grads)
     dX, dW, db = (t if n else None for t, n in zip(grads, opts.need))
     return dX, dW, db if b is not None else None
