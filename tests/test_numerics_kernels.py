@@ -1,0 +1,197 @@
+"""Numerics of the kernels against PyTorch, on both backends (``backend`` runs torch, the Triton
+fused path and the Triton split path, with small blocks so rows span several blocks/chunks):
+
+* an ignored row holding a NaN or +inf (or all -inf) gets PyTorch's NaN gradient row (0 x NaN),
+  for each reduction, with smoothing and class weights, and through the aux lse;
+* ``aux.argmax`` of a row with a NaN is ``torch.argmax``'s (the first NaN), so ``aux.accuracy``
+  agrees, also when the row's parts are merged (split path, vocabulary-parallel merge);
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from triton_xent import cross_entropy
+
+NAN, INF = float("nan"), float("inf")
+IGNORE = -100
+
+
+# ----------------------------------------------------------------------------------------------
+# Item: NaN / inf in an ignored row
+# ----------------------------------------------------------------------------------------------
+
+
+def _poisoned(V: int, seed: int = 0):
+    """Rows: kept, ignored+NaN, ignored++inf, ignored all -inf, ignored with one -inf (finite
+    gradient: zero), ignored clean, kept with a -inf, ignored with NaN and +inf in two blocks."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, V, generator=g) * 2
+    x[1, V // 2] = NAN
+    x[2, 3] = INF
+    x[3] = -INF
+    x[4, 1] = -INF
+    x[6, V - 1] = -INF
+    x[7, 0], x[7, V - 1] = INF, NAN
+    t = torch.tensor([2, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE, V - 3, IGNORE])
+    return x, t
+
+
+def _torch_grads(x, t, weight, red, eps, g_loss, g_lse):
+    """PyTorch's loss and gradient (float64), the aux lse as ``torch.logsumexp``."""
+    x64 = x.double().requires_grad_()
+    loss = F.cross_entropy(x64, t, weight=None if weight is None else weight.double(),
+                           reduction=red, label_smoothing=eps, ignore_index=IGNORE)
+    out = (loss * g_loss.double()).sum()
+    if g_lse is not None:
+        out = out + (torch.logsumexp(x64, 1) * g_lse.double()).sum()
+    out.backward()
+    return loss.detach(), x64.grad
+
+
+def _same_nan_close(out, ref, rtol=1e-5, atol=1e-6):
+    out, ref = out.detach().double(), ref.detach().double()
+    bad = (out.isnan() != ref.isnan()).reshape(out.shape[0], -1).any(-1) if out.dim() else None
+    assert not bool((out.isnan() != ref.isnan()).any()), (
+        f"NaN where PyTorch has none, or the reverse, in rows {bad.nonzero().flatten().tolist()}"
+        if bad is not None else f"NaN pattern differs: ours {out}, PyTorch {ref}")
+    torch.testing.assert_close(out.nan_to_num(0.0), ref.nan_to_num(0.0), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("V", [24, 70], ids=["V=24-one-block", "V=70-blocks"])
+@pytest.mark.parametrize("red", ["mean", "sum", "none"])
+@pytest.mark.parametrize("opt", ["plain", "smooth", "smooth-weight"])
+def test_ignored_row_nan_gradient_as_pytorch(backend, V, red, opt):
+    x, t = _poisoned(V)
+    eps = 0.1 if opt != "plain" else 0.0
+    weight = torch.rand(V, generator=torch.Generator().manual_seed(1)) + 0.5 \
+        if opt == "smooth-weight" else None
+    g_loss = torch.rand(8) + 0.5 if red == "none" else torch.tensor(0.37)
+    ref_loss, ref_grad = _torch_grads(x, t, weight, red, eps, g_loss, None)
+    xl = x.clone().requires_grad_()
+    loss = cross_entropy(xl, t, weight=weight, reduction=red, label_smoothing=eps,
+                         backend=backend)
+    (loss * g_loss).sum().backward()
+    _same_nan_close(loss, ref_loss)
+    _same_nan_close(xl.grad, ref_grad)
+
+
+@pytest.mark.parametrize("red", ["mean", "none"])
+def test_ignored_row_nan_gradient_unit_upstream_and_aux_lse(backend, red):
+    """``loss.backward()`` (the gradient the forward wrote, upstream 1), then with a gradient on
+    the aux lse (every row recomputed, ignored ones too)."""
+    x, t = _poisoned(70, seed=3)
+    ref_loss, ref_grad = _torch_grads(x, t, None, red, 0.1, torch.ones(()), None)
+    xl = x.clone().requires_grad_()
+    loss = cross_entropy(xl, t, reduction=red, label_smoothing=0.1, backend=backend)
+    loss.sum().backward()
+    _same_nan_close(xl.grad, ref_grad)
+
+    g_lse = torch.rand(8) - 0.5
+    ref_loss, ref_grad = _torch_grads(x, t, None, red, 0.1, torch.ones(()), g_lse)
+    xl = x.clone().requires_grad_()
+    loss, aux = cross_entropy(xl, t, reduction=red, label_smoothing=0.1, backend=backend,
+                              return_aux=True)
+    (loss.sum() + (aux.lse * g_lse).sum()).backward()
+    _same_nan_close(xl.grad, ref_grad)
+    # the aux lse itself: torch.logsumexp's (-inf for an all -inf row), except that a row with
+    # +inf gets NaN, in both backends (exp(inf - inf) in the sum, as in F.cross_entropy's loss)
+    want = torch.logsumexp(x.double(), 1)
+    want[[2, 7]] = NAN
+    _same_nan_close(aux.lse, want)
+
+
+# ----------------------------------------------------------------------------------------------
+# Item: aux.argmax of a row with a NaN is torch.argmax's
+# ----------------------------------------------------------------------------------------------
+
+
+def _nan_argmax_rows(V: int):
+    x = torch.randn(9, V, generator=torch.Generator().manual_seed(5))
+    x[0, V // 2] = NAN  # NaN in the middle, a larger value elsewhere
+    x[0, 1] = 50.0
+    x[1, 2], x[1, V - 2] = INF, NAN  # +inf first, NaN later (other block / chunk)
+    x[2, V - 1] = NAN  # NaN last column only
+    x[3, 4], x[3, 40 % V] = NAN, NAN  # two NaNs: the first
+    x[4] = NAN  # all NaN: 0
+    x[5, 7], x[5, V - 5] = INF, INF  # two +inf: the first
+    x[6] = -INF  # all -inf: 0
+    x[7, 0] = NAN  # NaN in column 0
+    x[8, 33 % V] = NAN  # NaN at a block boundary (block 32)
+    t = torch.tensor([V // 2, 2, V - 1, 4, 0, 7, 0, 0, 1])
+    return x, t
+
+
+@pytest.mark.parametrize("V", [24, 70], ids=["V=24-one-block", "V=70-blocks"])
+@pytest.mark.parametrize("transform", ["none", "softcap"])
+def test_argmax_with_nan_as_torch(backend, V, transform):
+    x, t = _nan_argmax_rows(V)
+    kw = dict(softcap=20.0) if transform == "softcap" else {}
+    with torch.no_grad():
+        _, aux = cross_entropy(x, t, reduction="none", return_aux=True, return_argmax=True,
+                               backend=backend, **kw)
+    xs = x if transform == "none" else 20.0 * torch.tanh(x / 20.0)
+    want = xs.argmax(1)
+    assert aux.argmax.tolist() == want.tolist()
+    assert aux.accuracy.item() == pytest.approx((want == t).float().mean().item())
+
+
+class _ThreadGroup:
+    """An all-reduce across threads standing in for ranks (the vocabulary-parallel merge is
+    plain torch: the kernels' partials are computed before it, its finish after it)."""
+
+    def __init__(self, world):
+        self.world, self.barrier, self.slots = world, threading.Barrier(world), {}
+        self.local = threading.local()
+
+    def all_reduce(self, t, op, group):
+        rank = self.local.rank
+        self.barrier.wait()
+        self.slots[rank] = t.clone()
+        self.barrier.wait()
+        stacked = torch.stack([self.slots[r] for r in range(self.world)])
+        out = {"sum": stacked.sum(0), "max": stacked.amax(0), "min": stacked.amin(0)}[op]
+        self.barrier.wait()
+        return out
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_argmax_with_nan_vocab_parallel_merge(backend_name, small_blocks, monkeypatch):
+    """Three shards of a 70-class vocabulary: each shard's partials (the backend), the merge
+    across ranks (``merge_ranks``: MAX of the maxima, MIN of the candidate columns), then each
+    shard's finish writes the argmax: as ``torch.argmax`` of the whole row."""
+    from triton_xent import parallel
+    from triton_xent._options import CEOptions
+    from triton_xent.pipeline import backend_ops
+
+    V, bounds = 70, [0, 23, 47, 70]
+    x, t = _nan_argmax_rows(V)
+    B = backend_ops(backend_name)
+    opts = CEOptions(reduction="none", argmax=True, all_rows=True)
+    parts = [B.ce_shard_partials(x[:, a:b].contiguous(), t, None, opts, offset=a, vocab_size=V)
+             for a, b in zip(bounds[:-1], bounds[1:])]
+    group = _ThreadGroup(3)
+    monkeypatch.setattr(parallel, "all_reduce", group.all_reduce)
+    merged = [None] * 3
+
+    def rank_main(r):
+        group.local.rank = r
+        merged[r] = parallel.merge_ranks(*parts[r], None)
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    want = x.argmax(1)
+    for r, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        st, idx, _ = merged[r]
+        rows = B.row_buffers(x.shape[0], x.device, opts, torch.float32, x.dtype)
+        dens = torch.ones(2)
+        B.ce_shard_finish(x[:, a:b].contiguous(), t, None, opts, st.float(), idx, dens=dens,
+                          rows=rows, grad=None, offset=a, vocab_size=V)
+        assert rows[4].tolist() == want.tolist(), f"rank {r}"
