@@ -31,9 +31,9 @@ class CrossEntropyAux(NamedTuple):
     ``z_loss``: the z-loss part of the loss, reduced like the loss (zero when ``z_loss=0``),
     differentiable too.
     ``argmax`` and ``accuracy`` (``return_argmax=True``, else None): the predicted class of each
-    row (int64, shaped like ``lse``; the first maximal class on a tie, as ``torch.argmax``, of
-    the logits as the loss sees them, after ``logit_scale`` and ``softcap``; -1 on rows whose
-    target is ``ignore_index``), and the token accuracy, the fraction of the kept rows whose
+    row (int64, shaped like ``lse``; the first maximal class on a tie, or the first NaN, as
+    ``torch.argmax``, of the logits as the loss sees them, after ``logit_scale`` and
+    ``softcap``; -1 on rows whose target is ``ignore_index``), and the token accuracy, the fraction of the kept rows whose
     prediction is the target (0-d, ``lse``'s dtype; NaN when every row is ignored, not
     class-weighted; None for class-probability targets).
     """
@@ -143,10 +143,13 @@ def _build_call(input, target, weight, ignore_index, a, return_aux, inplace_back
         logits = logits.contiguous()
     if inplace_backward and logits.requires_grad:
         V.check_inplace(input, logits)
+    # Ignored rows' statistics are made when a gradient may follow: an ignored row's gradient
+    # is PyTorch's 0 x softmax, NaN where a logit is NaN or +inf.
+    all_rows = bool(return_aux) or (torch.is_grad_enabled() and logits.requires_grad)
     opts = CEOptions(ignore_index, a.reduction, float(a.label_smoothing), float(a.z_loss),
                      None if a.softcap is None else float(a.softcap),
                      None if logit_scale is None else float(logit_scale), a.inv_divisor,
-                     all_rows=bool(return_aux), argmax=bool(return_argmax))
+                     all_rows=all_rows, argmax=bool(return_argmax))
     call = Call(logits, p.target, p.weight, a.divisor, opts, choice.backend, p.probs,
                 a.loss_dtype or input.dtype)
     return call, p

@@ -22,6 +22,11 @@ F_XT = tl.constexpr(4)  # target logit, from its owner
 F_WT = tl.constexpr(5)  # target weight, from its owner (class weights)
 NUM_FIELDS = 6
 
+# The arg-max of a row holding a NaN is its first NaN column (torch.argmax's rule): partial
+# arg-maxes carry such a column c as c - NAN_TAG (negative), which wins every merge (a MIN over
+# the candidates) and is untagged when the row's arg-max is written.
+NAN_TAG = tl.constexpr(2**62)
+
 
 # ----------------------------------------------------------------------------------------------
 # Elementwise helpers
@@ -175,10 +180,32 @@ def _stats_update(x, cols, mask, w, m, s, T, W, mref,
 
 @triton.jit
 def _argmax_update(x, cols, m_old, idx):
-    """Tracks the first column of the row maximum alongside the online max."""
+    """Tracks the row's arg-max (int64) alongside the online max ``m_old``, as torch.argmax: the
+    first maximal column, or the first NaN column (tagged ``c - NAN_TAG``, then kept)."""
     b_max = tl.max(x, axis=0)
     b_idx = tl.min(tl.where(x == b_max, cols, 2147483647), axis=0)  # first maximal column
-    return tl.where(b_max > m_old, b_idx, idx)
+    b_nan = tl.min(tl.where(x != x, cols, 2147483647), axis=0)  # first NaN column
+    # (whether max() skips or propagates a NaN, the NaN branch decides such a block)
+    new = tl.where(b_nan < 2147483647, b_nan.to(tl.int64) - NAN_TAG,
+                   tl.where(b_max > m_old, b_idx.to(tl.int64), idx))
+    return tl.where(idx < 0, idx, new)
+
+
+@triton.jit
+def _argmax_untag(idx):
+    """The column of a (possibly NaN-tagged) arg-max."""
+    return tl.where(idx < 0, idx + NAN_TAG, idx)
+
+
+@triton.jit
+def _argmax_merge(part_idx_ptr, part_m_ptr, M, part_mask, parts):
+    """The arg-max of a row from its partials' (``part_idx_ptr[k]``, global columns, tagged) and
+    their maxima ``part_m_ptr[k]``: a NaN part's tag wins, else the first part holding the maximum
+    ``M`` (its columns are the lowest: parts are in column order)."""
+    idx_k = tl.load(part_idx_ptr + parts, mask=part_mask, other=0)
+    m_k = tl.load(part_m_ptr + parts, mask=part_mask, other=float("-inf"))
+    big = 9223372036854775807
+    return tl.min(tl.where(part_mask & ((idx_k < 0) | (m_k == M)), idx_k, big), axis=0)
 
 
 @triton.jit
@@ -196,7 +223,7 @@ def _part_stats(row_ptr, weight_ptr, start, end, t_loc, logit_scale, softcap,
     s = tl.zeros((), tl.float32)
     T = tl.zeros((), tl.float32)
     W = tl.zeros((), tl.float32)
-    idx = tl.zeros((), tl.int32) + start
+    idx = tl.zeros((), tl.int64) + start
     for off in range(start, end, BLOCK_V):
         cols = off + tl.arange(0, BLOCK_V)
         mask = cols < end
@@ -309,7 +336,10 @@ def _grad_block(x, dcap, cols, mask, w, t_loc, mref, inv_s, coef_p, coef_t, coef
     g = tl.where(cols == t_loc, g - coef_t, g)
     if HAS_SCALE or HAS_SOFTCAP:
         g *= dcap
-    return tl.where(zero_row, 0.0, tl.where(is_invalid, float("nan"), g))
+    # A zero row (ignored) gets PyTorch's 0 x softmax: 0, or NaN on the whole row where its
+    # statistics are NaN (a NaN or +inf logit: s = NaN) or the row is all -inf (1 / s = inf). One
+    # value per row, so its logits need not be read again: the statistics pass read them.
+    return tl.where(zero_row, inv_s * 0.0, tl.where(is_invalid, float("nan"), g))
 
 
 @triton.jit
@@ -319,8 +349,9 @@ def _write_grad(row_ptr, grad_row_ptr, weight_ptr, start, end, t_loc, zero_row, 
                 HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EMULATE_RTNE: tl.constexpr):
     """Gradient sweep over columns ``[start, end)``: reads each block once, writes it once.
 
-    A ``zero_row`` (ignored, and no aux lse gradient) gets zeros whatever its logits: they are
-    not read (masked-off lanes move no data). With an in-place gradient
+    A ``zero_row`` (ignored, and no aux lse gradient) gets ``0 / s``: zeros, or NaN where its
+    statistics are NaN, as PyTorch's ``0 x softmax``; its logits are not read here (masked-off
+    lanes move no data), the statistics pass read them. With an in-place gradient
     ``grad_row_ptr == row_ptr``: each block is read before it is written, by this program only.
     """
     read_end = tl.where(zero_row, start, end)
@@ -353,7 +384,7 @@ def _store_row(row, ce, z, lse, M, s, T, W, x_t, w_t, idx,
             total = ce + z
         _round_store(loss_rows_ptr + row, total, True, EMULATE_RTNE, "")
     if HAS_ARGMAX:
-        tl.store(argmax_ptr + row, idx.to(tl.int64))
+        tl.store(argmax_ptr + row, _argmax_untag(idx.to(tl.int64)))
     if WRITE_STATS:
         tl.store(stats_ptr + F_M * stride_stats_f + row, M)
         tl.store(stats_ptr + F_S * stride_stats_f + row, s)
