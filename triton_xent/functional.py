@@ -33,9 +33,9 @@ class CrossEntropyAux(NamedTuple):
     ``argmax`` and ``accuracy`` (``return_argmax=True``, else None): the predicted class of each
     row (int64, shaped like ``lse``; the first maximal class on a tie, or the first NaN, as
     ``torch.argmax``, of the logits as the loss sees them, after ``logit_scale`` and
-    ``softcap``; -1 on rows whose target is ``ignore_index``), and the token accuracy, the fraction of the kept rows whose
-    prediction is the target (0-d, ``lse``'s dtype; NaN when every row is ignored, not
-    class-weighted; None for class-probability targets).
+    ``softcap``; -1 on rows whose target is ``ignore_index``), and the token accuracy, the
+    fraction of the kept rows whose prediction is the target (0-d, ``lse``'s dtype; NaN when
+    every row is ignored, not class-weighted; None for class-probability targets).
     """
 
     lse: torch.Tensor
