@@ -282,3 +282,60 @@ def test_softcap_loss_and_gradient_in_the_band(backend):
     assert rel <= 1.5e-7, f"loss: {rel:.3g} relative"
     gerr = ((xl.grad.double() - x64.grad).abs() / x64.grad.abs().amax(1, keepdim=True)).max()
     assert gerr.item() <= 5e-7, f"gradient: {gerr.item():.3g} of the row's largest"
+
+
+# ----------------------------------------------------------------------------------------------
+# Item: bf16 gradient rounding with label smoothing (the bound the README states)
+# ----------------------------------------------------------------------------------------------
+
+
+def _bf16_ulp_errors(got: torch.Tensor, exact: torch.Tensor):
+    """``(entries that differ from the float64 gradient rounded once to bf16, max error in
+    ulps of that rounded value)``."""
+    once = exact.to(torch.bfloat16)
+    ulp = torch.ldexp(torch.ones_like(exact), torch.frexp(once.float())[1] - 8)
+    err = ((got.double() - exact).abs() / ulp)[once != 0]
+    return int((got != once).sum()), float(err.max())
+
+
+# Measured (README, Numerical notes): at most 0.89 ulp, at most 10 of the 49,488 entries off the
+# once-rounded value, over seeds 0-7 of these inputs; PyTorch's own bf16 gradient misrounds ~77%
+# of them, by up to tens of thousands of ulps. (Seed 2, below, holds the 0.89.)
+BF16_MAX_ULPS = 0.9
+BF16_MAX_MISMATCH = 12
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["torch", "triton-fused", "triton-split3"])
+@pytest.mark.parametrize("red", ["mean", "sum", "none"])
+def test_bf16_smoothing_gradient_rounding_bound(path, red, monkeypatch):
+    """bf16 ``randn(48, 1031) * 2``, label smoothing 0.1, upstream 1 / 0.37 / random (the plan's
+    own blocks, as a real call): the gradient is the float64 one rounded once, but for a few
+    entries where p_c (1 - eps) nearly cancels eps / V and fp32's rounding of p_c decides."""
+    import triton_xent._config as config
+
+    backend = path.split("-")[0]
+    monkeypatch.setattr(config, "TRITON_NUM_SPLITS", {"fused": 1, "split3": 3}.get(
+        path.split("-")[-1]))
+    g = torch.Generator().manual_seed(2)
+    N, V = 48, 1031
+    x = (torch.randn(N, V, generator=g) * 2).bfloat16()
+    t = torch.randint(0, V, (N,), generator=g)
+    t[[0, 7]] = IGNORE
+    kw = dict(reduction=red, label_smoothing=0.1)
+    shape = (N,) if red == "none" else ()
+    ups = {"1": torch.ones(shape), "0.37": torch.full(shape, 0.37),
+           "random": torch.rand(shape, generator=g, dtype=torch.float64) * 3 + 0.1}
+    for name, up in ups.items():
+        up = up.bfloat16()
+        x64 = x.double().requires_grad_()
+        F.cross_entropy(x64, t, **kw).backward(up.double())
+        xa = x.clone().requires_grad_()
+        cross_entropy(xa, t, backend=backend, **kw).backward(up)
+        mismatch, ulps = _bf16_ulp_errors(xa.grad, x64.grad)
+        assert ulps <= BF16_MAX_ULPS and mismatch <= BF16_MAX_MISMATCH, (name, mismatch, ulps)
+        xt = x.clone().requires_grad_()
+        F.cross_entropy(xt, t, **kw).backward(up)
+        torch_mismatch, torch_ulps = _bf16_ulp_errors(xt.grad, x64.grad)
+        assert mismatch * 1000 < torch_mismatch and ulps * 100 < torch_ulps, (
+            name, mismatch, ulps, torch_mismatch, torch_ulps)
