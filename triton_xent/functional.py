@@ -143,9 +143,10 @@ def _build_call(input, target, weight, ignore_index, a, return_aux, inplace_back
         logits = logits.contiguous()
     if inplace_backward and logits.requires_grad:
         V.check_inplace(input, logits)
-    # Ignored rows' statistics are made when a gradient may follow: an ignored row's gradient
-    # is PyTorch's 0 x softmax, NaN where a logit is NaN or +inf.
-    all_rows = bool(return_aux) or (torch.is_grad_enabled() and logits.requires_grad)
+    # Ignored rows' statistics are made when a gradient may follow (grad mode: requires_grad
+    # is not seen through vmap's batched tensors): an ignored row's gradient is PyTorch's
+    # 0 x softmax, NaN where a logit is NaN or +inf.
+    all_rows = bool(return_aux) or torch.is_grad_enabled()
     opts = CEOptions(ignore_index, a.reduction, float(a.label_smoothing), float(a.z_loss),
                      None if a.softcap is None else float(a.softcap),
                      None if logit_scale is None else float(logit_scale), a.inv_divisor,

@@ -357,7 +357,7 @@ def _build(input, linear_weight, linear_bias, target, weight, reduction, ignore_
                      None if softcap is None else float(softcap),
                      None if logit_scale is None else float(logit_scale), inv_div,
                      # ignored rows' statistics when a gradient may follow (PyTorch's 0 x softmax)
-                     all_rows=bool(return_aux) or any(need), argmax=bool(return_argmax))
+                     all_rows=bool(return_aux) or grad_on, argmax=bool(return_argmax))
     lc = LinearCall(p.x, linear_weight, linear_bias, p.target, p.weight, div_t, opts,
                     choice.backend, out_dtype, chunk_rows, fp32_accum,
                     on_cpu if skip_ignored is None else bool(skip_ignored))
