@@ -16,8 +16,9 @@ class CEOptions(NamedTuple):
     ``inv_divisor`` is ``1 / divisor`` for a number divisor of a ``"sum"`` (a tensor divisor
     travels as a tensor); ``all_rows`` asks for the statistics of ignored rows too: their lse,
     or their gradient (PyTorch's ``0 x softmax``, NaN where a logit is NaN or +inf), which a
-    backward recompute writes from them (their logits are not read otherwise); ``argmax`` asks
-    for each row's predicted class.
+    backward recompute writes from them (their logits are not read otherwise, and a gradient
+    written later from such statistics is 0: the kernels mark them unread); ``argmax`` asks for
+    each row's predicted class.
     """
 
     ignore_index: int = -100

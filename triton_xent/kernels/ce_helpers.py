@@ -220,6 +220,15 @@ def _argmax_merge(part_idx_ptr, part_m_ptr, M, part_mask, parts):
 
 
 @triton.jit
+def _unread_stats(M, s, is_ignored):
+    """Marks the statistics of an ignored row left unread (neither its lse nor its gradient
+    asked for): ``M = 0, s = inf``, which no read row has (``s`` is in ``[1, V]``, NaN, or 0 when
+    all -inf) and which survive any merge, so that a gradient written later from them (a direct
+    caller's backward) is ``0 / s = 0``, not ``0 / 0``."""
+    return tl.where(is_ignored, 0.0, M), tl.where(is_ignored, float("inf"), s)
+
+
+@triton.jit
 def _part_stats(row_ptr, weight_ptr, start, end, t_loc, logit_scale, softcap,
                 BLOCK_V: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
                 HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ARGMAX: tl.constexpr,

@@ -77,6 +77,7 @@ from triton_xent.kernels.ce_helpers import (
     _row_target,
     _store_row,
     _sum_field,
+    _unread_stats,
     _write_grad,
 )
 
@@ -177,6 +178,8 @@ def _ce_fused_kernel(
             else:
                 W = W_all
             mref = tl.where(M == float("-inf"), 0.0, M)
+        if not ALL_ROWS:
+            M, s = _unread_stats(M, s, is_ignored)
         if HAS_WEIGHT:
             w_t = tl.load(weight_ptr + tl.maximum(t_loc, 0), mask=t_loc >= 0, other=0.0)
         else:
@@ -252,6 +255,8 @@ def _ce_partials_kernel(
         m, s, T, W, x_t, w_t, idx = _part_stats(
             logits_ptr + row * stride_logits_n, weight_ptr, start, end, t_loc, logit_scale,
             softcap, BLOCK_V, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP, HAS_ARGMAX, "")
+        if not ALL_ROWS:
+            m, s = _unread_stats(m, s, is_ignored)
         out = part_ptr + row * S + split
         tl.store(out + F_M * stride_part_f, m)
         tl.store(out + F_S * stride_part_f, s)
