@@ -307,9 +307,9 @@ def _bf16_errors(got: torch.Tensor, exact: torch.Tensor, terms: torch.Tensor):
 # cancels eps / V the exact value is tiny next to its terms, and fp32's few roundings of p_c
 # (exp, the row's sum, 1 / s) are then many bf16 ulps of it: no bound in ulps holds (0.89 ulp
 # on seed 2 below, 7.5 on seed 5, where PyTorch's own bf16 is off by up to 475,000). What holds
-# is the fp32 one: within 2.1 x 2**-24 of the terms' magnitude s (p_c + eps / V + ...), then
-# half an ulp of bf16 (measured 1.95 at most over seeds 0-7, README "Numerical notes").
-BF16_MAX_FP32_UNITS = 2.5
+# is the fp32 one: within a few 2**-24 of the terms' magnitude s (p_c + eps / V + ...), then
+# half an ulp of bf16 (measured 2.42 at most over seeds 0-7, README "Numerical notes").
+BF16_MAX_FP32_UNITS = 3.0
 BF16_MAX_MISMATCH = 12  # of 49,488 entries (measured at most 11)
 
 
