@@ -274,8 +274,14 @@ class TrafficCase:
 
     @property
     def floor(self) -> float:
+        """Bytes per logit no design can go below: a forward reads the kept rows' logits (an
+        ignored row's loss is 0); a gradient reads every row once (an ignored row's gradient is
+        PyTorch's 0 x softmax, NaN where a logit is NaN or +inf) and writes it once."""
         elt = torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
-        return elt * (1 if self.upstream == "none" else 2)
+        if self.upstream == "none":
+            kept = 1.0 - (1.0 / self.ignore_every if self.ignore_every else 0.0)
+            return elt * kept
+        return elt * 2
 
 
 @dataclass
@@ -390,8 +396,12 @@ CE_CASES = [
                 max_triton_launches=3),
     TrafficCase("CE mean V=16000, inplace_backward", V=16000, inplace=True, budget=4.05,
                 max_triton_launches=3),
+    # An ignored row is read once for its gradient (NaN where a logit is NaN or +inf, as in
+    # PyTorch), not at all without one.
     TrafficCase("CE mean V=32000, half the targets ignored", V=32000, ignore_every=2,
                 budget=4.05, max_triton_launches=4),
+    TrafficCase("CE forward only V=32000, half the targets ignored (no grad)", V=32000,
+                ignore_every=2, upstream="none", budget=1.05, max_triton_launches=3),
     TrafficCase("CE forward only V=32000 (no grad)", V=32000, upstream="none", budget=2.05,
                 max_triton_launches=3),
     TrafficCase("CE forward only V=128256 (no grad, split)", V=128256, upstream="none",

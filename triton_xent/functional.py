@@ -39,11 +39,11 @@ class CrossEntropyAux(NamedTuple):
     ``z_loss``: the z-loss part of the loss, reduced like the loss (zero when ``z_loss=0``),
     differentiable too.
     ``argmax`` and ``accuracy`` (``return_argmax=True``, else None): the predicted class of each
-    row (int64, shaped like ``lse``; the first maximal class on a tie, as ``torch.argmax``, of
-    the logits as the loss sees them, after ``logit_scale`` and ``softcap``; -1 on rows whose
-    target is ``ignore_index``), and the token accuracy, the fraction of the kept rows whose
-    prediction is the target (0-d, ``lse``'s dtype; NaN when every row is ignored, not
-    class-weighted; None for class-probability targets).
+    row (int64, shaped like ``lse``; the first maximal class on a tie, or the first NaN, as
+    ``torch.argmax``, of the logits as the loss sees them, after ``logit_scale`` and
+    ``softcap``; -1 on rows whose target is ``ignore_index``), and the token accuracy, the
+    fraction of the kept rows whose prediction is the target (0-d, ``lse``'s dtype; NaN when
+    every row is ignored, not class-weighted; None for class-probability targets).
     """
 
     lse: torch.Tensor
@@ -135,8 +135,12 @@ def _build(a: dict, *, group) -> _Built:
         and not in_transform(logits, p.target))
     if inplace:
         checks.check_inplace(input, logits)
+    # Ignored rows' statistics are made when a gradient may follow (grad mode: requires_grad
+    # is not seen through vmap's batched tensors): an ignored row's gradient is PyTorch's
+    # 0 x softmax, NaN where a logit is NaN or +inf.
     opts = Options(ignore_index, reduction, smoothing, z_loss, softcap, logit_scale, inv_div,
-                   all_rows=bool(a["return_aux"]), argmax=bool(a["return_argmax"]),
+                   all_rows=bool(a["return_aux"]) or torch.is_grad_enabled(),
+                   argmax=bool(a["return_argmax"]),
                    backend=choice.backend, probs=p.probs, out_dtype=loss_dtype or input.dtype,
                    group="" if group is None else group.group_name)
     return _Built(Call(logits, p.target, p.weight, div_t, opts), p, choice, inplace)

@@ -359,7 +359,8 @@ def _build(a: dict, *, sharded: bool):
     # Ignored rows are skipped (no GEMM) unless their lse is returned (return_aux).
     skip = on_cpu if a["skip_ignored"] is None else bool(a["skip_ignored"])
     opts = Options(a["ignore_index"], reduction, smoothing, z_loss, softcap, logit_scale, inv_div,
-                   all_rows=bool(a["return_aux"]), argmax=bool(a["return_argmax"]),
+                   # ignored rows' statistics when a gradient may follow (PyTorch's 0 x softmax)
+                   all_rows=bool(a["return_aux"]) or on, argmax=bool(a["return_argmax"]),
                    backend=choice.backend, out_dtype=out_dtype,
                    group=parallel.group_name(a["process_group"]) if sharded else "",
                    chunk_rows=chunk_rows, fp32_accum=fp32_accum,

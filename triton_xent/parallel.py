@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from ._validation import CrossEntropyInputError, check_target_range, compile_check
 from .backends.protocol import F_M, F_S, F_T, F_W, F_WT, F_XT, Options, RowOutputs
-from .backends.torch_ce import denominators, merge_parts
+from .backends.torch_ce import argmax_candidates, denominators, merge_parts
 
 _MAGIC = 0x7670_6365  # "vpce": both sides of the metadata exchange are this module
 KIND_CE, KIND_LINEAR = 1, 2
@@ -200,8 +200,8 @@ def merge_ranks(part: torch.Tensor, part_idx: torch.Tensor | None, group, *,
     body = summed[: rescaled.numel()].view_as(rescaled)
     merged = torch.stack([M, body[0], body[1], body[2], body[3], body[4]])
     if idx is not None:
-        cand = torch.where(m_r == M, idx, torch.full_like(idx, torch.iinfo(torch.int64).max))
-        idx = all_reduce(cand, "min", group)
+        # a NaN-tagged column (torch.argmax's first NaN) wins, else the first rank's maximum
+        idx = all_reduce(argmax_candidates(m_r, M, idx), "min", group)
     return merged, idx, (summed[rescaled.numel():] if extra is not None else None)
 
 

@@ -37,8 +37,11 @@ class Options(NamedTuple):
     """The non-tensor arguments of one call (already validated).
 
     ``inv_divisor`` is ``1 / divisor`` for a number divisor of a ``"sum"`` (a tensor divisor
-    travels as a tensor); ``all_rows`` asks for the lse of ignored rows too (their logits are not
-    read otherwise); ``argmax`` for each row's predicted class; ``probs``: class-probability
+    travels as a tensor); ``all_rows`` asks for the statistics of ignored rows too: their lse, or
+    their gradient (PyTorch's ``0 x softmax``, NaN where a logit is NaN or +inf), which a backward
+    recompute writes from them (their logits are not read otherwise, and a gradient written later
+    from such statistics is 0: the kernels mark them unread); ``argmax`` for each row's predicted
+    class; ``probs``: class-probability
     targets; ``out_dtype``: the loss's dtype; ``group``: the process group's name ("" for one
     process). The last four are the fused linear head's chunking and the gradients it computes.
     """

@@ -26,6 +26,20 @@ from .protocol import F_M, F_S, F_T, F_W, F_WT, F_XT, NUM_FIELDS, Options, RowOu
 # Bytes of fp32 scratch per chunk: large enough that per-op overhead vanishes, small enough to
 # stay in the last-level cache of a CPU and far below the logits' size.
 _CHUNK_BYTES = 32 << 20
+# A partial arg-max in a part holding a NaN is its first NaN column c, carried as c - NAN_TAG so
+# that it wins every merge (torch.argmax's rule; the kernels' ``NAN_TAG``).
+NAN_TAG = 2**62
+_NO_IDX = torch.iinfo(torch.int64).max
+
+
+def argmax_candidates(m_k: torch.Tensor, M: torch.Tensor, idx_k: torch.Tensor) -> torch.Tensor:
+    """Each part's arg-max where it may be the row's (a NaN tag, or the part holds the maximum
+    ``M``), else int64 max: the row's arg-max is the MIN over the parts (or the ranks)."""
+    return torch.where((idx_k < 0) | (m_k == M), idx_k, torch.full_like(idx_k, _NO_IDX))
+
+
+def argmax_untag(idx: torch.Tensor) -> torch.Tensor:
+    return torch.where(idx < 0, idx + NAN_TAG, idx)
 
 
 def chunk_rows_for(V: int, dtype: torch.dtype, budget: int = _CHUNK_BYTES) -> int:
@@ -190,7 +204,8 @@ def partials(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | 
         ssum = (x - mref.unsqueeze(1)).exp_().sum(1)
         _stats_into(part[:, s:e, 0], x, M, ssum, target[s:e], weight, opts, V, offset, probs, cdt)
         if part_idx is not None:
-            part_idx[s:e, 0] = x.argmax(1) + offset
+            am = x.argmax(1) + offset  # the first NaN if any (torch.argmax): tagged
+            part_idx[s:e, 0] = torch.where(x.isnan().any(1), am - NAN_TAG, am)
     return part, part_idx
 
 
@@ -208,9 +223,8 @@ def merge_parts(part: torch.Tensor, part_idx: torch.Tensor | None):
     shift = torch.where(W_k == 0, torch.zeros_like(W_k), W_k * (mref - mref_k))
     st[F_T] = (part[F_T] + shift).sum(1)
     idx = None
-    if part_idx is not None:
-        best = (m_k == M.unsqueeze(1)).to(torch.int8).argmax(1, keepdim=True)
-        idx = part_idx.gather(1, best).squeeze(1)
+    if part_idx is not None:  # a NaN part's tag, else the first part holding the maximum
+        idx = argmax_candidates(m_k, M.unsqueeze(1), part_idx).amin(1)
     return st, idx
 
 
@@ -241,7 +255,7 @@ class _RowInfo:
         if r_loss is not None:
             r_loss.copy_(ce + z if opts.z_loss else ce)
         if r_argmax is not None:
-            r_argmax.copy_(idx)
+            r_argmax.copy_(argmax_untag(idx))
         if r_stats is not None:
             r_stats.copy_(st.to(r_stats.dtype))
 
@@ -360,7 +374,8 @@ def forward(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | N
             gt = _grad_target(xc, lse, ones, dens, weight, opts.label_smoothing, cdt)
         direct = grad is not None and grad.dtype == cdt
         p = torch.softmax(xc, 1, out=grad[sl]) if direct else torch.softmax(xc, 1)
-        st[F_S] = p.amax(1).reciprocal()
+        # (an all -inf row: s = 0, lse = -inf as torch.logsumexp; its softmax p is NaN)
+        st[F_S] = torch.where(M == float("-inf"), 0.0, p.amax(1).reciprocal())
         info = _RowInfo(st, target[sl], weight, opts, V, 0, V, probs, cdt)
         info.write(tuple(None if t is None else t[sl] for t in (r_ce, r_z, r_lse, r_loss, r_argmax))
                    + (None,), st, idx, opts)

@@ -362,6 +362,10 @@ def ce_forward(
     check_logits(logits)
     N, V = logits.shape
     device = logits.device
+    if compute_grad and not opts.all_rows:
+        # An ignored row's gradient is PyTorch's 0 x softmax, NaN where its logits hold a NaN or
+        # +inf: its statistics are needed (one read of the row, not two).
+        opts = opts._replace(all_rows=True)
     # (N,) / (V,) vectors: the kernels index them with unit stride (a copy only when strided).
     target = target.contiguous()
     weight = None if weight is None else weight.contiguous()

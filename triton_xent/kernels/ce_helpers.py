@@ -22,6 +22,11 @@ F_XT = tl.constexpr(4)  # target logit, from its owner
 F_WT = tl.constexpr(5)  # target weight, from its owner (class weights)
 NUM_FIELDS = 6
 
+# The arg-max of a row holding a NaN is its first NaN column (torch.argmax's rule): partial
+# arg-maxes carry such a column c as c - NAN_TAG (negative), which wins every merge (a MIN over
+# the candidates) and is untagged when the row's arg-max is written.
+NAN_TAG = tl.constexpr(2**62)
+
 
 # ----------------------------------------------------------------------------------------------
 # Elementwise helpers
@@ -32,16 +37,27 @@ NUM_FIELDS = 6
 def _softcap(x_raw, softcap):
     """Returns ``(softcap * tanh(x_raw / softcap), 1 - tanh(x_raw / softcap)**2)`` in fp32."""
     # No tanh in triton.language (and libdevice does not run under the interpreter), so build it
-    # from exp. With e = exp(-2|y|) in (0, 1]: tanh|y| = (1 - e) / (1 + e) and
-    # sech^2 y = 4e / (1 + e)^2; neither overflows, and tanh(+-inf) = +-1, sech^2(+-inf) = 0.
-    # (1 - e) loses relative precision for tiny |y|, where the odd Taylor series is exact to fp32.
+    # from exp. With e = exp(-2|y|) in (0, 1]: sech^2 y = 4e / (1 + e)^2 (no cancellation,
+    # no overflow; sech^2(+-inf) = 0), and for |y| >= 1, tanh|y| = 1 - 2e / (1 + e) with
+    # 2e / (1 + e) <= 0.24: no cancellation either (tanh(+-inf) = +-1). Below 1, 1 - e cancels
+    # (by 10x at |y| = 0.05), so tanh a = a + a s Q(s), s = a^2, with Q the degree-7 polynomial
+    # fitted to (tanh(a) / a - 1) / s on [0, 1] (relative error under 1e-9; the sum's last
+    # rounding dominates). Both branches are within 1.1 ulp of the float64 tanh in fp32 with a
+    # correctly rounded exp (tests/test_numerics_kernels.py, under the interpreter).
     y = x_raw / softcap
     a = tl.abs(y)
     e = tl.exp(-2.0 * a)
-    th_big = (1.0 - e) / (1.0 + e)
-    a2 = a * a
-    th_small = a * (1.0 - a2 * (1.0 / 3.0 - a2 * (2.0 / 15.0)))  # error ~ a^7 < 1e-9 for a < 0.05
-    th = tl.where(a < 0.05, th_small, th_big)
+    th_big = 1.0 - 2.0 * e / (1.0 + e)
+    s = a * a
+    q = 0.00012203559958737603 * s - 0.000843409273477047
+    q = q * s + 0.0030823075176535024
+    q = q * s - 0.008598273750590885
+    q = q * s + 0.021786217275361033
+    q = q * s - 0.053953476147017156
+    q = q * s + 0.13333205007637539
+    q = q * s - 0.33333329503078063
+    th_small = a + a * (s * q)
+    th = tl.where(a < 1.0, th_small, th_big)
     th = tl.where(y < 0.0, -th, th)
     one_plus_e = 1.0 + e
     dcap = 4.0 * e / (one_plus_e * one_plus_e)
@@ -175,10 +191,41 @@ def _stats_update(x, cols, mask, w, m, s, T, W, mref,
 
 @triton.jit
 def _argmax_update(x, cols, m_old, idx):
-    """Tracks the first column of the row maximum alongside the online max."""
+    """Tracks the row's arg-max (int64) alongside the online max ``m_old``, as torch.argmax: the
+    first maximal column, or the first NaN column (tagged ``c - NAN_TAG``, then kept)."""
     b_max = tl.max(x, axis=0)
     b_idx = tl.min(tl.where(x == b_max, cols, 2147483647), axis=0)  # first maximal column
-    return tl.where(b_max > m_old, b_idx, idx)
+    b_nan = tl.min(tl.where(x != x, cols, 2147483647), axis=0)  # first NaN column
+    # (whether max() skips or propagates a NaN, the NaN branch decides such a block)
+    new = tl.where(b_nan < 2147483647, b_nan.to(tl.int64) - NAN_TAG,
+                   tl.where(b_max > m_old, b_idx.to(tl.int64), idx))
+    return tl.where(idx < 0, idx, new)
+
+
+@triton.jit
+def _argmax_untag(idx):
+    """The column of a (possibly NaN-tagged) arg-max."""
+    return tl.where(idx < 0, idx + NAN_TAG, idx)
+
+
+@triton.jit
+def _argmax_merge(part_idx_ptr, part_m_ptr, M, part_mask, parts):
+    """The arg-max of a row from its partials' (``part_idx_ptr[k]``, global columns, tagged) and
+    their maxima ``part_m_ptr[k]``: a NaN part's tag wins, else the first part holding the maximum
+    ``M`` (its columns are the lowest: parts are in column order)."""
+    idx_k = tl.load(part_idx_ptr + parts, mask=part_mask, other=0)
+    m_k = tl.load(part_m_ptr + parts, mask=part_mask, other=float("-inf"))
+    big = 9223372036854775807
+    return tl.min(tl.where(part_mask & ((idx_k < 0) | (m_k == M)), idx_k, big), axis=0)
+
+
+@triton.jit
+def _unread_stats(M, s, is_ignored):
+    """Marks the statistics of an ignored row left unread (neither its lse nor its gradient
+    asked for): ``M = 0, s = inf``, which no read row has (``s`` is in ``[1, V]``, NaN, or 0 when
+    all -inf) and which survive any merge, so that a gradient written later from them (a direct
+    caller's backward) is ``0 / s = 0``, not ``0 / 0``."""
+    return tl.where(is_ignored, 0.0, M), tl.where(is_ignored, float("inf"), s)
 
 
 @triton.jit
@@ -196,7 +243,7 @@ def _part_stats(row_ptr, weight_ptr, start, end, t_loc, logit_scale, softcap,
     s = tl.zeros((), tl.float32)
     T = tl.zeros((), tl.float32)
     W = tl.zeros((), tl.float32)
-    idx = tl.zeros((), tl.int32) + start
+    idx = tl.zeros((), tl.int64) + start
     for off in range(start, end, BLOCK_V):
         cols = off + tl.arange(0, BLOCK_V)
         mask = cols < end
@@ -309,7 +356,10 @@ def _grad_block(x, dcap, cols, mask, w, t_loc, mref, inv_s, coef_p, coef_t, coef
     g = tl.where(cols == t_loc, g - coef_t, g)
     if HAS_SCALE or HAS_SOFTCAP:
         g *= dcap
-    return tl.where(zero_row, 0.0, tl.where(is_invalid, float("nan"), g))
+    # A zero row (ignored) gets PyTorch's 0 x softmax: 0, or NaN on the whole row where its
+    # statistics are NaN (a NaN or +inf logit: s = NaN) or the row is all -inf (1 / s = inf). One
+    # value per row, so its logits need not be read again: the statistics pass read them.
+    return tl.where(zero_row, inv_s * 0.0, tl.where(is_invalid, float("nan"), g))
 
 
 @triton.jit
@@ -319,8 +369,9 @@ def _write_grad(row_ptr, grad_row_ptr, weight_ptr, start, end, t_loc, zero_row, 
                 HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EMULATE_RTNE: tl.constexpr):
     """Gradient sweep over columns ``[start, end)``: reads each block once, writes it once.
 
-    A ``zero_row`` (ignored, and no aux lse gradient) gets zeros whatever its logits: they are
-    not read (masked-off lanes move no data). With an in-place gradient
+    A ``zero_row`` (ignored, and no aux lse gradient) gets ``0 / s``: zeros, or NaN where its
+    statistics are NaN, as PyTorch's ``0 x softmax``; its logits are not read here (masked-off
+    lanes move no data), the statistics pass read them. With an in-place gradient
     ``grad_row_ptr == row_ptr``: each block is read before it is written, by this program only.
     """
     read_end = tl.where(zero_row, start, end)
@@ -353,7 +404,7 @@ def _store_row(row, ce, z, lse, M, s, T, W, x_t, w_t, idx,
             total = ce + z
         _round_store(loss_rows_ptr + row, total, True, EMULATE_RTNE, "")
     if HAS_ARGMAX:
-        tl.store(argmax_ptr + row, idx.to(tl.int64))
+        tl.store(argmax_ptr + row, _argmax_untag(idx.to(tl.int64)))
     if WRITE_STATS:
         tl.store(stats_ptr + F_M * stride_stats_f + row, M)
         tl.store(stats_ptr + F_S * stride_stats_f + row, s)

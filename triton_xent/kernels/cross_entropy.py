@@ -21,9 +21,11 @@ Notation, per row ``i`` with target ``t`` (all math in fp32 whatever the logits'
   ``z_scale`` are ``1 / D`` for the reduction's denominators ``D`` (the kept targets' summed
   weights and the kept rows for a mean; a divisor, or 1, for a sum).
 
-Rows whose target is ``ignore_index`` get ``ce = z = 0`` and a zero gradient row (their logits are
-not read unless their lse is asked for); rows whose target is out of ``[0, V)`` get NaN, never an
-out-of-bounds access.
+Rows whose target is ``ignore_index`` get ``ce = z = 0`` and PyTorch's gradient row ``0 x p``:
+zeros, or NaN on the whole row where its statistics are NaN (a NaN or +inf logit, or every logit
+-inf). Their logits are read once when a gradient or their lse is asked for (``ALL_ROWS``: the
+statistics pass; the gradient pass writes the row's one value without reading), not at all
+otherwise; rows whose target is out of ``[0, V)`` get NaN, never an out-of-bounds access.
 
 Kernels, chosen by the launcher (``triton_xent/backends/triton_ce.py``, one plan function):
 
@@ -62,6 +64,8 @@ from triton_xent.kernels.ce_helpers import (
     F_W,
     F_WT,
     F_XT,
+    _argmax_merge,
+    _argmax_update,
     _denominators,
     _grad_block,
     _grad_coefs,
@@ -73,6 +77,7 @@ from triton_xent.kernels.ce_helpers import (
     _row_target,
     _store_row,
     _sum_field,
+    _unread_stats,
     _write_grad,
 )
 
@@ -106,7 +111,7 @@ def _ce_fused_kernel(
     HAS_SOFTCAP: tl.constexpr,
     HAS_ARGMAX: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
-    ALL_ROWS: tl.constexpr,  # read ignored rows too (their lse is asked for)
+    ALL_ROWS: tl.constexpr,  # read ignored rows too (their lse or gradient is asked for)
     WRITE_STATS: tl.constexpr,
     EMULATE_RTNE: tl.constexpr,
 ):
@@ -133,7 +138,7 @@ def _ce_fused_kernel(
         row64 = tl.zeros((), tl.int64) + row  # int64: row * stride passes 2**31 at real sizes
         row_ptr = logits_ptr + row64 * stride_logits_n
         t_loc, is_ignored, is_invalid = _row_target(target_ptr, row64, ignore_index, V, 0, V)
-        # Ignored rows are not read (zero loss and gradient) unless their lse is asked for.
+        # Ignored rows (zero loss) are not read unless their lse or gradient is asked for.
         read = ~is_ignored
         if ALL_ROWS:
             read = read | is_ignored
@@ -160,9 +165,9 @@ def _ce_fused_kernel(
                     wb = mask.to(tl.float32)
                 T = tl.sum(tl.where(mask, wb * (mref - x), 0.0), axis=0)
             x_t = tl.sum(tl.where(cols == t_loc, x, 0.0), axis=0)
-            idx = tl.zeros((), tl.int32)
+            idx = tl.zeros((), tl.int64)
             if HAS_ARGMAX:
-                idx = tl.min(tl.where(x == M, cols, 2147483647), axis=0)
+                idx = _argmax_update(x, cols, float("-inf"), idx)
         else:
             M, s, T, W, x_t, _, idx = _part_stats(
                 row_ptr, weight_ptr, 0, tl.where(read, V, 0), t_loc, logit_scale, softcap,
@@ -173,6 +178,8 @@ def _ce_fused_kernel(
             else:
                 W = W_all
             mref = tl.where(M == float("-inf"), 0.0, M)
+        if not ALL_ROWS:
+            M, s = _unread_stats(M, s, is_ignored)
         if HAS_WEIGHT:
             w_t = tl.load(weight_ptr + tl.maximum(t_loc, 0), mask=t_loc >= 0, other=0.0)
         else:
@@ -263,6 +270,8 @@ def _ce_partials_kernel(
         m, s, T, W, x_t, w_t, idx = _part_stats(
             logits_ptr + row * stride_logits_n, weight_ptr, start, end, t_loc, logit_scale,
             softcap, BLOCK_V, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP, HAS_ARGMAX, "")
+        if not ALL_ROWS:
+            m, s = _unread_stats(m, s, is_ignored)
         out = part_ptr + row * S + split
         tl.store(out + F_M * stride_part_f, m)
         tl.store(out + F_S * stride_part_f, s)
@@ -386,12 +395,10 @@ def _finish_item(
                 x_t = _sum_field(part_ptr, stride_part_f, base, part_mask, parts, F_XT)
                 ce, z, lse = _row_loss(M, s, T, W, x_t, w_t, is_ignored, is_invalid, V,
                                        label_smoothing, z_loss, HAS_SMOOTHING, HAS_Z_LOSS)
-                idx = tl.zeros((), tl.int32)
+                idx = tl.zeros((), tl.int64)
                 if HAS_ARGMAX:
-                    parts_m = tl.load(part_ptr + F_M * stride_part_f + base + parts,
-                                      mask=part_mask, other=float("-inf"))
-                    best = tl.min(tl.where(parts_m == M, parts, P_BLOCK), axis=0)
-                    idx = tl.load(part_idx_ptr + base + best)
+                    idx = _argmax_merge(part_idx_ptr + base, part_ptr + F_M * stride_part_f + base,
+                                        M, part_mask, parts)
                 _store_row(row, ce, z, lse, M, s, T, W, x_t, w_t, idx, ce_ptr, z_ptr,
                            lse_ptr, stats_ptr, stride_stats_f, argmax_ptr, loss_rows_ptr,
                            REDUCTION, HAS_Z_LOSS, HAS_ARGMAX, WRITE_STATS, EMULATE_RTNE)
