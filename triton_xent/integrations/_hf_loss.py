@@ -112,6 +112,8 @@ def fused_loss(model, layout: HeadLayout, head, hidden, labels, vocab_size, num_
         # the Trainer's normaliser divides inside the op: the loss's upstream gradient stays 1
         divisor=_divisor(num_items_in_batch, weight.device),
     )
+    if hasattr(loss, "to_local"):  # a tensor-parallel head: the same loss on every rank
+        loss = loss.to_local()
     return loss.view(shape) if options.reduction == "none" else loss
 
 
@@ -163,24 +165,15 @@ def _path_str(path):
 
 
 def check_weight(model, name, weight, in_features):
-    """The head's weight must be whole where the fused path reads it (outside its forward)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without distributed
-        DTensor = ()
-    if isinstance(weight, DTensor):
-        raise RuntimeError(
-            f"{type(model).__name__}.{name}.weight is a DTensor outside the head's forward (FSDP2 "
-            f"with {name} sharded as its own unit, or tensor parallelism): the fused path reads "
-            f"the whole weight there. Shard {name} together with its parent (do not call "
-            f"fully_shard on model.{name} alone), or use patch(model, fused=False)."
-        )
+    """The head's weight must be whole where the fused path reads it (outside its forward), or
+    a DTensor (FSDP2's shards, gathered for the call; transformers' tensor-parallel head, the
+    vocabulary-parallel path: see :mod:`triton_xent.dtensor`)."""
     if weight.dim() != 2 or weight.shape[1] != in_features or weight.is_meta:
         raise RuntimeError(
             f"{type(model).__name__}.{name}.weight has shape {tuple(weight.shape)} on "
             f"{weight.device} outside the head's forward, not (vocab, {in_features}): it "
-            "looks partitioned or offloaded (DeepSpeed ZeRO-3, accelerate offloading?). The "
-            "fused path reads the whole weight; use patch(model, fused=False)."
+            "looks partitioned or offloaded (DeepSpeed ZeRO-3 releasing it, accelerate "
+            "offloading?). The fused path reads the whole weight; use patch(model, fused=False)."
         )
 
 
