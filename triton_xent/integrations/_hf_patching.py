@@ -73,8 +73,7 @@ def _fused_call(model, original, layout, args, kwargs, takes_return_dict):
             "from them (no fusion, nothing skipped).", stacklevel=3,
         )
         return original(model, *args, **kwargs)
-    zero_rows = is_zero3(head.weight)
-    if not zero_rows:
+    if not is_zero3(head.weight):  # ZeRO-3 gathers it when the forward reads it: checked there
         check_weight(model, layout.head, head.weight, head.in_features)
     if "_loss_function" in vars(model):
         raise RuntimeError(
@@ -90,7 +89,7 @@ def _fused_call(model, original, layout, args, kwargs, takes_return_dict):
     # An instance attribute shadows the registered module for ``self.<head>`` (nn.Module looks
     # in _modules only when the attribute is not found): parameters, state dict and hooks stay.
     own = vars(model)
-    own[layout.head] = _HeadStub(capture, zero_rows)
+    own[layout.head] = _HeadStub(capture)
     setattr(model, CAPTURE, capture)
     try:
         out = original(model, *args, **kwargs)
@@ -126,11 +125,10 @@ class _Capture:
 class _HeadStub:
     """Stands in for the LM head during a fused call: keeps its input and returns zero rows of
     logits (``(..., 0, vocab)``), which the model's steps up to its loss function pass along.
-    Other attributes are the head's. ``zero_rows``: call the head itself on zero rows (DeepSpeed
-    ZeRO-3, whose hooks on the head gather its partitioned weight for the loss)."""
+    Other attributes are the head's."""
 
-    def __init__(self, capture, zero_rows):
-        self._capture, self._zero_rows = capture, zero_rows
+    def __init__(self, capture):
+        self._capture = capture
 
     def __getattr__(self, name):
         return getattr(self._capture.head, name)
@@ -142,13 +140,12 @@ class _HeadStub:
                                "fused=False")
         hidden = args[0] if args else kwargs["input"]
         capture.hidden = hidden
-        if self._zero_rows:
-            return capture.head(hidden[..., :0, :])
         return hidden.new_empty((*hidden.shape[:-2], 0, capture.head.out_features))
 
 
 def is_zero3(weight):
-    """A parameter DeepSpeed ZeRO-3 partitions (it carries DeepSpeed's ``ds_id``)."""
+    """A parameter DeepSpeed ZeRO-3 partitions (it carries DeepSpeed's ``ds_id``): outside the
+    forward it is empty; DeepSpeed gathers it when a module's forward reads it (the loss does)."""
     return getattr(weight, "ds_id", None) is not None
 
 

@@ -20,8 +20,8 @@ soft-cap to :func:`triton_xent.linear_cross_entropy`. The weight is read as the 
 leaves it outside the head's forward: whole (single process, DDP, FSDP2 with the head in a unit
 that ran), a DTensor that FSDP2 shards (gathered for the call, its gradient averaged and
 reduce-scattered as FSDP2 does), or transformers' tensor-parallel head sharded on the
-vocabulary (the vocabulary-parallel path, no logits anywhere); a DeepSpeed ZeRO-3 head is called
-on zero rows so that DeepSpeed gathers it. Everything else is the model's own code: the base
+vocabulary (the vocabulary-parallel path, no logits anywhere), or a DeepSpeed ZeRO-3 parameter
+(which DeepSpeed gathers when the forward reads it). Everything else is the model's own code: the base
 model, multimodal inputs, the MoE router loss it adds, its output class (``logits`` is
 ``None``). Which models qualify is read from each class's forward (see ``_hf_forward.py``):
 the steps between the head and the loss must be ones the fused op reproduces (none, a logit
