@@ -280,6 +280,29 @@ def linear_cross_entropy_on_an_fsdp_sharded_weight():
     torch.testing.assert_close(got, avg, rtol=1e-6, atol=1e-9)
 
 
+@PARTS(WORLD)
+def a_dtensor_weight_fsdp_does_not_manage_is_tensor_parallel():
+    """A Shard(0) DTensor that FSDP2 does not manage is a vocabulary split: every rank must pass
+    the same rows, and validate=True catches ranks that do not (data-parallel rows)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from triton_xent import linear_cross_entropy
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    torch.manual_seed(0)
+    whole = torch.randn(37, 16, dtype=torch.float64)
+    w = distribute_tensor(whole, mesh, [Shard(0)])
+    x = torch.randn(12, 16, dtype=torch.float64)
+    t = torch.randint(0, 37, (12,))
+    loss = linear_cross_entropy(x, w, t, validate=True)
+    ref = torch.nn.functional.cross_entropy(x @ whole.t(), t)
+    torch.testing.assert_close(loss.full_tensor(), ref)
+    own = x + dist.get_rank()  # each rank its own rows
+    with pytest.raises(Exception, match="input differs across the ranks"):
+        linear_cross_entropy(own, w, t, validate=True)
+
+
 OUT_DIR = [""]
 
 
