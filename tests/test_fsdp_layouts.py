@@ -88,11 +88,11 @@ def _whole(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
 
 
-def _train(model, patched, layout, same_batch=False, steps=3):
+def _train(model, patched, layout, same_batch=False, steps=3, **patch_kw):
     """(losses, last step's gradients, weights after the steps, big outputs seen)."""
     rank = dist.get_rank()
     if patched:
-        tx.patch(model, chunk_size=8)
+        tx.patch(model, chunk_size=8, **patch_kw)
     model = layout(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     losses, shapes = [], Shapes()
@@ -118,11 +118,11 @@ def _close(got, want, rtol, atol, what):
                                    msg=lambda m, name=name: f"{what} of {name}: {m}")
 
 
-def _compare(build, layout, same_batch=False, loss_tol=1e-5, tol=None):
+def _compare(build, layout, same_batch=False, loss_tol=1e-5, tol=None, **patch_kw):
     """Patched against unpatched under ``layout``; ``build()`` makes the model."""
     tol = tol or GRAD_TOL
     ref = _train(build(), False, layout, same_batch)
-    got = _train(build(), True, layout, same_batch)
+    got = _train(build(), True, layout, same_batch, **patch_kw)
     torch.testing.assert_close(torch.tensor(got[0]), torch.tensor(ref[0]), rtol=loss_tol, atol=0)
     _close(got[1], ref[1], tol["rtol"], tol["atol"], "gradient")
     _close(got[2], ref[2], tol["rtol"], tol["atol"], "weight")
@@ -169,6 +169,12 @@ def fsdp_head_alone_resharded():
 @PARTS(WORLD)
 def fsdp_head_alone_kept():
     _compare(_llama, _fsdp("alone", reshard=False))
+
+
+@PARTS(WORLD)
+def fsdp_head_alone_never_gathered():
+    """patch(fsdp_schedule="sharded"): the group's hidden states travel instead of the head."""
+    _compare(_llama, _fsdp("alone"), fsdp_schedule="sharded")
 
 
 @PARTS(WORLD)
@@ -301,6 +307,92 @@ def a_dtensor_weight_fsdp_does_not_manage_is_tensor_parallel():
     own = x + dist.get_rank()  # each rank its own rows
     with pytest.raises(Exception, match="input differs across the ranks"):
         linear_cross_entropy(own, w, t, validate=True)
+
+
+class Comms(TorchDispatchMode):
+    """Bytes each rank sends in the collectives it runs (ring algorithms: an all-gather of ``B``
+    output bytes sends ``(R-1)/R B``, an all-reduce ``2 (R-1)/R B``, a reduce-scatter of ``B``
+    input bytes ``(R-1)/R B``)."""
+
+    def __init__(self, world):
+        super().__init__()
+        self.world, self.sent, self.ops = world, 0.0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name, frac = func.__name__, (self.world - 1) / self.world
+        size = sum(t.numel() * t.element_size() for t in _flat(args)[:1])
+        if "allgather" in name or "all_gather" in name:
+            b = frac * size * self.world if "_allgather_base" in name or "into_tensor" in name else 0
+            if "_allgather_base" in name:  # (output, input): the output is the gathered one
+                b = frac * size
+            self.sent += b
+        elif "allreduce" in name or "all_reduce" in name:
+            self.sent += 2 * frac * size
+        elif "reduce_scatter" in name:
+            self.sent += frac * size
+        else:
+            return out
+        self.ops.append(name)
+        return out
+
+
+def never_gathered_schedule():
+    """fsdp_schedule("sharded") equals the gathered schedule (loss, d(hidden), the head's
+    gradient), with uneven rows per rank; the bytes sent are counted and match
+    bytes_per_rank; "auto" picks the cheaper one."""
+    from torch.distributed.fsdp import fully_shard
+
+    from triton_xent import linear_cross_entropy
+    from triton_xent._fsdp_sharded import bytes_per_rank
+    from triton_xent.dtensor import fsdp_schedule
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    V, D = 251, 16
+    rows = [6 + 3 * r for r in range(world)]
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(rows[rank], D, generator=g)
+    t = torch.randint(0, V, (rows[rank],), generator=g)
+    t[0] = -100
+    got = {}
+    for schedule in ("gathered", "sharded", "auto"):
+        torch.manual_seed(0)
+        head = torch.nn.Linear(D, V, bias=False)
+        fully_shard(head)
+        xs = x.clone().requires_grad_(True)
+        comms = Comms(world)
+        with fsdp_schedule(schedule), comms:
+            loss = linear_cross_entropy(xs, head.weight, t, label_smoothing=0.1, z_loss=1e-3,
+                                        chunk_size=8)
+            loss.backward()
+        got[schedule] = (loss.detach(), xs.grad, head.weight.grad.full_tensor(), comms.sent)
+    ref = got["gathered"]
+    for schedule in ("sharded", "auto"):
+        for a, b in zip(got[schedule][:3], ref[:3]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    cost = bytes_per_rank(world, max(rows), D, V, 4, 4, 4)
+    assert abs(ref[3] - cost["gathered"]) <= 0.01 * cost["gathered"], (ref[3], cost)
+    # the pipeline's per-row statistics and the row counts come on top of the formula's terms
+    assert cost["sharded"] <= got["sharded"][3] <= 1.5 * cost["sharded"], (got["sharded"][3], cost)
+    assert got["sharded"][3] < ref[3] and got["auto"][3] <= got["sharded"][3] * 1.01
+
+
+PARTS(WORLD)(never_gathered_schedule)
+
+
+FOUR = Parts()
+FOUR(4)(never_gathered_schedule)
+
+
+def _four_entry(rank, world, init_method, out_dir):
+    init(rank, world, init_method, timeout_s=120)
+    FOUR.run(rank, out_dir, lambda fn, nranks: fn() or "ok")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_never_gathered_schedule_on_4_ranks():
+    check_part(spawn(_four_entry, 4), FOUR, "never_gathered_schedule")
 
 
 OUT_DIR = [""]

@@ -49,6 +49,7 @@ order (``DeviceMesh`` from a permuted rank tensor: the shards' order would not b
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -455,6 +456,26 @@ def _gathered(t, name: str):
     return _FSDPGather.apply(t, compute, reduce, group.gradient_divide_factor)
 
 
+_SCHEDULE = ["gathered"]
+SCHEDULES = ("gathered", "sharded", "auto")
+
+
+@contextlib.contextmanager
+def fsdp_schedule(schedule: str):
+    """How ``linear_cross_entropy`` calls in this block treat an FSDP2-sharded head:
+    ``"gathered"`` (default: the head all-gathered, its gradient reduce-scattered),
+    ``"sharded"`` (never gathered: the hidden states and targets of the group are gathered
+    instead, :mod:`triton_xent._fsdp_sharded`) or ``"auto"`` (per call, whichever sends fewer
+    bytes; one tiny all-gather of the row counts first, a host sync)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"fsdp_schedule must be one of {SCHEDULES}, not {schedule!r}")
+    _SCHEDULE.append(schedule)
+    try:
+        yield
+    finally:
+        _SCHEDULE.pop()
+
+
 def _call_gathered(fn, args: dict):
     """``linear_cross_entropy`` with a head that FSDP2 shards (the head's unit has not run, so
     its weight is still this rank's shard): the weight (and bias) gathered for the call, the
@@ -473,5 +494,27 @@ def _call_gathered(fn, args: dict):
         raise _error(
             "process_group= with a linear_weight that FSDP2 shards: FSDP2's shards are "
             "data-parallel (gathered for the call), not a vocabulary split. Drop process_group.")
+    if _SCHEDULE[-1] != "gathered":
+        out = _call_sharded(fn, args, _SCHEDULE[-1])
+        if out is not None:
+            return out
     return fn(**dict(args, linear_weight=_gathered(args["linear_weight"], "linear_weight"),
                      linear_bias=_gathered(args["linear_bias"], "linear_bias")))
+
+
+def _call_sharded(fn, args: dict, schedule: str):
+    """The never-gathered schedule, or None where ``"auto"`` finds the gathered one cheaper."""
+    from . import _fsdp_sharded as S
+
+    W, x = args["linear_weight"], args["input"]
+    fsdp_param, group = fsdp_param_of(W)
+    counts = None
+    if schedule == "auto":
+        counts = S.row_counts(x.numel() // x.shape[-1], W.device_mesh.get_group(0))
+        policy = group.mp_policy
+        w_bytes = (policy.param_dtype or W.dtype).itemsize
+        cost = S.bytes_per_rank(W.device_mesh.size(), max(counts), x.shape[-1], W.shape[0],
+                                x.element_size(), w_bytes, (policy.reduce_dtype or W.dtype).itemsize)
+        if cost["gathered"] <= cost["sharded"]:
+            return None
+    return S.call(fn, args, fsdp_param, group, counts)

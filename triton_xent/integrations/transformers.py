@@ -81,6 +81,7 @@ def patch(
     chunk_size: int | None = None,
     accum_dtype: torch.dtype | None = None,
     backend: str | None = None,
+    fsdp_schedule: str = "gathered",
 ) -> nn.Module:
     """Make a transformers causal LM compute its loss with triton_xent.
 
@@ -110,6 +111,10 @@ def patch(
         chunk_size: fused head: rows per chunk (see :func:`triton_xent.linear_cross_entropy`).
         accum_dtype: fused head: dtype of the weight-gradient accumulator.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` for the cross-entropy step.
+        fsdp_schedule: fused head sharded by FSDP2 (its unit not run: ``lm_head`` alone):
+            ``"gathered"`` all-gathers the head for the call; ``"sharded"`` never gathers it
+            (the group's hidden states and targets are gathered instead); ``"auto"`` picks
+            whichever sends fewer bytes per call. See :mod:`triton_xent._fsdp_sharded`.
 
     Returns:
         ``model`` itself (the PEFT wrapper when given one), patched.
@@ -125,7 +130,7 @@ def patch(
         >>> model.train()(input_ids=ids, labels=ids).loss.backward()
     """
     options = L.make_options(fused, eval_logits, z_loss, label_smoothing, reduction, chunk_size,
-                       accum_dtype, backend)
+                             accum_dtype, backend, fsdp_schedule)
     base = P.unwrap(model)
     if "_loss_function" in vars(base):
         raise ValueError(
