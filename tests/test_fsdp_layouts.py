@@ -338,14 +338,14 @@ class Comms(TorchDispatchMode):
 
 
 def never_gathered_schedule():
-    """fsdp_schedule("sharded") equals the gathered schedule (loss, d(hidden), the head's
+    """triton_xent.fsdp.schedule("sharded") equals the gathered schedule (loss, d(hidden), the head's
     gradient), with uneven rows per rank; the bytes sent are counted and match
     bytes_per_rank; "auto" picks the cheaper one."""
     from torch.distributed.fsdp import fully_shard
 
     from triton_xent import linear_cross_entropy
-    from triton_xent._fsdp_sharded import bytes_per_rank
-    from triton_xent.dtensor import fsdp_schedule
+    from triton_xent.fsdp import bytes_per_rank
+    from triton_xent.fsdp import schedule as fsdp_schedule
 
     rank, world = dist.get_rank(), dist.get_world_size()
     V, D = 251, 16

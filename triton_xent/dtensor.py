@@ -49,7 +49,6 @@ order (``DeviceMesh`` from a permuted rank tensor: the shards' order would not b
 
 from __future__ import annotations
 
-import contextlib
 import sys
 
 import torch
@@ -335,10 +334,12 @@ def call_cross_entropy(fn, args: dict):
 def call_linear_cross_entropy(fn, args: dict):
     """Runs ``linear_cross_entropy`` on the local shards of ``args`` (by name, some of them
     DTensors) with the group of the mesh dimension that shards the head's rows; a head that
-    FSDP2 shards is gathered instead (:func:`fsdp_param_of`)."""
+    FSDP2 shards goes to :mod:`triton_xent.fsdp` instead."""
+    from . import fsdp
+
     W, x = args["linear_weight"], args["input"]
-    if _is_dtensor(W) and fsdp_param_of(W) is not None:
-        return _call_gathered(fn, args)
+    if _is_dtensor(W) and fsdp.param_of(W) is not None:
+        return fsdp.call(fn, args)
     ref = W if _is_dtensor(W) else next(
         a for a in (x, args["target"], args["linear_bias"], args["weight"], args.get("divisor"))
         if _is_dtensor(a))
@@ -369,152 +370,3 @@ def call_linear_cross_entropy(fn, args: dict):
         weight=_class_vector(args["weight"], classes, "weight", count, grad_ok=False),
         divisor=_local_divisor(args.get("divisor")), process_group=classes.group)
     return classes.wrap(fn(**args))
-
-
-# ------------------------------------------------------------------------------------------------
-# A head that FSDP2 shards: gathered for the call, its gradient reduced as FSDP2 reduces it
-# ------------------------------------------------------------------------------------------------
-
-
-def fsdp_param_of(w):
-    """The FSDP2 ``FSDPParam`` whose sharded parameter is ``w`` (a DTensor), or None.
-
-    FSDP2 (``fully_shard``) registers its state per module; each state's parameter groups list
-    the parameters it manages. A DTensor weight found there is data-parallel (every rank holds
-    other rows of the batch), one found nowhere is read as tensor parallelism (every rank holds
-    the same rows). Nothing is guessed from the placements, which are ``Shard(0)`` either way."""
-    registry = sys.modules.get("torch.distributed._composable_state")
-    if registry is None or "torch.distributed.fsdp._fully_shard._fsdp_state" not in sys.modules:
-        return None  # fully_shard was never imported: nothing is FSDP-managed
-    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
-
-    seen = set()
-    for ref in list(registry._module_state_mapping.values()):
-        state = ref()
-        if not isinstance(state, FSDPState) or id(state) in seen:
-            continue
-        seen.add(id(state))
-        groups = getattr(state, "_fsdp_param_groups", None)
-        if groups is None:
-            group = getattr(state, "_fsdp_param_group", None)
-            groups = [group] if group is not None else []
-        for group in groups:
-            for fsdp_param in group.fsdp_params:
-                if fsdp_param.sharded_param is w:
-                    return fsdp_param, group
-    return None
-
-
-class _FSDPGather(torch.autograd.Function):
-    """The whole parameter from its FSDP2 shards, in FSDP2's compute dtype; backward: the
-    gradient in FSDP2's reduce dtype, averaged over the data-parallel ranks (or divided by the
-    group's ``gradient_divide_factor``) and reduce-scattered back to the parameter's
-    placements, as FSDP2's own reduce-scatter would give it."""
-
-    @staticmethod
-    def forward(ctx, w, compute_dtype, reduce_dtype, divide):
-        from torch.distributed.tensor import Replicate
-
-        mesh = w.device_mesh
-        ctx.spec = (mesh, tuple(w.placements), w.dtype, reduce_dtype, divide)
-        return w.to(compute_dtype).redistribute(mesh, [Replicate()] * mesh.ndim).to_local()
-
-    @staticmethod
-    def backward(ctx, grad):
-        from torch.distributed.tensor import DTensor, Partial
-
-        mesh, placements, dtype, reduce_dtype, divide = ctx.spec
-        op = Partial("avg") if divide is None else Partial("sum")
-        g = DTensor.from_local(grad.to(reduce_dtype), mesh, [op] * mesh.ndim, run_check=False)
-        g = g.redistribute(mesh, placements)
-        if divide is not None:
-            g = g / divide
-        return g.to(dtype), None, None, None
-
-
-def _gathered(t, name: str):
-    """``t`` whole: an FSDP2-sharded DTensor parameter gathered (its gradient reduced back),
-    anything else as it is."""
-    if not _is_dtensor(t):
-        return t
-    found = fsdp_param_of(t)
-    if found is None:
-        raise _error(f"linear_weight is a parameter that FSDP2 shards, but {name} is a DTensor "
-                     "that FSDP2 does not manage: pass plain tensors with an FSDP2-sharded head.")
-    fsdp_param, group = found
-    if fsdp_param.is_dtensor:
-        raise _error(
-            f"{name} is sharded by FSDP2 over a tensor-parallel DTensor (FSDP2 x TP on one "
-            "parameter): gathering it across the data-parallel ranks only is not supported. "
-            "Keep the LM head out of the FSDP2 unit, or shard it with one of the two.")
-    if fsdp_param.offload_to_cpu:
-        raise _error(f"{name} is offloaded to the CPU by FSDP2 (CPUOffloadPolicy): the fused "
-                     "head would gather it on the CPU. Keep the LM head's unit on the device.")
-    policy = group.mp_policy  # FSDP2 computes in param_dtype, reduces in reduce_dtype
-    compute = policy.param_dtype if t.is_floating_point() and policy.param_dtype else t.dtype
-    reduce = policy.reduce_dtype or compute
-    return _FSDPGather.apply(t, compute, reduce, group.gradient_divide_factor)
-
-
-_SCHEDULE = ["gathered"]
-SCHEDULES = ("gathered", "sharded", "auto")
-
-
-@contextlib.contextmanager
-def fsdp_schedule(schedule: str):
-    """How ``linear_cross_entropy`` calls in this block treat an FSDP2-sharded head:
-    ``"gathered"`` (default: the head all-gathered, its gradient reduce-scattered),
-    ``"sharded"`` (never gathered: the hidden states and targets of the group are gathered
-    instead, :mod:`triton_xent._fsdp_sharded`) or ``"auto"`` (per call, whichever sends fewer
-    bytes; one tiny all-gather of the row counts first, a host sync)."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"fsdp_schedule must be one of {SCHEDULES}, not {schedule!r}")
-    _SCHEDULE.append(schedule)
-    try:
-        yield
-    finally:
-        _SCHEDULE.pop()
-
-
-def _call_gathered(fn, args: dict):
-    """``linear_cross_entropy`` with a head that FSDP2 shards (the head's unit has not run, so
-    its weight is still this rank's shard): the weight (and bias) gathered for the call, the
-    gradient averaged over the data-parallel ranks and reduce-scattered into the sharded
-    parameter, as FSDP2 does for the parameters it gathers itself. Each rank passes its own rows
-    (data parallelism); the loss is this rank's, a plain tensor. The gathered weight lives
-    until the backward of the call (the loss's backward is the first of the backward pass)."""
-    others = ("input", "target", "weight", "divisor")
-    bad = [k for k in others if _is_dtensor(args.get(k))]
-    if bad:
-        raise _error(
-            f"linear_weight is a parameter that FSDP2 shards (data parallelism: each rank has "
-            f"its own rows), but {', '.join(bad)} {'is a DTensor' if len(bad) == 1 else 'are DTensors'}"
-            ": pass this rank's hidden states and targets as plain tensors.")
-    if args["process_group"] is not None:
-        raise _error(
-            "process_group= with a linear_weight that FSDP2 shards: FSDP2's shards are "
-            "data-parallel (gathered for the call), not a vocabulary split. Drop process_group.")
-    if _SCHEDULE[-1] != "gathered":
-        out = _call_sharded(fn, args, _SCHEDULE[-1])
-        if out is not None:
-            return out
-    return fn(**dict(args, linear_weight=_gathered(args["linear_weight"], "linear_weight"),
-                     linear_bias=_gathered(args["linear_bias"], "linear_bias")))
-
-
-def _call_sharded(fn, args: dict, schedule: str):
-    """The never-gathered schedule, or None where ``"auto"`` finds the gathered one cheaper."""
-    from . import _fsdp_sharded as S
-
-    W, x = args["linear_weight"], args["input"]
-    fsdp_param, group = fsdp_param_of(W)
-    counts = None
-    if schedule == "auto":
-        counts = S.row_counts(x.numel() // x.shape[-1], W.device_mesh.get_group(0))
-        policy = group.mp_policy
-        w_bytes = (policy.param_dtype or W.dtype).itemsize
-        cost = S.bytes_per_rank(W.device_mesh.size(), max(counts), x.shape[-1], W.shape[0],
-                                x.element_size(), w_bytes, (policy.reduce_dtype or W.dtype).itemsize)
-        if cost["gathered"] <= cost["sharded"]:
-            return None
-    return S.call(fn, args, fsdp_param, group, counts)

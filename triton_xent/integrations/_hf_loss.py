@@ -48,7 +48,7 @@ def make_options(fused, eval_logits, z_loss, label_smoothing, reduction, chunk_s
                          "builds the logits and has no use for them")
     if backend not in (None, "auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', not {backend!r}")
-    from ..dtensor import SCHEDULES
+    from ..fsdp import SCHEDULES
 
     if fsdp_schedule not in SCHEDULES:
         raise ValueError(f"fsdp_schedule must be one of {SCHEDULES}, not {fsdp_schedule!r}")
@@ -89,7 +89,7 @@ def fused_loss(model, layout: HeadLayout, head, hidden, labels, vocab_size, num_
                ignore_index, shift_labels, options):
     """The same loss from the head's input ``hidden`` (as captured), ``head.weight``/``bias``
     and the model's logit scale and soft-cap, by :func:`triton_xent.linear_cross_entropy`."""
-    from ..dtensor import fsdp_schedule
+    from ..fsdp import schedule as fsdp_schedule
 
     weight, bias = head.weight, head.bias
     check_weight(model, layout.head, weight, hidden.shape[-1])

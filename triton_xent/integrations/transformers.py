@@ -114,7 +114,7 @@ def patch(
         fsdp_schedule: fused head sharded by FSDP2 (its unit not run: ``lm_head`` alone):
             ``"gathered"`` all-gathers the head for the call; ``"sharded"`` never gathers it
             (the group's hidden states and targets are gathered instead); ``"auto"`` picks
-            whichever sends fewer bytes per call. See :mod:`triton_xent._fsdp_sharded`.
+            whichever sends fewer bytes per call. See :mod:`triton_xent.fsdp`.
 
     Returns:
         ``model`` itself (the PEFT wrapper when given one), patched.
