@@ -505,3 +505,11 @@ def test_head_problems_name_the_cause():
     quantized = torch.nn.Linear(4, 6).to(torch.float16)
     quantized.weight = torch.nn.Parameter(torch.zeros(6, 4, dtype=torch.int8), requires_grad=False)
     assert "quantized" in head_problem(quantized)
+
+
+def test_fsdp_schedule_option_is_checked():
+    from test_transformers_integration import make_model
+
+    with pytest.raises(ValueError, match="fsdp_schedule"):
+        tx.patch(make_model("llama"), fsdp_schedule="never")
+    assert tx.options_of(tx.patch(make_model("llama"), fsdp_schedule="auto")).fsdp_schedule == "auto"

@@ -183,8 +183,8 @@ def _path_str(path):
 
 def check_weight(model, name, weight, in_features):
     """The head's weight must be whole where the fused path reads it (outside its forward), or
-    a DTensor (FSDP2's shards, gathered for the call; transformers' tensor-parallel head, the
-    vocabulary-parallel path: see :mod:`triton_xent.dtensor`)."""
+    a DTensor (FSDP2's shards: :mod:`triton_xent.fsdp`; transformers' tensor-parallel head,
+    the vocabulary-parallel path: :mod:`triton_xent.dtensor`)."""
     if weight.dim() != 2 or weight.shape[1] != in_features or weight.is_meta:
         raise RuntimeError(
             f"{type(model).__name__}.{name}.weight has shape {tuple(weight.shape)} on "

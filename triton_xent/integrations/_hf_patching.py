@@ -22,7 +22,7 @@ from ._hf_forward import analyze, defining_forward
 from ._hf_loss import DEFAULT_OPTIONS, causal_lm_loss, check_weight, fused_loss
 
 OPTIONS = "_triton_xent_options"  # an instance's or a class's LossOptions (None: unpatched)
-CAPTURE = "_triton_xent_capture"  # on the LM head and the model during a fused call
+CAPTURE = "_triton_xent_capture"  # on the model during a fused call
 ORIGINAL = "_triton_xent_original"  # on a patched forward: the forward it wraps
 INSTALLED = ("forward", "loss_function", "__setattr__")
 
@@ -63,7 +63,7 @@ def _fused_call(model, original, layout, args, kwargs, takes_return_dict):
     """The model's forward with the LM head replaced, for this call, by a stub that records its
     input: the head module never runs, so a sharding library's hooks on it (FSDP2's unshard and
     reshard, transformers' tensor-parallel gathers) never run either, and the loss reads the
-    weight as the library leaves it outside the head's forward (see ``check_head``)."""
+    weight as the library leaves it outside the head's forward (see ``check_weight``)."""
     head = getattr(model, layout.head, None)
     problem = head_problem(head)
     if problem is not None:
@@ -168,11 +168,6 @@ def head_problem(head):
         return _tp_problem(head, *tp)
     return (f"its forward is replaced by {getattr(own, '__qualname__', own)!r}, which the fused "
             "head cannot read")
-
-
-def plain_linear(head):
-    """Whether the head computes exactly ``F.linear(x, weight, bias)`` (see :func:`head_problem`)."""
-    return head_problem(head) is None
 
 
 def _describe(head):
