@@ -16,9 +16,10 @@ precision (``param_dtype=bf16, reduce_dtype=fp32``) with the head in the root un
 DDP; transformers' tensor parallelism (``from_pretrained(..., tp_plan="auto")``, the head
 sharded on the vocabulary, the same batch on both ranks); DeepSpeed ZeRO-3 with every parameter
 released after use (weights after 3 steps; skipped where DeepSpeed is not installed, as in CI).
-``linear_cross_entropy`` called
-directly on an FSDP2-sharded weight equals the by-hand gather with averaged gradients, and
-refuses ``process_group=``.
+``linear_cross_entropy`` on an FSDP2-sharded weight equals the by-hand gather with averaged
+gradients (reduced in fp32 under bf16 mixed precision) and refuses ``process_group=``; on a
+Shard(0) DTensor FSDP2 does not manage it is tensor parallelism. The never-gathered schedule
+(``triton_xent.fsdp``) equals the gathered one on 2 and 4 ranks, its bytes counted.
 """
 
 from __future__ import annotations
