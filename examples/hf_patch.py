@@ -1,6 +1,6 @@
 """triton_xent in a Hugging Face model: ``patch(model)`` and the same loss and gradients.
 
-    pip install "triton-xent[hf]"
+    pip install -e ".[hf]"                  # from the checkout
     python examples/hf_patch.py             # CUDA if there is one, else the CPU
     python examples/hf_patch.py --quick     # tiny shapes (tests)
 

@@ -1,6 +1,6 @@
 """transformers' ``Trainer`` with triton_xent's loss, next to the unpatched model.
 
-    pip install "triton-xent[hf]"
+    pip install -e ".[hf]"                  # from the checkout
     python examples/hf_trainer.py             # CUDA if there is one, else the CPU
     python examples/hf_trainer.py --quick     # tiny shapes (tests)
 

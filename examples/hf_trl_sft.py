@@ -1,6 +1,6 @@
 """TRL supervised fine-tuning with triton_xent's loss, next to TRL's own.
 
-    pip install "triton-xent[trl]"
+    pip install -e ".[trl]"                 # from the checkout
     python examples/hf_trl_sft.py             # CUDA if there is one, else the CPU
     python examples/hf_trl_sft.py --quick     # tiny shapes (tests)
 

@@ -19,6 +19,12 @@ Accepted (any mesh; exactly one mesh dimension shards the classes, every other o
 * ``linear_cross_entropy``: ``linear_weight`` ``(V, D)`` sharded ``Shard(0)`` (a
   ``ColwiseParallel`` LM head), ``linear_bias`` sharded like it; hidden states and targets
   replicated (``Replicate()`` DTensors or plain tensors).
+* ``linear_cross_entropy`` with a ``linear_weight`` that FSDP2 manages (``fully_shard``; found
+  in FSDP2's state, not guessed from its ``Shard(0)`` placement): data parallelism, not a
+  vocabulary split. The weight (and bias) is gathered for the call in FSDP2's ``param_dtype``;
+  its gradient is reduced as FSDP2 reduces it (in ``reduce_dtype``, averaged over the ranks or
+  divided by the unit's ``gradient_divide_factor``, reduce-scattered to the shard). Each rank
+  passes its own hidden states and targets as plain tensors; the loss is this rank's, plain.
 * Class ``weight``: a plain ``(V,)`` tensor or a ``Replicate()`` DTensor (this rank's slice is
   taken), or a DTensor sharded like the classes. A tensor ``divisor``: plain or ``Replicate()``.
 * Uneven shards: a DTensor shards by ``torch.chunk`` (``ceil(V / R)`` classes per rank, the last
@@ -327,8 +333,13 @@ def call_cross_entropy(fn, args: dict):
 
 def call_linear_cross_entropy(fn, args: dict):
     """Runs ``linear_cross_entropy`` on the local shards of ``args`` (by name, some of them
-    DTensors) with the group of the mesh dimension that shards the head's rows."""
+    DTensors) with the group of the mesh dimension that shards the head's rows; a head that
+    FSDP2 shards goes to :mod:`triton_xent.fsdp` instead."""
+    from . import fsdp
+
     W, x = args["linear_weight"], args["input"]
+    if _is_dtensor(W) and fsdp.param_of(W) is not None:
+        return fsdp.call(fn, args)
     ref = W if _is_dtensor(W) else next(
         a for a in (x, args["target"], args["linear_bias"], args["weight"], args.get("divisor"))
         if _is_dtensor(a))

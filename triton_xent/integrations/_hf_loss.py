@@ -32,6 +32,7 @@ class LossOptions:
     chunk_size: int | None = None
     accum_dtype: torch.dtype | None = None
     backend: str | None = None
+    fsdp_schedule: str = "gathered"
 
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(LossOptions))
@@ -39,7 +40,7 @@ DEFAULT_OPTIONS = LossOptions()
 
 
 def make_options(fused, eval_logits, z_loss, label_smoothing, reduction, chunk_size, accum_dtype,
-                 backend) -> LossOptions:
+                 backend, fsdp_schedule="gathered") -> LossOptions:
     """Checked options (the same errors as the op's, and one for head options without fusion)."""
     V.check_options(reduction, label_smoothing, z_loss, None, -100)
     if not fused and (chunk_size is not None or accum_dtype is not None):
@@ -47,8 +48,12 @@ def make_options(fused, eval_logits, z_loss, label_smoothing, reduction, chunk_s
                          "builds the logits and has no use for them")
     if backend not in (None, "auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', not {backend!r}")
+    from ..fsdp import SCHEDULES
+
+    if fsdp_schedule not in SCHEDULES:
+        raise ValueError(f"fsdp_schedule must be one of {SCHEDULES}, not {fsdp_schedule!r}")
     return LossOptions(bool(fused), bool(eval_logits), float(z_loss), float(label_smoothing),
-                       reduction, chunk_size, accum_dtype, backend)
+                       reduction, chunk_size, accum_dtype, backend, fsdp_schedule)
 
 
 def causal_lm_loss(
@@ -84,7 +89,7 @@ def fused_loss(model, layout: HeadLayout, head, hidden, labels, vocab_size, num_
                ignore_index, shift_labels, options):
     """The same loss from the head's input ``hidden`` (as captured), ``head.weight``/``bias``
     and the model's logit scale and soft-cap, by :func:`triton_xent.linear_cross_entropy`."""
-    from ..linear import linear_cross_entropy
+    from ..fsdp import schedule as fsdp_schedule
 
     weight, bias = head.weight, head.bias
     check_weight(model, layout.head, weight, hidden.shape[-1])
@@ -102,7 +107,22 @@ def fused_loss(model, layout: HeadLayout, head, hidden, labels, vocab_size, num_
             f"{target.numel()} labels: they must match, as for the logits."
         )
     scale, softcap = head_values(model, layout)
-    loss = linear_cross_entropy(
+    args = (hidden, weight, target, bias, ignore_index, options, num_items_in_batch, scale, softcap)
+    if options.fsdp_schedule == "gathered":  # the default; nothing to set (nor to trace)
+        loss = _fused(*args)
+    else:
+        with fsdp_schedule(options.fsdp_schedule):  # an FSDP2-sharded head, never gathered
+            loss = _fused(*args)
+    if hasattr(loss, "to_local"):  # a tensor-parallel head: the same loss on every rank
+        loss = loss.to_local()
+    return loss.view(shape) if options.reduction == "none" else loss
+
+
+def _fused(hidden, weight, target, bias, ignore_index, options, num_items_in_batch, scale,
+           softcap):
+    from ..linear import linear_cross_entropy
+
+    return linear_cross_entropy(
         hidden, weight, target, linear_bias=bias, ignore_index=ignore_index,
         reduction=_op_reduction(options, num_items_in_batch), softcap=softcap,
         logit_scale=None if scale == 1.0 else scale, label_smoothing=options.label_smoothing,
@@ -112,7 +132,6 @@ def fused_loss(model, layout: HeadLayout, head, hidden, labels, vocab_size, num_
         # the Trainer's normaliser divides inside the op: the loss's upstream gradient stays 1
         divisor=_divisor(num_items_in_batch, weight.device),
     )
-    return loss.view(shape) if options.reduction == "none" else loss
 
 
 def head_values(model, layout: HeadLayout):
@@ -163,24 +182,15 @@ def _path_str(path):
 
 
 def check_weight(model, name, weight, in_features):
-    """The head's weight must be whole where the fused path reads it (outside its forward)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without distributed
-        DTensor = ()
-    if isinstance(weight, DTensor):
-        raise RuntimeError(
-            f"{type(model).__name__}.{name}.weight is a DTensor outside the head's forward (FSDP2 "
-            f"with {name} sharded as its own unit, or tensor parallelism): the fused path reads "
-            f"the whole weight there. Shard {name} together with its parent (do not call "
-            f"fully_shard on model.{name} alone), or use patch(model, fused=False)."
-        )
+    """The head's weight must be whole where the fused path reads it (outside its forward), or
+    a DTensor (FSDP2's shards: :mod:`triton_xent.fsdp`; transformers' tensor-parallel head,
+    the vocabulary-parallel path: :mod:`triton_xent.dtensor`)."""
     if weight.dim() != 2 or weight.shape[1] != in_features or weight.is_meta:
         raise RuntimeError(
             f"{type(model).__name__}.{name}.weight has shape {tuple(weight.shape)} on "
             f"{weight.device} outside the head's forward, not (vocab, {in_features}): it "
-            "looks partitioned or offloaded (DeepSpeed ZeRO-3, accelerate offloading?). The "
-            "fused path reads the whole weight; use patch(model, fused=False)."
+            "looks partitioned or offloaded (DeepSpeed ZeRO-3 releasing it, accelerate "
+            "offloading?). The fused path reads the whole weight; use patch(model, fused=False)."
         )
 
 

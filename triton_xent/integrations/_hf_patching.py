@@ -1,12 +1,12 @@
 """How a Hugging Face model class is patched: the wrapped forward, the head capture, the bound
 loss function, the patched subclasses of ``patch()`` and the classes of ``apply()``.
 
-A patched class gets four attributes (``INSTALLED``): ``forward`` (the model's own, fused while
+A patched class gets three attributes (``INSTALLED``): ``forward`` (the model's own, fused while
 training with labels: see :func:`make_forward`), ``loss_function`` (a property giving
-triton_xent's loss bound to the model), ``__setattr__`` (notices TRL replacing the forward) and
-``post_init`` (``apply()`` only: hooks new instances' heads) or ``__reduce_ex__`` (``patch()``'s
-subclasses only: pickled as "the patched subclass of <class>"). The options live in the
-instance's or the class's ``OPTIONS`` attribute.
+triton_xent's loss bound to the model) and ``__setattr__`` (notices TRL replacing the forward);
+``patch()``'s subclasses also ``__reduce_ex__`` (pickled as "the patched subclass of
+<class>"). The options live in the instance's or the class's ``OPTIONS`` attribute. Nothing is
+put on the head module: a fused call shadows it with a stub for the call's duration.
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ from ._hf_forward import analyze, defining_forward
 from ._hf_loss import DEFAULT_OPTIONS, causal_lm_loss, check_weight, fused_loss
 
 OPTIONS = "_triton_xent_options"  # an instance's or a class's LossOptions (None: unpatched)
-CAPTURE = "_triton_xent_capture"  # on the LM head and the model during a fused call
+CAPTURE = "_triton_xent_capture"  # on the model during a fused call
 ORIGINAL = "_triton_xent_original"  # on a patched forward: the forward it wraps
-HOOKED = "_triton_xent_hooked"  # on an LM head that carries the capture pre-hook
-INSTALLED = ("forward", "loss_function", "__setattr__", "post_init")
+INSTALLED = ("forward", "loss_function", "__setattr__")
 
 APPLIED: dict[type, dict] = {}  # class -> what apply() replaced in it
 _SUBCLASSES: dict[type, type] = {}  # class -> patch()'s subclass of it
@@ -61,36 +60,41 @@ def make_forward(original):
 
 
 def _fused_call(model, original, layout, args, kwargs, takes_return_dict):
-    """The model's forward with the LM head handing over its input instead of the logits."""
+    """The model's forward with the LM head replaced, for this call, by a stub that records its
+    input: the head module never runs, so a sharding library's hooks on it (FSDP2's unshard and
+    reshard, transformers' tensor-parallel gathers) never run either, and the loss reads the
+    weight as the library leaves it outside the head's forward (see ``check_weight``)."""
     head = getattr(model, layout.head, None)
-    if not plain_linear(head):
+    problem = head_problem(head)
+    if problem is not None:
         warnings.warn(
-            f"triton_xent: {type(model).__name__}.{layout.head} is a "
-            f"{type(head).__module__}.{type(head).__qualname__}, not a "
-            "plain nn.Linear (a LoRA adapter or a quantized head?): this call builds the logits "
-            "through the module and computes the loss from them (no fusion, nothing skipped). "
-            "Put adapters on other modules to keep the fused head.", stacklevel=3,
+            f"triton_xent: {type(model).__name__}.{layout.head} is not a plain nn.Linear: "
+            f"{problem}. This call builds the logits through the module and computes the loss "
+            "from them (no fusion, nothing skipped).", stacklevel=3,
         )
         return original(model, *args, **kwargs)
-    check_weight(model, layout.head, head.weight, head.in_features)
+    if not is_zero3(head.weight):  # ZeRO-3 gathers it when the forward reads it: checked there
+        check_weight(model, layout.head, head.weight, head.in_features)
     if "_loss_function" in vars(model):
         raise RuntimeError(
             f"{type(model).__name__}.loss_function was replaced after triton_xent patched the "
             "model; the fused path cannot honour another loss. unpatch(model) to use yours."
         )
-    ensure_hook(head)
     want_dict = kwargs.get("return_dict")
     if want_dict is None:
         want_dict = getattr(model.config, "return_dict", True)
     if takes_return_dict:
         kwargs = {**kwargs, "return_dict": True}
     capture = _Capture(layout, head)
-    setattr(head, CAPTURE, capture)
+    # An instance attribute shadows the registered module for ``self.<head>`` (nn.Module looks
+    # in _modules only when the attribute is not found): parameters, state dict and hooks stay.
+    own = vars(model)
+    own[layout.head] = _HeadStub(capture)
     setattr(model, CAPTURE, capture)
     try:
         out = original(model, *args, **kwargs)
     finally:
-        setattr(head, CAPTURE, None)
+        own.pop(layout.head, None)
         setattr(model, CAPTURE, None)
     if capture.hidden is None or not capture.loss_done:
         raise RuntimeError(
@@ -108,7 +112,7 @@ def _fused_call(model, original, layout, args, kwargs, takes_return_dict):
 
 
 class _Capture:
-    """One fused call: the head's input, once the head has run, and whether the loss was taken."""
+    """One fused call: the head's input, once the stub got it, and whether the loss was taken."""
 
     __slots__ = ("layout", "head", "hidden", "loss_done")
 
@@ -118,46 +122,94 @@ class _Capture:
         self.loss_done = False
 
 
-def _capture_hook(module, args, kwargs):
-    """Forward pre-hook on the LM head: during a fused call, keep the input, compute no logits
-    (the head gets zero rows: ``(batch, 0, hidden)`` in, ``(batch, 0, vocab)`` out)."""
-    capture = getattr(module, CAPTURE, None)
-    if capture is None:
-        return None
-    if capture.hidden is not None:
-        raise RuntimeError("triton_xent: the LM head ran twice in one fused forward; use fused=False")
-    if args:
-        capture.hidden = args[0]
-        return (args[0][..., :0, :],) + tuple(args[1:]), kwargs
-    capture.hidden = kwargs["input"]
-    return args, {**kwargs, "input": kwargs["input"][..., :0, :]}
+class _HeadStub:
+    """Stands in for the LM head during a fused call: keeps its input and returns zero rows of
+    logits (``(..., 0, vocab)``), which the model's steps up to its loss function pass along.
+    Other attributes are the head's."""
+
+    def __init__(self, capture):
+        self._capture = capture
+
+    def __getattr__(self, name):
+        return getattr(self._capture.head, name)
+
+    def __call__(self, *args, **kwargs):
+        capture = self._capture
+        if capture.hidden is not None:
+            raise RuntimeError("triton_xent: the LM head ran twice in one fused forward; use "
+                               "fused=False")
+        hidden = args[0] if args else kwargs["input"]
+        capture.hidden = hidden
+        return hidden.new_empty((*hidden.shape[:-2], 0, capture.head.out_features))
 
 
-def ensure_hook(head):
-    """Give the LM head the capture pre-hook (once)."""
-    if not getattr(head, HOOKED, False):
-        head.register_forward_pre_hook(_capture_hook, with_kwargs=True)
-        setattr(head, HOOKED, True)
+def is_zero3(weight):
+    """A parameter DeepSpeed ZeRO-3 partitions (it carries DeepSpeed's ``ds_id``): outside the
+    forward it is empty; DeepSpeed gathers it when a module's forward reads it (the loss does)."""
+    return getattr(weight, "ds_id", None) is not None
 
 
-def remove_hook(head):
-    for key, hook in list(head._forward_pre_hooks.items()):
-        if hook is _capture_hook:
-            del head._forward_pre_hooks[key]
-    vars(head).pop(HOOKED, None)
-    vars(head).pop(CAPTURE, None)
-
-
-def plain_linear(head):
-    """Whether the head computes exactly ``F.linear(x, weight, bias)`` (what the fused op does)."""
+def head_problem(head):
+    """None when the head computes exactly ``F.linear(x, weight, bias)`` over its whole weight
+    (what the fused op does; the weight may be sharded by FSDP2 or by transformers' tensor
+    parallelism), else what it is instead, in words."""
     if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
-        return False
+        return _describe(head)
     if not head.weight.is_floating_point():
-        return False
+        return f"its weight is {head.weight.dtype} (a quantized head)"
     own = vars(head).get("forward")
+    if own is None:
+        return None
     # accelerate's device-placement hook (device_map) wraps forward; the math stays the Linear's
-    return own is None or getattr(getattr(head, "_old_forward", None), "__func__", None) is (
-        nn.Linear.forward)
+    if getattr(getattr(head, "_old_forward", None), "__func__", None) is nn.Linear.forward:
+        return None
+    tp = _tp_style(own)
+    if tp is not None:
+        return _tp_problem(head, *tp)
+    return (f"its forward is replaced by {getattr(own, '__qualname__', own)!r}, which the fused "
+            "head cannot read")
+
+
+def _describe(head):
+    cls = type(head)
+    where = f"{cls.__module__}.{cls.__qualname__}"
+    low = where.lower()
+    if "peft" in low or "lora" in low:
+        return (f"it is {where}, a PEFT adapter on the head (an adapter is never skipped; put "
+                "adapters on other modules, or merge_and_unload(), to keep the fused head)")
+    if any(k in low for k in ("bitsandbytes", "quant", "gptq", "awq", "hqq", "torchao", "fp8")):
+        return f"it is {where}, a quantized layer"
+    return f"it is {where}, whose forward is not nn.Linear's"
+
+
+def _tp_style(forward):
+    """(style, original forward) of a head whose forward transformers' tensor parallelism
+    replaced (``TensorParallelLayer.install_forward``), else None."""
+    code = getattr(forward, "__code__", None)
+    if code is None or code.co_name != "tp_forward" or "transformers" not in code.co_filename:
+        return None
+    cells = dict(zip(code.co_freevars, (c.cell_contents for c in forward.__closure__ or ())))
+    if "self" not in cells or "original_forward" not in cells:
+        return None
+    return cells["self"], cells["original_forward"]
+
+
+def _tp_problem(head, style, original):
+    """transformers' ``ColwiseParallel`` on an nn.Linear head computes ``F.linear`` with the
+    whole (vocabulary-sharded) weight on replicated inputs: the fused op does that directly."""
+    from torch.distributed.tensor import Replicate
+    from transformers.distributed.tensor_parallel import ColwiseParallel
+
+    name = type(style).__name__
+    if (type(style) is ColwiseParallel and style.input_layouts == Replicate()
+            and style.output_layouts == Replicate()
+            and getattr(original, "__func__", None) is nn.Linear.forward
+            and not getattr(head, "_hf_quantized_needs_local_tp", False)):
+        return None
+    return (f"transformers' tensor parallelism runs it as {name}(input_layouts="
+            f"{getattr(style, 'input_layouts', '?')}, output_layouts="
+            f"{getattr(style, 'output_layouts', '?')}); the fused head reproduces only the LM "
+            "head's 'colwise_gather_output' (ColwiseParallel with replicated input and output)")
 
 
 def _loss_property(self):
@@ -263,27 +315,6 @@ def install(cls, original, set_reduce):
     cls.__setattr__ = _make_setattr(cls)
     if set_reduce:
         cls.__reduce_ex__ = _reduce_ex
-    else:
-        cls.post_init = _make_post_init(cls, analyze(original).layout)
-
-
-def _make_post_init(cls, layout):
-    """post_init of an applied class: also hook the new instance's head (transformers calls it
-    at the end of every __init__, from_pretrained included), not in the first, maybe compiled,
-    call, where registering a hook breaks the graph."""
-    parent = vars(cls).get("post_init")
-
-    def post_init(self, *args, **kwargs):
-        if parent is not None:
-            parent(self, *args, **kwargs)
-        else:
-            super(cls, self).post_init(*args, **kwargs)
-        options = getattr(self, OPTIONS, None)
-        head = getattr(self, layout.head, None) if layout is not None else None
-        if options is not None and options.fused and plain_linear(head):
-            ensure_hook(head)
-
-    return post_init
 
 
 def patched_subclass(base):

@@ -13,10 +13,15 @@ How it works. The patched ``forward`` is the model's own. Its ``loss_function`` 
 transformers offers) becomes :func:`causal_lm_loss`, which computes transformers'
 ``ForCausalLMLoss`` (shift, ``ignore_index``, mean over kept tokens or sum divided by
 ``num_items_in_batch``) with :func:`triton_xent.cross_entropy`. In fused mode, a training call
-with labels also never builds the logits: a pre-hook on the LM head records the head's input
-and hands the head zero rows, and the loss function passes the recorded hidden states with the
-head's weight and bias, the model's logit scale and soft-cap to
-:func:`triton_xent.linear_cross_entropy`. Everything else is the model's own code: the base
+with labels also never builds the logits and never runs the LM head module: for the call, a
+stub stands in for the head, records its input and returns zero rows, and the loss function
+passes the recorded hidden states with the head's weight and bias, the model's logit scale and
+soft-cap to :func:`triton_xent.linear_cross_entropy`. The weight is read as the training stack
+leaves it outside the head's forward: whole (single process, DDP, FSDP2 with the head in a unit
+that ran), a DTensor that FSDP2 shards (gathered for the call, its gradient averaged and
+reduce-scattered as FSDP2 does), or transformers' tensor-parallel head sharded on the
+vocabulary (the vocabulary-parallel path, no logits anywhere), or a DeepSpeed ZeRO-3 parameter
+(which DeepSpeed gathers when the forward reads it). Everything else is the model's own code: the base
 model, multimodal inputs, the MoE router loss it adds, its output class (``logits`` is
 ``None``). Which models qualify is read from each class's forward (see ``_hf_forward.py``):
 the steps between the head and the loss must be ones the fused op reproduces (none, a logit
@@ -25,8 +30,9 @@ scale such as Cohere's and Granite's, Gemma 2's soft-cap, an fp32 upcast).
 Fused mode fuses only while ``model.training`` and labels are given; in evaluation the model
 builds its logits (``compute_metrics``, ``predict``) and the loss comes from them, unless
 ``eval_logits=False``. A head that is no longer a plain ``nn.Linear`` at call time (a LoRA
-adapter on ``lm_head``, a quantized head) is run as a module and the loss computed from its
-logits, with a warning: an adapter is never skipped.
+adapter on ``lm_head``, a quantized head, a tensor-parallel style other than
+``colwise_gather_output``) is run as a module and the loss computed from its logits, with a
+warning naming what it is: an adapter is never skipped.
 
 Files: this one holds the public API; ``_hf_patching.py`` the patched forward, the head capture
 and the patched classes; ``_hf_loss.py`` the loss (fused and from logits); ``_hf_forward.py``
@@ -43,7 +49,7 @@ from torch import nn
 
 from . import _hf_loss as L
 from . import _hf_patching as P
-from ._hf_forward import analyze, defining_forward
+from ._hf_forward import defining_forward
 from ._hf_loss import LossOptions, causal_lm_loss
 
 __all__ = [
@@ -75,6 +81,7 @@ def patch(
     chunk_size: int | None = None,
     accum_dtype: torch.dtype | None = None,
     backend: str | None = None,
+    fsdp_schedule: str = "gathered",
 ) -> nn.Module:
     """Make a transformers causal LM compute its loss with triton_xent.
 
@@ -104,6 +111,10 @@ def patch(
         chunk_size: fused head: rows per chunk (see :func:`triton_xent.linear_cross_entropy`).
         accum_dtype: fused head: dtype of the weight-gradient accumulator.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` for the cross-entropy step.
+        fsdp_schedule: fused head sharded by FSDP2 (its unit not run: ``lm_head`` alone):
+            ``"gathered"`` all-gathers the head for the call; ``"sharded"`` never gathers it
+            (the group's hidden states and targets are gathered instead); ``"auto"`` picks
+            whichever sends fewer bytes per call. See :mod:`triton_xent.fsdp`.
 
     Returns:
         ``model`` itself (the PEFT wrapper when given one), patched.
@@ -119,7 +130,7 @@ def patch(
         >>> model.train()(input_ids=ids, labels=ids).loss.backward()
     """
     options = L.make_options(fused, eval_logits, z_loss, label_smoothing, reduction, chunk_size,
-                       accum_dtype, backend)
+                             accum_dtype, backend, fsdp_schedule)
     base = P.unwrap(model)
     if "_loss_function" in vars(base):
         raise ValueError(
@@ -131,10 +142,6 @@ def patch(
     if type(base) is not P.patched_subclass(cls):
         base.__class__ = P.patched_subclass(cls)
     vars(base)[P.OPTIONS] = options
-    layout = analyze(defining_forward(cls)[1]).layout
-    head = getattr(base, layout.head, None) if options.fused else None
-    if P.plain_linear(head):  # now rather than in the first (maybe compiled) call
-        P.ensure_hook(head)
     return model
 
 
@@ -149,9 +156,6 @@ def unpatch(model: nn.Module) -> nn.Module:
     original = P.SUBCLASS_BASE.get(type(base))
     if original is not None:
         base.__class__ = original
-    for module in base.modules():
-        if getattr(module, P.HOOKED, False):
-            P.remove_hook(module)
     return model
 
 
