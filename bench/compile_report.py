@@ -147,7 +147,7 @@ def linear_launches() -> list[Launch]:
     target = torch.empty(rows, dtype=torch.int64, **meta)
     sink = []
     with recording(sink):
-        dens = L.denominators(target, None, _opts("plain"), V=V)
+        dens = L.denominators(target, None, _opts("plain"), divisor=None, V=V, dtype=torch.float32)
         L.ce_forward(logits, target, None, _opts("plain"), dens=dens, compute_grad=True,
                      inplace=True)
         L.scale_(torch.empty(V, D, dtype=torch.bfloat16, **meta), torch.empty((), **meta))

@@ -86,7 +86,9 @@ def test_backward_at_unit_upstream_is_one_persistent_launch(monkeypatch):
 
     # a planning GPU of 2 SMs, so that a few hundred rows are more than it runs at once
     small = ops.DeviceSpec("2-SM planning model", 2, ops.H100.l2_bytes)
-    monkeypatch.setattr(ops, "H100", small)
+    from triton_xent.backends import triton_plan
+
+    monkeypatch.setattr(triton_plan, "H100", small)
     wave_warps = small.sms * ops.THREADS_PER_SM // 32
     N, V = 200, 40
     g = torch.Generator().manual_seed(0)
