@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .backends.protocol import compute_dtype
+
 
 def cross_entropy_reference(
     input: torch.Tensor,
@@ -64,3 +66,31 @@ def cross_entropy_reference(
     if return_aux:
         return loss, lse, z_term
     return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# The op layer's differentiable path: second derivatives (create_graph=True), and class weights
+# that require grad (probability targets), in the compute dtype.
+
+
+def reference(logits, target, weight, divisor, opts):
+    """``(loss, lse, z_term)`` by differentiable torch ops in fp32 (fp64 for fp64)."""
+    x = logits.to(compute_dtype(logits.dtype))
+    if opts.reduction == "sum" and divisor is None:
+        divisor = 1.0 / opts.inv_divisor
+    return cross_entropy_reference(
+        x, target.to(x.dtype) if opts.probs else target,
+        None if weight is None else weight.to(x.dtype), opts.ignore_index, opts.reduction,
+        opts.label_smoothing, z_loss=opts.z_loss, softcap=opts.softcap,
+        logit_scale=opts.logit_scale, divisor=divisor if opts.reduction == "sum" else None,
+        return_aux=True)
+
+
+def reference_grads(outputs, upstreams, inputs):
+    """The vector-Jacobian product with ``create_graph=True``: the upstream gradients as
+    grad_outputs, not factors of a scalar (they may depend on the op's own outputs, a penalty
+    on loss**2, a z-loss on aux.lse, and must not be differentiated)."""
+    pairs = [(o, g.to(o.dtype).expand(o.shape)) for o, g in zip(outputs, upstreams)
+             if g is not None]
+    return torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs],
+                               create_graph=True, allow_unused=True)

@@ -27,7 +27,7 @@ zeros, or NaN on the whole row where its statistics are NaN (a NaN or +inf logit
 statistics pass; the gradient pass writes the row's one value without reading), not at all
 otherwise; rows whose target is out of ``[0, V)`` get NaN, never an out-of-bounds access.
 
-Kernels, chosen by the launcher (``triton_xent/backends/triton_ce.py``, one plan function):
+Kernels, chosen by the launcher (``backends/triton_ce.py``, by ``plan()`` in ``triton_plan.py``):
 
 * ``_ce_fused_kernel``, persistent grid: one program per SM or so walks rows. A row that fits one
   block is read once into registers and its statistics, loss and gradient come from that copy
@@ -40,16 +40,13 @@ Kernels, chosen by the launcher (``triton_xent/backends/triton_ce.py``, one plan
   one set already merged across ranks), writes the row's loss (chunk 0) and its chunk of the
   gradient. With an upstream gradient it is also the backward's recompute: rows whose upstream is
   exactly 1 (and whose lse carries no gradient) are skipped, so ``loss.backward()`` costs nothing;
-* ``_ce_finalize_kernel``, one program: the reduced loss from the per-row values, in a fixed order
-  (deterministic), cast to the output dtype;
+* ``_ce_finalize_kernel``, one program: the reduced loss, summed in a fixed order (deterministic);
 * ``_scale_kernel``: ``t *= g`` in place unless ``g == 1`` (the backward of an in-place gradient,
-  and of the fused linear head's dX/dW/db).
+  and of the fused linear head's dX/dW/db); ``_ce_dens_kernel``, one program: the denominators
+  alone (the fused head's chunks share them).
 
-* ``_ce_dens_kernel``, one program: the denominators alone (the fused head's chunks share them).
-
-Every feature is one ``@triton.jit`` helper switched by a constexpr flag (``HAS_WEIGHT``,
-``HAS_SMOOTHING``, ``HAS_Z_LOSS``, ``HAS_SCALE``, ``HAS_SOFTCAP``, ...), shared by all kernels:
-``kernels/ce_helpers.py``.
+Every feature is one ``@triton.jit`` helper (``kernels/ce_helpers.py``) switched by a constexpr
+flag (``HAS_WEIGHT``, ``HAS_SMOOTHING``, ``HAS_Z_LOSS``, ``HAS_SCALE``, ...), shared by all kernels.
 """
 
 from __future__ import annotations
@@ -81,9 +78,7 @@ from triton_xent.kernels.ce_helpers import (
     _write_grad,
 )
 
-# ----------------------------------------------------------------------------------------------
-# Fused path: one program walks whole rows (merge: none)
-# ----------------------------------------------------------------------------------------------
+# ---- Fused path: one program walks whole rows (merge: none) ----------------------------------
 
 
 @triton.jit
@@ -201,10 +196,9 @@ def _ce_fused_kernel(
                                 HAS_SCALE, HAS_SOFTCAP)
                 _round_store(grad_row_ptr + cols, g, mask, EMULATE_RTNE, "")
             else:
-                # The gradient sweep runs from the row's end back to its start: the blocks the
-                # statistics sweep loaded last are the likeliest still in L2, so when the rows in
-                # flight outgrow the L2 (V=262144: 132 x 512 KB) the misses fall on the blocks
-                # read first, not on all of them (a forward sweep would evict its own next blocks).
+                # The gradient sweep runs backwards: the blocks read last are the likeliest in
+                # L2, so when the rows in flight outgrow it (V=262144: 132 x 512 KB) the misses
+                # fall on the blocks read first (a forward sweep would evict its next blocks).
                 nblk = tl.cdiv(V, BLOCK_V)
                 read_end = tl.where(is_ignored, 0, V)
                 for i in range(0, nblk):
@@ -222,9 +216,7 @@ def _ce_fused_kernel(
                     _round_store(grad_row_ptr + cols, g, mask, EMULATE_RTNE, "evict_first")
 
 
-# ----------------------------------------------------------------------------------------------
-# Split path and vocabulary parallelism: partials, then merge + loss + gradient
-# ----------------------------------------------------------------------------------------------
+# ---- Split path and vocabulary parallelism: partials, then merge + loss + gradient -----------
 
 
 @triton.jit
@@ -419,9 +411,7 @@ def _finish_item(
                         HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP, EMULATE_RTNE)
 
 
-# ----------------------------------------------------------------------------------------------
-# Reduction and backward scaling
-# ----------------------------------------------------------------------------------------------
+# ---- Reduction and backward scaling ----------------------------------------------------------
 
 
 @triton.jit

@@ -36,6 +36,7 @@ import torch
 
 from .. import parallel
 from ..backends.protocol import Backend, Options, RowOutputs, compute_dtype
+from ..reference import reference, reference_grads
 
 _LIB = "triton_xent"
 
@@ -157,35 +158,6 @@ def fold_z_grad(opts: Options, target, stats, dens, g_lse, g_z):
     kept = torch.ones_like(lse, dtype=torch.bool) if opts.probs else target != opts.ignore_index
     g = torch.where(kept, scale * lse, torch.zeros_like(lse))
     return g if g_lse is None else g_lse + g
-
-
-# ---------------------------------------------------------------------------------------------
-# The reference formula: second derivatives, and class weights that require grad
-
-
-def reference(logits, target, weight, divisor, opts: Options):
-    """``(loss, lse, z_term)`` by differentiable torch ops in fp32 (fp64 for fp64)."""
-    from ..reference import cross_entropy_reference
-
-    x = logits.to(compute_dtype(logits.dtype))
-    if opts.reduction == "sum" and divisor is None:
-        divisor = 1.0 / opts.inv_divisor
-    return cross_entropy_reference(
-        x, target.to(x.dtype) if opts.probs else target,
-        None if weight is None else weight.to(x.dtype), opts.ignore_index, opts.reduction,
-        opts.label_smoothing, z_loss=opts.z_loss, softcap=opts.softcap,
-        logit_scale=opts.logit_scale, divisor=divisor if opts.reduction == "sum" else None,
-        return_aux=True)
-
-
-def reference_grads(outputs, upstreams, inputs):
-    """The vector-Jacobian product with ``create_graph=True``: the upstream gradients as
-    grad_outputs, not factors of a scalar (they may depend on the op's own outputs, a penalty
-    on loss**2, a z-loss on aux.lse, and must not be differentiated)."""
-    pairs = [(o, g.to(o.dtype).expand(o.shape)) for o, g in zip(outputs, upstreams)
-             if g is not None]
-    return torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs],
-                               create_graph=True, allow_unused=True)
 
 
 def no_second_order(what: str, why: str):
