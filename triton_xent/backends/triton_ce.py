@@ -37,6 +37,7 @@ from triton_xent.kernels.cross_entropy import (
     _scale_kernel,
 )
 
+from . import triton_plan
 from .protocol import Options, RowOutputs
 from .triton_plan import (  # noqa: F401 (the plan's names, also read through this module)
     BLOCK_N,
@@ -60,7 +61,7 @@ from .triton_plan import (  # noqa: F401 (the plan's names, also read through th
     DeviceSpec,
     Plan,
     _warps_for_block,
-    device_spec,
+    cuda_spec,
     heavy_features,
     persistent_programs,
     plan,
@@ -73,6 +74,13 @@ _RED = {"none": 0, "sum": 1, "mean": 2}
 
 # Under TRITON_INTERPRET=1, @triton.jit returns interpreted functions that run on CPU tensors.
 INTERPRETED = isinstance(_ce_fused_kernel, InterpretedFunction)
+
+
+def device_spec(device: torch.device) -> DeviceSpec:
+    """The device the plan is made for: a CUDA device's own properties; off CUDA (the
+    interpreter, the traffic meter) the H100 planning model, so that the CPU runs and counts
+    exactly what an H100 would launch."""
+    return triton_plan.H100 if device.type != "cuda" else cuda_spec(device)
 
 
 # ----------------------------------------------------------------------------------------------

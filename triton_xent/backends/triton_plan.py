@@ -34,12 +34,9 @@ class DeviceSpec:
 H100 = DeviceSpec("H100 SXM (planning model)", 132, 50 << 20)
 
 
-def device_spec(device: torch.device) -> DeviceSpec:
-    return H100 if device.type != "cuda" else _cuda_spec(device)
-
-
 @functools.lru_cache(maxsize=64)
-def _cuda_spec(device: torch.device) -> DeviceSpec:
+def cuda_spec(device: torch.device) -> DeviceSpec:
+    """The plan's view of a CUDA device (the launcher's ``device_spec`` asks it)."""
     props = torch.cuda.get_device_properties(device)  # cached by torch, no sync
     return DeviceSpec(props.name, props.multi_processor_count,
                       int(getattr(props, "L2_cache_size", H100.l2_bytes)))
@@ -145,6 +142,7 @@ def _warps_for_block(block: int, per_thread: int = 32) -> int:
     return max(4, min(32, block // (32 * per_thread)))
 
 
+@functools.lru_cache(maxsize=256)
 def programs_per_sm(num_warps: int, heavy: bool = False) -> int:
     """Programs of ``num_warps`` warps that fit one SM at once, by threads and by registers at
     ``PLAN_REGS`` (``heavy``: ``PLAN_REGS_HEAVY``) per thread (a 1024-thread program may use at
@@ -154,6 +152,7 @@ def programs_per_sm(num_warps: int, heavy: bool = False) -> int:
     return max(1, min(THREADS_PER_SM // threads, REGS_PER_SM // (threads * regs)))
 
 
+@functools.lru_cache(maxsize=1024)
 def persistent_programs(work: int, num_warps: int, spec: DeviceSpec = H100,
                         heavy: bool = False) -> int:
     """Programs of a persistent grid over ``work`` items: as many as fit the SMs at once (one
@@ -217,6 +216,7 @@ SCALE_WARPS = 8
 SCALE_PER_SM = 4
 
 
+@functools.lru_cache(maxsize=1024)
 def scale_grid(rows: int, row_len: int, spec: DeviceSpec = H100) -> tuple[int, int, int]:
     """``(programs, parts, blocks)`` of :func:`scale_`: ``blocks`` of ``SCALE_BLOCK`` per row,
     each row cut into ``parts`` units (several when there are fewer rows than programs), and a
