@@ -6,7 +6,7 @@ per process is the slow part). Every rank builds the same full problem from a se
 contiguous shard of the classes, and compares the loss, the aux outputs and the gradient of its
 shard (the full gradient of the hidden states for the linear variant) with the unsharded float64
 reference, element by element (helpers.py), with a seeded random upstream gradient.
-``tests/test_vocab_parallel.py`` tests ``triton_xent.distributed`` itself.
+``tests/test_vocab_parallel.py`` tests the ``process_group=`` path itself.
 """
 
 from __future__ import annotations
