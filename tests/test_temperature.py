@@ -199,3 +199,21 @@ def test_a_0d_tensor_is_a_number():
     x, t, _ = _problem()
     torch.testing.assert_close(cross_entropy(x, t, temperature=torch.tensor(T)),
                                cross_entropy(x, t, temperature=T))
+
+
+@pytest.mark.parametrize("V,budget", [(8000, 4.05), (32000, 6.05)], ids=["read-once", "split"])
+def test_no_extra_traffic(V, budget):
+    """The temperature adds no pass, launch or torch op: it folds into the kernels' scale and
+    softcap scalars (bytes and launches counted under the interpreter, bench/traffic.py)."""
+    from bench import traffic
+    from triton_xent.backends import triton_ce
+
+    if not triton_ce.INTERPRETED:
+        pytest.skip("the traffic meter needs the interpreter")
+    opts = (("label_smoothing", 0.1), ("z_loss", 1e-4), ("softcap", 30.0))
+    base = traffic.run_case(traffic.TrafficCase("base", V=V, options=opts))
+    hot = traffic.run_case(traffic.TrafficCase("T", V=V, options=opts + (("temperature", T),)))
+    assert hot.counts.total_bytes == base.counts.total_bytes
+    assert hot.counts.triton_launches == base.counts.triton_launches
+    assert hot.counts.torch_launches == 0
+    assert hot.per_logit <= budget
