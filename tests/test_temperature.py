@@ -217,3 +217,29 @@ def test_no_extra_traffic(V, budget):
     assert hot.counts.triton_launches == base.counts.triton_launches
     assert hot.counts.torch_launches == 0
     assert hot.per_logit <= budget
+
+
+def test_probability_targets_and_second_derivatives():
+    """Class-probability targets (the torch backend; the linear head's unfused path) and
+    ``create_graph=True`` (the op's differentiable reference formula) see the temperature."""
+    x, _, g = _problem()
+    p = torch.softmax(torch.randn(x.shape, generator=g), 1)
+    x64 = x.double().requires_grad_(True)
+    want = F.cross_entropy(_seen(x64, 3.0, 1.3, T), p.double(), label_smoothing=SMOOTH)
+    a = x.clone().requires_grad_(True)
+    got = cross_entropy(a, p, softcap=3.0, logit_scale=1.3, temperature=T,
+                        label_smoothing=SMOOTH)
+    torch.testing.assert_close(got.double(), want.detach(), **TOL)
+    h, W = torch.randn(4, 8, generator=g), torch.randn(6, 8, generator=g)
+    p6 = torch.softmax(torch.randn(4, 6, generator=g), 1)
+    torch.testing.assert_close(
+        linear_cross_entropy(h, W, p6, softcap=3.0, temperature=T).double(),
+        F.cross_entropy(_seen(F.linear(h.double(), W.double()), 3.0, None, T), p6.double()),
+        **TOL)
+    # second derivatives: d/dx of (dL/dx . v)
+    (gx,) = torch.autograd.grad(got, a, create_graph=True)
+    (gx64,) = torch.autograd.grad(want, x64, create_graph=True)
+    v = torch.randn(x.shape, generator=g)
+    (hv,) = torch.autograd.grad((gx * v).sum(), a)
+    (hv64,) = torch.autograd.grad((gx64 * v.double()).sum(), x64)
+    torch.testing.assert_close(hv.double(), hv64, rtol=1e-4, atol=1e-5)
