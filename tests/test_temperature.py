@@ -10,11 +10,17 @@ fused linear head; torch.compile; the ranks' agreement; the refusals; and the di
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (spawned ranks too)
+
 import math
 from types import SimpleNamespace
 
+import gloo
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import triton_xent
@@ -243,3 +249,74 @@ def test_probability_targets_and_second_derivatives():
     (hv,) = torch.autograd.grad((gx * v).sum(), a)
     (hv64,) = torch.autograd.grad((gx64 * v.double()).sum(), x64)
     torch.testing.assert_close(hv.double(), hv64, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Vocabulary parallelism: 2 gloo ranks on the CPU, uneven shards (tests/gloo.py)
+# ------------------------------------------------------------------------------------------------
+
+part = gloo.Parts()
+
+
+def _entry(rank, world, init_method, out_dir):
+    gloo.init(rank, world, init_method)
+    try:
+        part.run(rank, out_dir, lambda fn, n: fn(rank, dist.group.WORLD) or "ok")
+    finally:
+        dist.destroy_process_group()
+
+
+@part(2)
+def sharded_against_float64(rank, group):
+    import triton_xent._config as config
+
+    config.TRITON_BLOCK_V = 8  # several blocks per shard
+    x, t, g = _problem(N=6, V=30)
+    lo, hi = gloo.bounds([17, 13], rank)
+    x64 = x.double().requires_grad_(True)
+    ref, ref_lse, ref_am = _reference(x64, t, "none", 3.0, 1.3, T)
+    up = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    up_lse = torch.randn(ref_lse.shape, generator=g, dtype=torch.float64)
+    ((ref * up).sum() + (ref_lse * up_lse).sum()).backward()
+    for backend in ("torch", "triton"):
+        xs = x[:, lo:hi].clone().requires_grad_(True)
+        loss, aux = cross_entropy(xs, t, ignore_index=IGNORE, reduction="none",
+                                  label_smoothing=SMOOTH, z_loss=ZL, softcap=3.0, logit_scale=1.3,
+                                  temperature=T, return_aux=True, return_argmax=True,
+                                  backend=backend, process_group=group)
+        torch.testing.assert_close(loss.double(), ref.detach(), **TOL)
+        torch.testing.assert_close(aux.lse.double(), ref_lse.detach(), **TOL)
+        assert torch.equal(aux.argmax, ref_am), backend
+        ((loss * up.float()).sum() + (aux.lse * up_lse.float()).sum()).backward()
+        torch.testing.assert_close(xs.grad.double(), x64.grad[:, lo:hi], **TOL)
+    # the linear head: the full input gradient on every rank, the weight's shard
+    h, W = torch.randn(6, 5, generator=g), torch.randn(30, 5, generator=g)
+    h64, W64 = h.double().requires_grad_(True), W.double().requires_grad_(True)
+    ref = _reference(F.linear(h64, W64), t, "mean", 3.0, None, T)[0]
+    ref.backward()
+    hs, Ws = h.clone().requires_grad_(True), W[lo:hi].clone().requires_grad_(True)
+    loss = linear_cross_entropy(hs, Ws, t, label_smoothing=SMOOTH, z_loss=ZL, softcap=3.0,
+                                temperature=T, backend="triton", process_group=group)
+    loss.backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), **TOL)
+    torch.testing.assert_close(hs.grad.double(), h64.grad, **TOL)
+    torch.testing.assert_close(Ws.grad.double(), W64.grad[lo:hi], **TOL)
+
+
+@part(2)
+def ranks_must_agree(rank, group):
+    x, t, _ = _problem(N=6, V=30)
+    lo, hi = gloo.bounds([17, 13], rank)
+    with pytest.raises(CrossEntropyInputError, match="temperature"):
+        cross_entropy(x[:, lo:hi], t, temperature=0.7 if rank else 0.8, process_group=group,
+                      validate=True)
+
+
+@pytest.fixture(scope="module")
+def gloo_results():
+    return gloo.spawn(_entry, 2)
+
+
+@pytest.mark.parametrize("name", list(part.parts))
+def test_vocabulary_parallel(gloo_results, name):
+    gloo.check_part(gloo_results, part, name)
