@@ -205,6 +205,20 @@ def check_logit_scale(logit_scale) -> float | None:
     return scale
 
 
+def check_temperature(temperature) -> float | None:
+    """``temperature`` as a Python float (a positive finite real number or 0-d tensor), or None."""
+    if temperature is None:
+        return None
+    what = ("The logits are divided by it last, after logit_scale and softcap, as a sampler "
+            "does (0.7 for a policy sampled at 0.7); None turns it off. For a soft-capped head "
+            "logit_scale=1/T is not the same: pass temperature=T.")
+    T = _real("temperature", temperature, what)
+    if not 0.0 < T < math.inf:  # comparisons: torch.compile traces them on a SymFloat
+        raise CrossEntropyInputError(
+            f"temperature={temperature!r} must be a positive finite number. {what}")
+    return T
+
+
 def check_return_argmax(return_argmax, return_aux) -> None:
     if not isinstance(return_argmax, bool):
         raise CrossEntropyInputError(f"return_argmax={return_argmax!r} must be a bool.")

@@ -33,15 +33,15 @@ class CrossEntropyAux(NamedTuple):
     """Extra outputs of ``return_aux=True``, computed in the same pass as the loss.
 
     ``lse``: float32 (float64 for float64 input) log-sum-exp of each row, shaped like a
-    ``reduction="none"`` loss (after ``logit_scale`` and ``softcap``; ignored rows included). It
-    is differentiable: a z-loss or any function of it can be added to the loss and
-    backpropagated (one more pass over the logits in the backward).
+    ``reduction="none"`` loss (after ``logit_scale``, ``softcap`` and ``temperature``; ignored
+    rows included). It is differentiable: a z-loss or any function of it can be added to the
+    loss and backpropagated (one more pass over the logits in the backward).
     ``z_loss``: the z-loss part of the loss, reduced like the loss (zero when ``z_loss=0``),
     differentiable too.
     ``argmax`` and ``accuracy`` (``return_argmax=True``, else None): the predicted class of each
     row (int64, shaped like ``lse``; the first maximal class on a tie, or the first NaN, as
-    ``torch.argmax``, of the logits as the loss sees them, after ``logit_scale`` and
-    ``softcap``; -1 on rows whose target is ``ignore_index``), and the token accuracy, the
+    ``torch.argmax``, of the logits as the loss sees them, after ``logit_scale``, ``softcap``
+    and ``temperature``; -1 on rows whose target is ``ignore_index``), and the token accuracy, the
     fraction of the kept rows whose prediction is the target (0-d, ``lse``'s dtype; NaN when
     every row is ignored, not class-weighted; None for class-probability targets).
     """
@@ -86,6 +86,7 @@ def _build(a: dict, *, group) -> _Built:
     logit_scale = a["logit_scale"]
     if logit_scale is not None:
         logit_scale = checks.check_logit_scale(logit_scale)
+    temperature = checks.check_temperature(a["temperature"])
     if a["return_argmax"] is not False:
         checks.check_return_argmax(a["return_argmax"], a["return_aux"])
     validating = checks.validation_requested(a["validate"])
@@ -142,7 +143,7 @@ def _build(a: dict, *, group) -> _Built:
                    all_rows=bool(a["return_aux"]) or torch.is_grad_enabled(),
                    argmax=bool(a["return_argmax"]),
                    backend=choice.backend, probs=p.probs, out_dtype=loss_dtype or input.dtype,
-                   group="" if group is None else group.group_name)
+                   group="" if group is None else group.group_name, temperature=temperature)
     return _Built(Call(logits, p.target, p.weight, div_t, opts), p, choice, inplace)
 
 
@@ -197,6 +198,7 @@ def cross_entropy(
     loss_dtype: torch.dtype | None = None,
     divisor: float | torch.Tensor | None = None,
     logit_scale: float | None = None,
+    temperature: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, CrossEntropyAux]:
     """Cross-entropy between logits and targets, a drop-in for ``F.cross_entropy``.
 
@@ -251,6 +253,11 @@ def cross_entropy(
         logit_scale: multiply the logits by this (in fp32, before ``softcap`` and the softmax),
             as Cohere (``config.logit_scale``) and Granite (``1 / config.logits_scaling``) heads
             do; the gradient is with respect to the unscaled input.
+        temperature: divide the logits by this last, as a sampler does:
+            ``softcap * tanh(logit_scale * x / softcap) / temperature`` (a positive number or
+            0-d tensor). With a softcap, ``logit_scale=1/T`` is a different function; this is
+            the distribution sampled at temperature ``T``. ``aux.lse`` and ``aux.argmax`` are
+            those of the logits as the loss sees them (the argmax does not change).
 
     Returns:
         The loss (0-d, or shaped like the target for ``"none"``), and the aux tuple when asked.
@@ -317,6 +324,7 @@ def explain(
     loss_dtype: torch.dtype | None = None,
     divisor: float | torch.Tensor | None = None,
     logit_scale: float | None = None,
+    temperature: float | None = None,
 ) -> BackendChoice:
     """Which backend ``cross_entropy`` would run for these arguments, and why; runs nothing.
 

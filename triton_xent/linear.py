@@ -162,7 +162,8 @@ def _linear_probs(a: dict, group):
         )
     batch_shape = tuple(logits.shape[:-1])
     extras = {k: a[k] for k in ("z_loss", "softcap", "return_aux", "return_argmax", "backend",
-                                "validate", "loss_dtype", "divisor", "logit_scale")}
+                                "validate", "loss_dtype", "divisor", "logit_scale",
+                                "temperature")}
     if extras["loss_dtype"] is None:  # F.linear under autocast, then F.cross_entropy in fp32
         extras["loss_dtype"] = V.autocast_loss_dtype(a["input"], None, linear=True)
     out = cross_entropy(logits.reshape(-1, Vn), target.reshape(-1, Vn), a["weight"],
@@ -202,6 +203,7 @@ def linear_cross_entropy(
     loss_dtype: torch.dtype | None = None,
     divisor: float | torch.Tensor | None = None,
     logit_scale: float | None = None,
+    temperature: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, CrossEntropyAux]:
     """``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` without the logits.
 
@@ -266,6 +268,8 @@ def linear_cross_entropy(
             ``num_items_in_batch``. See :func:`triton_xent.cross_entropy`.
         logit_scale: the logits (bias included) are multiplied by it before ``softcap``
             (Cohere, Granite heads).
+        temperature: the logits are divided by it last, after ``logit_scale`` and ``softcap``
+            (a sampler's temperature); see :func:`triton_xent.cross_entropy`.
 
     Returns:
         The loss (0-d, or shaped like ``target`` for ``"none"``) in the input's dtype (fp32
@@ -315,23 +319,24 @@ def linear_cross_entropy(
 
 def _checked_options(a: dict):
     """The keyword checks shared by the fused path and the probabilities' unfused one:
-    ``(label_smoothing, z_loss, softcap, logit_scale, loss_dtype)``."""
+    ``(label_smoothing, z_loss, softcap, logit_scale, loss_dtype, temperature)``."""
     smoothing, z_loss, softcap = V.check_options(a["reduction"], a["label_smoothing"], a["z_loss"],
                                                  a["softcap"], a["ignore_index"])
     logit_scale = a["logit_scale"]
     if logit_scale is not None:
         logit_scale = V.check_logit_scale(logit_scale)
+    temperature = V.check_temperature(a["temperature"])
     if a["return_argmax"] is not False:
         V.check_return_argmax(a["return_argmax"], a["return_aux"])
     V.validation_requested(a["validate"])  # a bad value, or environment variable, raises here
     # F.linear runs in autocast's dtype, then F.cross_entropy (autocast's fp32 list) in fp32.
     loss_dtype = V.autocast_loss_dtype(a["input"], a["loss_dtype"], linear=True)
-    return smoothing, z_loss, softcap, logit_scale, loss_dtype
+    return smoothing, z_loss, softcap, logit_scale, loss_dtype, temperature
 
 
 def _build(a: dict, *, sharded: bool):
     """Every check of one call, once: ``(LinearCall, batch_shape)``."""
-    smoothing, z_loss, softcap, logit_scale, loss_dtype = _checked_options(a)
+    smoothing, z_loss, softcap, logit_scale, loss_dtype, temperature = _checked_options(a)
     input, reduction = a["input"], a["reduction"]
     out_dtype = loss_dtype or (input.dtype if isinstance(input, torch.Tensor) else None)
     x, W, b = _autocast(input, a["linear_weight"], a["linear_bias"])
@@ -364,5 +369,5 @@ def _build(a: dict, *, sharded: bool):
                    backend=choice.backend, out_dtype=out_dtype,
                    group=parallel.group_name(a["process_group"]) if sharded else "",
                    chunk_rows=chunk_rows, fp32_accum=fp32_accum,
-                   skip_ignored=skip and not a["return_aux"], need=need)
+                   skip_ignored=skip and not a["return_aux"], need=need, temperature=temperature)
     return LinearCall(p.x, W, b, p.target, p.weight, div_t, opts), p.batch_shape

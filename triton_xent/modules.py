@@ -62,6 +62,7 @@ class CrossEntropyLoss(nn.Module):
         process_group=None,
         loss_dtype: torch.dtype | None = None,
         logit_scale: float | None = None,
+        temperature: float | None = None,
     ) -> None:
         values = dict(locals(), reduction=legacy_reduction(size_average, reduce, reduction))
         super().__init__()
@@ -119,6 +120,7 @@ class LinearCrossEntropyLoss(nn.Module):
         process_group=None,
         loss_dtype: torch.dtype | None = None,
         logit_scale: float | None = None,
+        temperature: float | None = None,
     ) -> None:
         values = locals()
         super().__init__()

@@ -132,7 +132,7 @@ def agree(group, device, *, kind: int, error: Exception | None, N: int, V_local:
              "same target, of global class ids, and logits rows for the same tokens.")
     if len(set(opts)) > 1:
         fail("the ranks passed different options (ignore_index, reduction, label_smoothing, "
-             "z_loss, softcap, logit_scale, divisor, presence of class weights or bias, target "
+             "z_loss, softcap, logit_scale, temperature, divisor, presence of class weights or bias, target "
              "kind): pass the same ones everywhere.")
     if len(set(sums_t)) > 1:
         fail("target differs across the ranks: with a vocabulary-parallel loss every rank passes "
@@ -291,7 +291,7 @@ def _described(kind: int, call) -> dict:
         options=(opts.ignore_index, opts.reduction, opts.label_smoothing, opts.z_loss,
                  opts.softcap, opts.logit_scale, opts.inv_divisor, call.divisor is not None,
                  weight is not None, opts.probs, opts.argmax, bias is not None,
-                 opts.skip_ignored))
+                 opts.skip_ignored, opts.temperature))
 
 
 def shard_by_name(kind: int, call) -> Shard | None:

@@ -5,6 +5,8 @@ baseline. It defines the extras the same way the kernels do:
 
 * ``logit_scale``: logits are multiplied by it first; ``divisor``: a ``"sum"`` divided by it.
 * ``softcap``: logits become ``softcap * tanh(logits / softcap)`` before everything else.
+* ``temperature``: the logits are divided by it last (after ``logit_scale`` and ``softcap``, as
+  samplers do).
 * ``z_loss``: each kept row adds ``z_loss * lse**2`` (PaLM); the term is not class-weighted, and
   with ``reduction="mean"`` it is averaged over the kept rows (rows whose target is not
   ``ignore_index``), while the cross-entropy part keeps PyTorch's weighted mean.
@@ -31,6 +33,7 @@ def cross_entropy_reference(
     return_aux: bool = False,
     logit_scale: float | None = None,
     divisor=None,
+    temperature: float | None = None,
 ):
     """Cross-entropy by composition of torch ops, with the same arguments as ``cross_entropy``.
 
@@ -43,6 +46,8 @@ def cross_entropy_reference(
         x = x * logit_scale
     if softcap is not None:
         x = softcap * torch.tanh(x / softcap)
+    if temperature is not None:
+        x = x / temperature
     loss = F.cross_entropy(
         x, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing,
@@ -83,7 +88,7 @@ def reference(logits, target, weight, divisor, opts):
         None if weight is None else weight.to(x.dtype), opts.ignore_index, opts.reduction,
         opts.label_smoothing, z_loss=opts.z_loss, softcap=opts.softcap,
         logit_scale=opts.logit_scale, divisor=divisor if opts.reduction == "sum" else None,
-        return_aux=True)
+        temperature=opts.temperature, return_aux=True)
 
 
 def reference_grads(outputs, upstreams, inputs):

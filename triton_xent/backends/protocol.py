@@ -44,6 +44,8 @@ class Options(NamedTuple):
     class; ``probs``: class-probability
     targets; ``out_dtype``: the loss's dtype; ``group``: the process group's name ("" for one
     process). The last four are the fused linear head's chunking and the gradients it computes.
+    ``temperature`` divides the logits last: ``softcap(logit_scale * z) / temperature``; the
+    backends run it folded into the other two (:meth:`transform`).
     """
 
     ignore_index: int = -100
@@ -63,6 +65,18 @@ class Options(NamedTuple):
     fp32_accum: bool = False
     skip_ignored: bool = False
     need: tuple[bool, bool, bool] = (False, False, False)  # gradients of (input, weight, bias)
+    temperature: float | None = None
+
+    def transform(self) -> tuple[float | None, float | None]:
+        """``(logit_scale, softcap)`` with the temperature folded in, exactly:
+        ``c * tanh(s * z / c) / T == (c / T) * tanh((s / T) * z / (c / T))``, and ``s * z / T``
+        without a softcap (None: that part is off). The backends transform the logits, and
+        chain their gradient (which then includes ``1 / T``), with these two alone."""
+        T = self.temperature
+        if T is None:
+            return self.logit_scale, self.softcap
+        scale = (1.0 if self.logit_scale is None else self.logit_scale) / T
+        return scale, None if self.softcap is None else self.softcap / T
 
     def encode(self) -> str:
         """One string for a custom op's schema (dtypes by name)."""

@@ -51,28 +51,31 @@ def chunk_rows_for(V: int, dtype: torch.dtype, budget: int = _CHUNK_BYTES) -> in
 
 
 def _transform(raw: torch.Tensor, cdt, opts: Options):
-    """``x = softcap * tanh(logit_scale * raw / softcap)`` (each part optional) and the tanh (or
-    None). Without either, ``raw`` is returned in its own dtype (the reductions accumulate in
+    """``x = softcap * tanh(logit_scale * raw / softcap) / temperature`` (each part optional;
+    the temperature folded into the other two, :meth:`Options.transform`) and the tanh (or
+    None). Without any, ``raw`` is returned in its own dtype (the reductions accumulate in
     ``cdt``); otherwise ``x`` is in ``cdt``."""
-    if opts.logit_scale is None and opts.softcap is None:
+    scale, softcap = opts.transform()
+    if scale is None and softcap is None:
         return raw, None
     x = raw.to(cdt)
-    if opts.logit_scale is not None:
-        x = x * opts.logit_scale
+    if scale is not None:
+        x = x * scale
     th = None
-    if opts.softcap is not None:
-        th = torch.tanh(x / opts.softcap)
-        x = th * opts.softcap
+    if softcap is not None:
+        th = torch.tanh(x / softcap)
+        x = th * softcap
     return x, th
 
 
 def _chain(p: torch.Tensor, th: torch.Tensor | None, opts: Options) -> None:
     """Chain rule back to the raw logits, in place: times ``1 - tanh**2`` (softcap) and times
-    ``logit_scale``."""
+    ``logit_scale / temperature``."""
     if th is not None:
         p.mul_(1.0 - th.square())
-    if opts.logit_scale is not None:
-        p.mul_(opts.logit_scale)
+    scale = opts.transform()[0]
+    if scale is not None:
+        p.mul_(scale)
 
 
 def _target_info(target, ignore_index, V, offset, V_local):

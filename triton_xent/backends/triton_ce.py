@@ -127,19 +127,20 @@ def check_logits(logits: torch.Tensor) -> None:
 
 @functools.lru_cache(maxsize=256)
 def _flags(opts: Options, has_weight: bool) -> dict:
+    scale, softcap = opts.transform()  # the temperature folded into these two
     return dict(
         HAS_WEIGHT=has_weight,
         HAS_SMOOTHING=opts.label_smoothing > 0.0,
-        HAS_SCALE=opts.logit_scale is not None,
-        HAS_SOFTCAP=opts.softcap is not None,
+        HAS_SCALE=scale is not None,
+        HAS_SOFTCAP=softcap is not None,
         HAS_ARGMAX=bool(opts.argmax),
     )
 
 
 @functools.lru_cache(maxsize=256)
 def _scalars(opts: Options):
-    return (1.0 if opts.logit_scale is None else float(opts.logit_scale),
-            1.0 if opts.softcap is None else float(opts.softcap))
+    scale, softcap = opts.transform()
+    return (1.0 if scale is None else float(scale), 1.0 if softcap is None else float(softcap))
 
 
 def _row_buffers(N, device, opts: Options, out_dtype):

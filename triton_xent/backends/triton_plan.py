@@ -165,6 +165,7 @@ def heavy_features(opts: Options, has_weight: bool) -> bool:
     """Options whose code needs more registers (bench/compile_report.py: 141-175 per thread at
     8 warps with every feature, 48-111 without; a 32768-column block spills with any of them)."""
     return bool(opts.softcap is not None or opts.logit_scale is not None or opts.argmax
+                or opts.temperature is not None
                 or has_weight or opts.label_smoothing > 0.0 or opts.z_loss > 0.0)
 
 
