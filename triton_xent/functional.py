@@ -139,7 +139,8 @@ def _build(a: dict, *, group) -> _Built:
     # Ignored rows' statistics are made when a gradient may follow (grad mode: requires_grad
     # is not seen through vmap's batched tensors): an ignored row's gradient is PyTorch's
     # 0 x softmax, NaN where a logit is NaN or +inf.
-    opts = Options(ignore_index, reduction, smoothing, z_loss, softcap, logit_scale, inv_div,
+    opts = Options(ignore_index=ignore_index, reduction=reduction, label_smoothing=smoothing,
+                   z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, inv_divisor=inv_div,
                    all_rows=bool(a["return_aux"]) or torch.is_grad_enabled(),
                    argmax=bool(a["return_argmax"]),
                    backend=choice.backend, probs=p.probs, out_dtype=loss_dtype or input.dtype,

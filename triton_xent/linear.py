@@ -363,7 +363,8 @@ def _build(a: dict, *, sharded: bool):
                                      p.x.dtype, W.dtype, fp32_accum)
     # Ignored rows are skipped (no GEMM) unless their lse is returned (return_aux).
     skip = on_cpu if a["skip_ignored"] is None else bool(a["skip_ignored"])
-    opts = Options(a["ignore_index"], reduction, smoothing, z_loss, softcap, logit_scale, inv_div,
+    opts = Options(ignore_index=a["ignore_index"], reduction=reduction, label_smoothing=smoothing,
+                   z_loss=z_loss, softcap=softcap, logit_scale=logit_scale, inv_divisor=inv_div,
                    # ignored rows' statistics when a gradient may follow (PyTorch's 0 x softmax)
                    all_rows=bool(a["return_aux"]) or on, argmax=bool(a["return_argmax"]),
                    backend=choice.backend, out_dtype=out_dtype,

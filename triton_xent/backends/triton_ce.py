@@ -1,12 +1,11 @@
 """The Triton backend: the launchers of the kernels, checks, allocation, grids.
 
-Plain torch functions (no autograd), testable alone. One function, :func:`plan`
-(``triton_xent/backends/triton_plan.py``, with its knob table), decides every launch parameter
-from the shape, the dtype and the device; tests and the traffic meter import it.
-The entry points of :class:`triton_xent.backends.protocol.Backend` (``forward``, ``partials``,
-``finish``, ``finalize``, ``denominators``, ``scale_``, ``row_buffers``) are at the end; they
-take the plan's overrides from ``triton_xent._config`` and call the launchers. The phases of the
-pipeline are separate launchers so the op layer can put a merge between them:
+Plain torch functions (no autograd), testable alone; :func:`plan` (``backends/triton_plan.py``, with
+its knob table) decides every launch parameter. The entry points of
+:class:`triton_xent.backends.protocol.Backend` (``forward``, ``partials``, ``finish``, ``finalize``,
+``denominators``, ``scale_``, ``row_buffers``) are at the end; they take the plan's overrides from
+``triton_xent._config`` and call the launchers. The phases of the pipeline are separate launchers so
+the op layer can put a merge between them:
 
 * :func:`ce_forward`: one process, the whole vocabulary: the fused kernel, or the split path
   (partials + finish) for few long rows; then :func:`ce_finalize` for ``"mean"``/``"sum"``;
