@@ -73,3 +73,12 @@ def backend(request, small_blocks):
         pytest.skip(f"Triton kernel unavailable: {gap}")
     small_blocks.TRITON_NUM_SPLITS = TRITON_PATHS[name.split("-", 1)[1]]
     return "triton"
+
+
+@pytest.fixture
+def no_vmap_fallback():
+    """vmap without functorch's slow per-example fallback: an op without a vmap rule raises."""
+    torch._C._functorch._set_vmap_fallback_enabled(False)
+    yield
+    torch._C._functorch._set_vmap_fallback_enabled(True)
+

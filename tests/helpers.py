@@ -155,3 +155,45 @@ def compare(fn, input: torch.Tensor, target: torch.Tensor, *args, grad=True, see
         assert x.grad.dtype == dtype, f"gradient dtype {x.grad.dtype}, expected {dtype}"
         assert_close(x.grad, ref_in.grad, GRAD_TOL[dtype], dim=class_dim(x), what="gradient")
     return out, ref
+
+
+# The autograd-contract files (test_autograd_*.py): the torch backend runs in float64 (compared to
+# 1e-10), the Triton kernels in float32 through the interpreter.
+BACKENDS_64 = ["torch", "triton"]
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def backend_dtype(backend):
+    return torch.float64 if backend == "torch" else torch.float32
+
+
+def dtype_tol(dtype):
+    return TOL[dtype][1]
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def targets_with_ignored(N, V, g, ignore=(1,)):
+    t = torch.randint(0, V, (N,), generator=g)
+    t[list(ignore)] = -100
+    return t
+
+
+def fresh_leaf(t, dtype=None):
+    """A fresh leaf that requires grad (never the caller's tensor itself)."""
+    return t.detach().to(dtype or t.dtype).clone().requires_grad_()
+
+
+def close64(got, want, dtype, what=""):
+    e = rel_err(got, want)
+    assert e <= dtype_tol(dtype), f"{what}: rel err {e:.3g} > {dtype_tol(dtype)}"
+
+
+def prob_problem(seed, N=6, V=11):
+    g = gen(seed)
+    x = torch.randn(N, V, generator=g, dtype=torch.float64) * 2
+    q = torch.softmax(torch.randn(N, V, generator=g, dtype=torch.float64), 1)
+    w = torch.rand(V, generator=g, dtype=torch.float64) + 0.5
+    return x, q, w, g
