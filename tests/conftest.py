@@ -82,3 +82,12 @@ def no_vmap_fallback():
     yield
     torch._C._functorch._set_vmap_fallback_enabled(True)
 
+
+@pytest.fixture(scope="session")
+def gloo_world_results():
+    """Runs the parts of test_parallel_more.py and test_dtensor.py on 4 gloo CPU processes, once
+    for both files (gloo_world.py); ``{rank: {part: "ok" | traceback}}``."""
+    import gloo
+    import gloo_world
+
+    return gloo.spawn(gloo_world.entry, gloo_world.WORLD_SIZE)
