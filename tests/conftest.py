@@ -91,3 +91,26 @@ def gloo_world_results():
     import gloo_world
 
     return gloo.spawn(gloo_world.entry, gloo_world.WORLD_SIZE)
+
+
+# The Hugging Face test files (hf_models.py) take these with
+# ``pytestmark = pytest.mark.usefixtures("one_thread", "torch_backend")``.
+@pytest.fixture(scope="module")
+def one_thread():
+    """The models are tiny: several CPU threads only add contention (10-50x slower on a busy
+    2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def torch_backend(monkeypatch):
+    monkeypatch.setenv("TRITON_XENT_BACKEND", "torch")
+
+
+@pytest.fixture
+def default_backend(torch_backend, monkeypatch):
+    """Undoes ``torch_backend``: the default backend choice."""
+    monkeypatch.delenv("TRITON_XENT_BACKEND")
