@@ -197,3 +197,19 @@ def prob_problem(seed, N=6, V=11):
     q = torch.softmax(torch.randn(N, V, generator=g, dtype=torch.float64), 1)
     w = torch.rand(V, generator=g, dtype=torch.float64) + 0.5
     return x, q, w, g
+
+
+# The drop-in contract's files (test_autocast_and_validation.py, test_api_and_errors.py,
+# test_dispatch.py): int targets with ignored rows, and a fullgraph compile without inductor.
+def logits_targets(N=12, C=40, dtype=torch.float32, seed=0, ignored=(3,)):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(N, C, generator=g) * 2).to(dtype)
+    t = torch.randint(0, C, (N,), generator=g)
+    for i in ignored:
+        t[i] = -100
+    return x, t
+
+
+def compile_aot_eager(fn):
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, backend="aot_eager")
