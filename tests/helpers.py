@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from triton_xent.reference import cross_entropy_reference
@@ -213,3 +214,16 @@ def logits_targets(N=12, C=40, dtype=torch.float32, seed=0, ignored=(3,)):
 def compile_aot_eager(fn):
     torch._dynamo.reset()
     return torch.compile(fn, fullgraph=True, backend="aot_eager")
+
+
+# The options grid of both ops' float64 checks (test_cross_entropy.py, test_linear_cross_entropy.py):
+# "weight": True stands for a class-weight vector the test draws.
+OPTIONS_GRID = [
+    pytest.param({}, id="plain"),
+    pytest.param({"label_smoothing": 0.15}, id="smooth"),
+    pytest.param({"weight": True}, id="weight"),
+    pytest.param({"weight": True, "label_smoothing": 0.3}, id="weight-smooth"),
+    pytest.param({"z_loss": 1e-2}, id="zloss"),
+    pytest.param({"softcap": 4.0}, id="softcap"),
+    pytest.param({"softcap": 4.0, "z_loss": 1e-3, "label_smoothing": 0.1, "weight": True}, id="all"),
+]
