@@ -73,3 +73,44 @@ def backend(request, small_blocks):
         pytest.skip(f"Triton kernel unavailable: {gap}")
     small_blocks.TRITON_NUM_SPLITS = TRITON_PATHS[name.split("-", 1)[1]]
     return "triton"
+
+
+@pytest.fixture
+def no_vmap_fallback():
+    """vmap without functorch's slow per-example fallback: an op without a vmap rule raises."""
+    torch._C._functorch._set_vmap_fallback_enabled(False)
+    yield
+    torch._C._functorch._set_vmap_fallback_enabled(True)
+
+
+@pytest.fixture(scope="session")
+def gloo_world_results():
+    """Runs the parts of test_parallel_more.py and test_dtensor.py on 4 gloo CPU processes, once
+    for both files (gloo_world.py); ``{rank: {part: "ok" | traceback}}``."""
+    import gloo
+    import gloo_world
+
+    return gloo.spawn(gloo_world.entry, gloo_world.WORLD_SIZE)
+
+
+# The Hugging Face test files (hf_models.py) take these with
+# ``pytestmark = pytest.mark.usefixtures("one_thread", "torch_backend")``.
+@pytest.fixture(scope="module")
+def one_thread():
+    """The models are tiny: several CPU threads only add contention (10-50x slower on a busy
+    2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def torch_backend(monkeypatch):
+    monkeypatch.setenv("TRITON_XENT_BACKEND", "torch")
+
+
+@pytest.fixture
+def default_backend(torch_backend, monkeypatch):
+    """Undoes ``torch_backend``: the default backend choice."""
+    monkeypatch.delenv("TRITON_XENT_BACKEND")

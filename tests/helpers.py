@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from triton_xent.reference import cross_entropy_reference
@@ -155,3 +156,74 @@ def compare(fn, input: torch.Tensor, target: torch.Tensor, *args, grad=True, see
         assert x.grad.dtype == dtype, f"gradient dtype {x.grad.dtype}, expected {dtype}"
         assert_close(x.grad, ref_in.grad, GRAD_TOL[dtype], dim=class_dim(x), what="gradient")
     return out, ref
+
+
+# The autograd-contract files (test_autograd_*.py): the torch backend runs in float64 (compared to
+# 1e-10), the Triton kernels in float32 through the interpreter.
+BACKENDS_64 = ["torch", "triton"]
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def backend_dtype(backend):
+    return torch.float64 if backend == "torch" else torch.float32
+
+
+def dtype_tol(dtype):
+    return TOL[dtype][1]
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def targets_with_ignored(N, V, g, ignore=(1,)):
+    t = torch.randint(0, V, (N,), generator=g)
+    t[list(ignore)] = -100
+    return t
+
+
+def fresh_leaf(t, dtype=None):
+    """A fresh leaf that requires grad (never the caller's tensor itself)."""
+    return t.detach().to(dtype or t.dtype).clone().requires_grad_()
+
+
+def close64(got, want, dtype, what=""):
+    e = rel_err(got, want)
+    assert e <= dtype_tol(dtype), f"{what}: rel err {e:.3g} > {dtype_tol(dtype)}"
+
+
+def prob_problem(seed, N=6, V=11):
+    g = gen(seed)
+    x = torch.randn(N, V, generator=g, dtype=torch.float64) * 2
+    q = torch.softmax(torch.randn(N, V, generator=g, dtype=torch.float64), 1)
+    w = torch.rand(V, generator=g, dtype=torch.float64) + 0.5
+    return x, q, w, g
+
+
+# The drop-in contract's files (test_autocast_and_validation.py, test_api_and_errors.py,
+# test_dispatch.py): int targets with ignored rows, and a fullgraph compile without inductor.
+def logits_targets(N=12, C=40, dtype=torch.float32, seed=0, ignored=(3,)):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(N, C, generator=g) * 2).to(dtype)
+    t = torch.randint(0, C, (N,), generator=g)
+    for i in ignored:
+        t[i] = -100
+    return x, t
+
+
+def compile_aot_eager(fn):
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, backend="aot_eager")
+
+
+# The options grid of both ops' float64 checks (test_cross_entropy.py, test_linear_cross_entropy.py):
+# "weight": True stands for a class-weight vector the test draws.
+OPTIONS_GRID = [
+    pytest.param({}, id="plain"),
+    pytest.param({"label_smoothing": 0.15}, id="smooth"),
+    pytest.param({"weight": True}, id="weight"),
+    pytest.param({"weight": True, "label_smoothing": 0.3}, id="weight-smooth"),
+    pytest.param({"z_loss": 1e-2}, id="zloss"),
+    pytest.param({"softcap": 4.0}, id="softcap"),
+    pytest.param({"softcap": 4.0, "z_loss": 1e-3, "label_smoothing": 0.1, "weight": True}, id="all"),
+]

@@ -1,8 +1,9 @@
-"""The autograd contract of both ops against PyTorch in float64 (issue 11, op layer): functorch
-transforms (vmap, torch.func.grad), probability targets that require grad, second derivatives,
+"""The autograd contract of both ops against PyTorch in float64 (issue 11, op layer), feature by
+feature: probability targets and class weights that require grad (eager, compiled, transformed),
 the in-place gradient's safety, a zero total weight with smoothing, the rounding of the gradient
 for an upstream gradient other than 1, and the aux outputs (differentiable lse, arg-max, token
-accuracy).
+accuracy). Transforms of the plain ops: test_autograd_transforms.py; second derivatives:
+test_autograd_second_order.py.
 
 The torch backend runs in float64 (compared to 1e-10), the Triton kernels in float32 through the
 interpreter, with small forced blocks (and splits) so multi-block paths run.
@@ -13,180 +14,21 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TOL, rel_err
+from helpers import BACKENDS_64 as BACKENDS
+from helpers import (
+    REDUCTIONS,
+    backend_dtype,
+    close64,
+    fresh_leaf,
+    gen,
+    prob_problem,
+    rel_err,
+    targets_with_ignored,
+)
 
 import triton_xent
 from triton_xent import CrossEntropyInputError, cross_entropy, linear_cross_entropy
 from triton_xent.reference import cross_entropy_reference
-
-BACKENDS = ["torch", "triton"]
-REDUCTIONS = ["mean", "sum", "none"]
-
-
-def _dtype(backend):
-    return torch.float64 if backend == "torch" else torch.float32
-
-
-def _tol(dtype):
-    return TOL[dtype][1]
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def _targets(N, V, g, ignore=(1,)):
-    t = torch.randint(0, V, (N,), generator=g)
-    t[list(ignore)] = -100
-    return t
-
-
-def _leaf(t, dtype=None):
-    """A fresh leaf that requires grad (never the caller's tensor itself)."""
-    return t.detach().to(dtype or t.dtype).clone().requires_grad_()
-
-
-def _close(got, want, dtype, what=""):
-    e = rel_err(got, want)
-    assert e <= _tol(dtype), f"{what}: rel err {e:.3g} > {_tol(dtype)}"
-
-
-@pytest.fixture
-def no_vmap_fallback():
-    """vmap without functorch's slow per-example fallback: an op without a vmap rule raises."""
-    torch._C._functorch._set_vmap_fallback_enabled(False)
-    yield
-    torch._C._functorch._set_vmap_fallback_enabled(True)
-
-
-# ---------------------------------------------------------------------------------------------
-# 1. functorch transforms
-
-
-@pytest.mark.parametrize("dims", ["logits", "target", "both"])
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_vmap_matches_pytorch(backend, reduction, dims, no_vmap_fallback, small_blocks):
-    """``vmap(lambda a: cross_entropy(a @ W.T, t))(x).sum().backward()``: W.grad (and x.grad)
-    as PyTorch's, in_dims over the logits, the targets, or both."""
-    dt = _dtype(backend)
-    B, N, D, V = 3, 5, 4, 37
-    g = _gen(0)
-    X = torch.randn(B, N, D, generator=g, dtype=torch.float64)
-    T = torch.stack([_targets(N, V, g, ignore=(i,)) for i in range(B)])
-    W0 = torch.randn(V, D, generator=g, dtype=torch.float64)
-    w = torch.rand(V, generator=g, dtype=torch.float64) + 0.5
-    kw = dict(reduction=reduction, label_smoothing=0.1)
-    in_dims = {"logits": (0, None), "target": (None, 0), "both": (0, 0)}[dims]
-
-    def args(x_in):
-        return (x_in if dims != "target" else x_in[0]), (T if dims != "logits" else T[0])
-
-    def ours(W, x_in):
-        f = lambda a, b: cross_entropy(a @ W.T, b, w.to(dt), backend=backend, **kw)  # noqa: E731
-        return torch.vmap(f, in_dims=in_dims)(*args(x_in))
-
-    def reference(W, x_in):
-        # What vmap means, as a loop: PyTorch's own F.cross_entropy cannot be vmapped over
-        # targets with class weights (a masked_select inside).
-        x, t = args(x_in)
-        return torch.stack([F.cross_entropy((x if in_dims[0] is None else x[i]) @ W.T,
-                                            t if in_dims[1] is None else t[i], w, **kw)
-                            for i in range(B)])
-
-    Wa, Xa = _leaf(W0, dt), _leaf(X, dt)
-    out = ours(Wa, Xa)
-    Wr, Xr = _leaf(W0), _leaf(X)
-    ref = reference(Wr, Xr)
-    assert out.shape == ref.shape
-    _close(out, ref, dt, "loss")
-    u = torch.randn(ref.shape, generator=g, dtype=torch.float64)
-    (out * u.to(dt)).sum().backward()
-    (ref * u).sum().backward()
-    assert Wa.grad is not None, "vmap dropped the gradient"
-    _close(Wa.grad, Wr.grad, dt, "W.grad")
-    _close(Xa.grad, Xr.grad, dt, "x.grad")
-
-
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_vmap_linear_cross_entropy(backend, reduction, no_vmap_fallback, small_blocks):
-    dt = _dtype(backend)
-    B, N, D, V = 2, 5, 4, 37
-    g = _gen(1)
-    X = torch.randn(B, N, D, generator=g, dtype=torch.float64)
-    T = torch.stack([_targets(N, V, g, ignore=(i,)) for i in range(B)])
-    W0 = torch.randn(V, D, generator=g, dtype=torch.float64)
-    b0 = torch.randn(V, generator=g, dtype=torch.float64)
-    kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-2)
-
-    Wa, ba, Xa = (_leaf(t, dt) for t in (W0, b0, X))
-    out = torch.vmap(lambda x, t: linear_cross_entropy(
-        x, Wa, t, linear_bias=ba, backend=backend, chunk_size=2, **kw))(Xa, T)
-    Wr, br, Xr = (_leaf(t) for t in (W0, b0, X))
-    ref = torch.vmap(lambda x, t: cross_entropy_reference(F.linear(x, Wr, br), t, **kw))(Xr, T)
-    _close(out, ref, dt, "loss")
-    u = torch.randn(ref.shape, generator=g, dtype=torch.float64)
-    (out * u.to(dt)).sum().backward()
-    (ref * u).sum().backward()
-    for name, a, r in (("W", Wa, Wr), ("b", ba, br), ("x", Xa, Xr)):
-        assert a.grad is not None, f"vmap dropped d{name}"
-        _close(a.grad, r.grad, dt, f"d{name}")
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_func_grad_and_per_sample_gradients(backend, no_vmap_fallback, small_blocks):
-    """torch.func.grad of the loss, and vmap(grad) (per-sample gradients), for both ops."""
-    dt = _dtype(backend)
-    N, D, V = 5, 4, 37
-    g = _gen(2)
-    x = torch.randn(N, V, generator=g, dtype=torch.float64)
-    t = _targets(N, V, g)
-    kw = dict(label_smoothing=0.1, z_loss=1e-2, softcap=4.0)
-    got = torch.func.grad(lambda a: cross_entropy(a, t, backend=backend, **kw))(x.to(dt))
-    want = torch.func.grad(lambda a: cross_entropy_reference(a, t, **kw))(x)
-    _close(got, want, dt, "func.grad")
-
-    X = torch.randn(3, N, V, generator=g, dtype=torch.float64)
-    T = torch.stack([_targets(N, V, g, ignore=(i,)) for i in range(3)])
-    got = torch.vmap(torch.func.grad(lambda a, b: cross_entropy(a, b, backend=backend, **kw)))(
-        X.to(dt), T)
-    want = torch.vmap(torch.func.grad(lambda a, b: cross_entropy_reference(a, b, **kw)))(X, T)
-    _close(got, want, dt, "vmap(grad)")
-
-    H = torch.randn(3, N, D, generator=g, dtype=torch.float64)
-    W = torch.randn(V, D, generator=g, dtype=torch.float64)
-
-    def per_sample(fn, W, dtype):
-        return torch.vmap(torch.func.grad(fn, argnums=1), in_dims=(0, None, 0))(H.to(dtype), W, T)
-
-    got = per_sample(lambda h, w_, t_: linear_cross_entropy(h, w_, t_, backend=backend,
-                                                            chunk_size=2, **kw), W.to(dt), dt)
-    want = per_sample(lambda h, w_, t_: cross_entropy_reference(h @ w_.T, t_, **kw), W,
-                      torch.float64)
-    _close(got, want, dt, "per-sample dW")
-
-
-@pytest.mark.parametrize("op", ["cross_entropy", "linear_cross_entropy"])
-def test_second_derivative_under_transforms_is_a_clear_error(op):
-    g = _gen(3)
-    x = torch.randn(4, 6, generator=g, dtype=torch.float64)
-    t = torch.tensor([1, 2, -100, 5])
-    if op == "cross_entropy":
-        f = lambda a: cross_entropy(a, t)  # noqa: E731
-    else:
-        W = torch.randn(9, 6, generator=g, dtype=torch.float64)
-        f = lambda a: linear_cross_entropy(a, W, t)  # noqa: E731
-    assert torch.func.grad(f)(x).shape == x.shape
-    with pytest.raises(RuntimeError, match="second derivative"):
-        torch.func.jacrev(torch.func.jacrev(f))(x)
-    with pytest.raises(RuntimeError, match="jvp"):  # forward mode: PyTorch's own error
-        torch.func.hessian(f)(x)
-
-
-# ---------------------------------------------------------------------------------------------
-# 2. probability targets that require grad
-
 
 PROB_OPTIONS = [
     pytest.param({}, id="plain"),
@@ -196,16 +38,8 @@ PROB_OPTIONS = [
 ]
 
 
-def _prob_problem(seed, N=6, V=11):
-    g = _gen(seed)
-    x = torch.randn(N, V, generator=g, dtype=torch.float64) * 2
-    q = torch.softmax(torch.randn(N, V, generator=g, dtype=torch.float64), 1)
-    w = torch.rand(V, generator=g, dtype=torch.float64) + 0.5
-    return x, q, w, g
-
-
 def _prob_grads(fn, x, q, w, opts, reduction, u, weight_grad=False):
-    x, q = _leaf(x), _leaf(q)
+    x, q = fresh_leaf(x), fresh_leaf(q)
     kw = dict(opts)
     if kw.pop("weight", False):
         kw["weight"] = w.clone().requires_grad_(weight_grad)
@@ -219,7 +53,7 @@ def _prob_grads(fn, x, q, w, opts, reduction, u, weight_grad=False):
 def test_probability_target_gradient(opts, reduction):
     """d(loss)/d(target) of class probabilities, as PyTorch: ``-w_c (1 - eps) log_softmax``
     times the reduction's scale and the upstream gradient (no row is ignored)."""
-    x, q, w, g = _prob_problem(4)
+    x, q, w, g = prob_problem(4)
     u = torch.randn(() if reduction != "none" else (6,), generator=g, dtype=torch.float64)
     got = _prob_grads(lambda *a, **k: cross_entropy(*a, backend="torch", **k), x, q, w, opts,
                       reduction, u)
@@ -235,7 +69,7 @@ def test_probability_target_gradient(opts, reduction):
 
 
 def test_probability_target_gradient_compiled_and_transformed():
-    x, q, w, g = _prob_problem(5)
+    x, q, w, g = prob_problem(5)
     opts = {"weight": True, "label_smoothing": 0.1}
     for reduction in ("mean", "none"):
         torch._dynamo.reset()
@@ -255,7 +89,7 @@ def test_probability_target_gradient_compiled_and_transformed():
 def test_class_weight_that_requires_grad(compiled):
     """Probability targets: PyTorch differentiates the class weights, and so do we. Class
     indices: PyTorch raises, and so do we (never a silently missing gradient)."""
-    x, q, w, g = _prob_problem(6)
+    x, q, w, g = prob_problem(6)
     fn = lambda *a, **k: cross_entropy(*a, backend="torch", **k)  # noqa: E731
     if compiled:
         torch._dynamo.reset()
@@ -268,161 +102,17 @@ def test_class_weight_that_requires_grad(compiled):
         assert a is not None and rel_err(a, b) < 1e-12, name
     t = torch.randint(0, 11, (6,), generator=g)
     with pytest.raises(RuntimeError, match="not differentiable"):
-        F.cross_entropy(_leaf(x), t, _leaf(w))
+        F.cross_entropy(fresh_leaf(x), t, fresh_leaf(w))
     for backend in BACKENDS:
         with pytest.raises(CrossEntropyInputError, match="weight.detach"):
             cross_entropy(x.float(), t, w.float().requires_grad_(), backend=backend)
     with pytest.raises(CrossEntropyInputError, match="weight.detach"):
         linear_cross_entropy(x, torch.randn(11, 11, dtype=torch.float64), t,
-                             weight=_leaf(w))
+                             weight=fresh_leaf(w))
 
 
 # ---------------------------------------------------------------------------------------------
 # 3. second derivatives (gradient penalties)
-
-
-DOUBLE_OPTIONS = [
-    pytest.param({}, id="plain"),
-    pytest.param({"weight": True, "label_smoothing": 0.1}, id="weight-smooth"),
-    pytest.param({"z_loss": 1e-2, "softcap": 3.0, "logit_scale": 0.7}, id="zloss-cap-scale"),
-    pytest.param({"weight": True, "label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 3.0,
-                  "logit_scale": 1.3}, id="all"),
-]
-
-
-def _penalty(loss_fn, leaves, wrt, u):
-    """``autograd.grad(f(loss), wrt, create_graph=True)``, then backward through a function of
-    that gradient (a gradient penalty); returns the leaves' gradients. ``f`` is not linear, so
-    the loss's upstream gradient depends on the loss itself."""
-    loss = loss_fn(*leaves)
-    objective = ((loss + 0.3 * loss.square()) * u.to(loss.dtype)).sum()
-    (gx,) = torch.autograd.grad(objective, leaves[wrt], create_graph=True)
-    (gx.square().sum() + (gx * leaves[wrt].detach().sin()).sum()).backward()
-    return [leaf.grad for leaf in leaves]
-
-
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("opts", DOUBLE_OPTIONS)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_double_backward_cross_entropy(backend, opts, reduction, small_blocks):
-    dt = _dtype(backend)
-    N, D, V = 6, 4, 37
-    g = _gen(7)
-    h0 = torch.randn(N, D, generator=g, dtype=torch.float64)
-    W0 = torch.randn(V, D, generator=g, dtype=torch.float64)
-    t = _targets(N, V, g)
-    w = torch.rand(V, generator=g, dtype=torch.float64) + 0.5
-    u = torch.randn(() if reduction != "none" else (N,), generator=g, dtype=torch.float64) + 1
-
-    def make(fn, dtype):
-        kw = dict(opts, reduction=reduction)
-        if kw.pop("weight", False):
-            kw["weight"] = w.to(dtype)
-        if reduction == "sum" and "logit_scale" in opts:
-            kw["divisor"] = 3.0
-        return lambda h, W: fn(h @ W.T, t, **kw)
-
-    leaves = [_leaf(h0, dt), _leaf(W0, dt)]
-    got = _penalty(make(lambda *a, **k: cross_entropy(*a, backend=backend, **k), dt), leaves, 0, u)
-    ref_leaves = [_leaf(h0), _leaf(W0)]
-    want = _penalty(make(cross_entropy_reference, torch.float64), ref_leaves, 0, u)
-    for name, a, b in zip(("h", "W"), got, want):
-        _close(a, b, dt, f"d(penalty)/d{name}")
-
-
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_double_backward_probability_targets(reduction):
-    x, q, w, g = _prob_problem(8)
-    u = torch.randn(() if reduction != "none" else (6,), generator=g, dtype=torch.float64) + 1
-    kw = dict(weight=w, label_smoothing=0.1, reduction=reduction)
-    got = _penalty(lambda a, b: cross_entropy(a, b, **kw),
-                   [_leaf(x), _leaf(q)], 0, u)
-    want = _penalty(lambda a, b: F.cross_entropy(a, b, **kw),
-                    [_leaf(x), _leaf(q)], 0, u)
-    for name, a, b in zip(("input", "target"), got, want):
-        assert rel_err(a, b) < 1e-10, name
-
-
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_double_backward_linear_cross_entropy(backend, reduction, small_blocks):
-    dt = _dtype(backend)
-    N, D, V = 6, 4, 37
-    g = _gen(9)
-    h0, W0 = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((N, D), (V, D)))
-    b0 = torch.randn(V, generator=g, dtype=torch.float64)
-    t = _targets(N, V, g)
-    u = torch.randn(() if reduction != "none" else (N,), generator=g, dtype=torch.float64) + 1
-    w = torch.rand(V, generator=g, dtype=torch.float64) + 0.5
-    kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-2, softcap=3.0,
-              logit_scale=0.8)
-    got = _penalty(lambda h, W, b: linear_cross_entropy(h, W, t, linear_bias=b, weight=w.to(dt),
-                                                        backend=backend, chunk_size=4, **kw),
-                   [_leaf(x, dt) for x in (h0, W0, b0)], 0, u)
-    want = _penalty(lambda h, W, b: cross_entropy_reference(F.linear(h, W, b), t, w, **kw),
-                    [_leaf(x) for x in (h0, W0, b0)], 0, u)
-    for name, a, b in zip(("h", "W", "b"), got, want):
-        _close(a, b, dt, f"d(penalty)/d{name}")
-
-
-@pytest.mark.parametrize("skip_ignored", [False, True], ids=["all-rows", "skip-ignored"])
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_double_backward_through_aux_lse(backend, reduction, skip_ignored, small_blocks):
-    """A gradient penalty on a loss that includes the user's own z-loss through ``aux.lse``
-    and ``aux.z_loss``, for both ops; every row's lse is its log-sum-exp, ignored rows included,
-    whatever ``skip_ignored`` says (return_aux computes the rows skipping would leave out)."""
-    dt = _dtype(backend)
-    N, D, V = 6, 4, 37
-    g = _gen(18)
-    h0, W0 = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((N, D), (V, D)))
-    t = _targets(N, V, g, ignore=(1, 4))
-    u = torch.randn(() if reduction != "none" else (N,), generator=g, dtype=torch.float64) + 1
-    kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-2)
-
-    def total(loss, lse, z_term):
-        z = 0.1 * lse.square() + 0.05 * lse
-        return loss + (z if reduction == "none" else z.sum()) + 2 * z_term
-
-    def ce(h, W):
-        loss, aux = cross_entropy(h @ W.T, t, return_aux=True, backend=backend, **kw)
-        return total(loss, aux.lse, aux.z_loss)
-
-    def lin(h, W):
-        loss, aux = linear_cross_entropy(h, W, t, return_aux=True, backend=backend, chunk_size=4,
-                                         skip_ignored=skip_ignored, **kw)
-        return total(loss, aux.lse, aux.z_loss)
-
-    def reference(h, W):
-        loss, lse, z_term = cross_entropy_reference(h @ W.T, t, return_aux=True, **kw)
-        return total(loss, lse, z_term)
-
-    for name, fn in (("cross_entropy", ce), ("linear", lin)):
-        got = _penalty(fn, [_leaf(h0, dt), _leaf(W0, dt)], 0, u)
-        want = _penalty(reference, [_leaf(h0), _leaf(W0)], 0, u)
-        for leaf, a, b in zip(("h", "W"), got, want):
-            _close(a, b, dt, f"{name}: d(penalty)/d{leaf}")
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_double_backward_clear_errors(backend):
-    """Where a second derivative cannot be had, it raises (never a silent zero): in place (the
-    logits are gone) and compiled."""
-    x = torch.randn(4, 9, dtype=torch.float32, requires_grad=True)
-    t = torch.tensor([1, 2, -100, 5])
-    loss = cross_entropy(x * 1.0, t, inplace_backward=True, backend=backend)
-    with pytest.raises(RuntimeError, match="second derivative"):
-        torch.autograd.grad(loss, x, create_graph=True)
-    torch._dynamo.reset()
-    f = torch.compile(lambda a: cross_entropy(a, t, backend=backend), fullgraph=True,
-                      backend="aot_eager")
-    (gx,) = torch.autograd.grad(f(x), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward|second derivative"):
-        gx.square().sum().backward()
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. inplace_backward safety
 
 
 def _refused(backend, make, base, match):
@@ -468,15 +158,15 @@ def test_inplace_documented_use(backend, reduction, small_blocks):
     """A Linear layer's output, any reduction, a random upstream gradient: the gradient is
     PyTorch's (rounded twice where the upstream is not 1, see the README), in the logits'
     storage."""
-    dt = _dtype(backend)
+    dt = backend_dtype(backend)
     N, D, V = 7, 5, 45
-    g = _gen(10)
+    g = gen(10)
     lin = torch.nn.Linear(D, V, dtype=torch.float64)
     ref_lin = torch.nn.Linear(D, V, dtype=torch.float64)
     ref_lin.load_state_dict(lin.state_dict())
     lin = lin.to(dt)
     h = torch.randn(N, D, generator=g, dtype=torch.float64)
-    t = _targets(N, V, g)
+    t = targets_with_ignored(N, V, g)
     w = torch.rand(V, generator=g, dtype=torch.float64) + 0.5
     u = torch.randn(() if reduction != "none" else (N,), generator=g, dtype=torch.float64) + 2
     logits = lin(h.to(dt))
@@ -488,8 +178,8 @@ def test_inplace_documented_use(backend, reduction, small_blocks):
     loss.backward(u.to(dt))
     cross_entropy_reference(ref_lin(h), t, w, **kw).backward(u)
     assert seen == [ptr], "the gradient is not in the logits' storage"
-    _close(lin.weight.grad, ref_lin.weight.grad, dt, "dW")
-    _close(lin.bias.grad, ref_lin.bias.grad, dt, "db")
+    close64(lin.weight.grad, ref_lin.weight.grad, dt, "dW")
+    close64(lin.bias.grad, ref_lin.bias.grad, dt, "db")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,19 +191,19 @@ def test_zero_total_weight_with_smoothing_is_nan(backend):
     """A weighted mean over kept targets whose weights are all 0: 0/0 plus the smoothing term
     is NaN in PyTorch (loss, and the kept rows' gradient; an ignored row's stays 0); so is
     ours, in both ops."""
-    dt = _dtype(backend)
-    g = _gen(11)
+    dt = backend_dtype(backend)
+    g = gen(11)
     x = torch.randn(5, 9, generator=g, dtype=torch.float64)
     t = torch.tensor([1, 2, -100, 3, 1])
     w = torch.rand(9, generator=g, dtype=torch.float64) + 0.5
     w[[1, 2, 3]] = 0.0  # every kept target has weight 0; other classes do not
-    xr = _leaf(x)
+    xr = fresh_leaf(x)
     ref = F.cross_entropy(xr, t, w, label_smoothing=0.1)
     ref.backward()
     nan_rows = torch.tensor([True, True, False, True, True])
     assert torch.isnan(ref) and torch.equal(torch.isnan(xr.grad).all(1), nan_rows)
     assert torch.equal(xr.grad[2], torch.zeros(9, dtype=torch.float64))
-    xa = _leaf(x, dt)
+    xa = fresh_leaf(x, dt)
     loss = cross_entropy(xa, t, w.to(dt), label_smoothing=0.1, backend=backend)
     loss.backward()
     assert torch.isnan(loss), f"got {loss}, PyTorch gives NaN"
@@ -547,24 +237,24 @@ def test_bf16_gradient_rounded_once_for_any_upstream(backend, reduction):
     (to within the fp32 math: <= 0.55 ulp, a handful of ties), where PyTorch's own bf16 is far
     coarser; ``inplace_backward`` scales an already rounded gradient (rounded twice, < 1.5 ulp,
     as the README says)."""
-    g = _gen(12)
+    g = gen(12)
     N, V = 24, 515
     x = (torch.randn(N, V, generator=g) * 3).bfloat16()
-    t = _targets(N, V, g, ignore=(0, 7))
+    t = targets_with_ignored(N, V, g, ignore=(0, 7))
     kw = dict(reduction=reduction, label_smoothing=0.1)
     x64 = x.double().requires_grad_()
     ref = F.cross_entropy(x64, t, **kw)
     up = (torch.rand(ref.shape, generator=g, dtype=torch.float64) * 3 + 0.1).bfloat16()
     ref.backward(up.double())
-    xt = _leaf(x)
+    xt = fresh_leaf(x)
     F.cross_entropy(xt, t, **kw).backward(up)
     torch_mismatch, torch_ulps = _ulp_errors(xt.grad, x64.grad)
-    xa = _leaf(x)
+    xa = fresh_leaf(x)
     cross_entropy(xa, t, backend=backend, **kw).backward(up)
     mismatch, ulps = _ulp_errors(xa.grad, x64.grad)
     assert ulps <= 0.55 and mismatch <= x.numel() // 1000, (mismatch, ulps)
     assert ulps < torch_ulps and mismatch < torch_mismatch
-    leaf = _leaf(x)
+    leaf = fresh_leaf(x)
     cross_entropy(leaf * 1, t, backend=backend, inplace_backward=True, **kw).backward(up)
     _, ulps_inplace = _ulp_errors(leaf.grad, x64.grad)
     assert ulps_inplace < 1.5, ulps_inplace
@@ -579,22 +269,22 @@ def test_bf16_gradient_rounded_once_for_any_upstream(backend, reduction):
 def test_aux_lse_is_differentiable(backend, reduction, small_blocks):
     """A user's own z-loss through ``aux.lse`` (ignored rows included), alone or with the loss
     (and ``aux.z_loss``), equals PyTorch's (logsumexp of the transformed logits)."""
-    dt = _dtype(backend)
-    g = _gen(13)
+    dt = backend_dtype(backend)
+    g = gen(13)
     N, V = 8, 45
     x = torch.randn(N, V, generator=g, dtype=torch.float64) * 3
-    t = _targets(N, V, g, ignore=(0, 5))
+    t = targets_with_ignored(N, V, g, ignore=(0, 5))
     kw = dict(reduction=reduction, label_smoothing=0.1, softcap=5.0, logit_scale=0.8,
               z_loss=1e-2)
     w = torch.rand(V, generator=g, dtype=torch.float64) + 0.5  # weighted mean: D_ce != D_z
     v = torch.randn(N, generator=g, dtype=torch.float64)
     u = torch.randn(() if reduction != "none" else (N,), generator=g, dtype=torch.float64)
     for with_loss in (False, True):
-        xa, xr = _leaf(x, dt), _leaf(x)
+        xa, xr = fresh_leaf(x, dt), fresh_leaf(x)
         loss, aux = cross_entropy(xa, t, w.to(dt), return_aux=True, backend=backend, **kw)
         ref, lse, z = cross_entropy_reference(xr, t, w, return_aux=True, **kw)
         assert aux.lse.requires_grad and aux.z_loss.requires_grad
-        _close(aux.lse, lse, dt, "lse")
+        close64(aux.lse, lse, dt, "lse")
         obj = (aux.lse.square() * v.to(dt)).sum()
         robj = (lse.square() * v).sum()
         if with_loss:
@@ -602,9 +292,9 @@ def test_aux_lse_is_differentiable(backend, reduction, small_blocks):
             robj = robj + (ref * u).sum() + (z * u).sum() * 3
         obj.backward()
         robj.backward()
-        _close(xa.grad, xr.grad, dt, f"grad with_loss={with_loss}")
+        close64(xa.grad, xr.grad, dt, f"grad with_loss={with_loss}")
     # In place, the logits are gone: differentiating the lse says so.
-    loss, aux = cross_entropy(_leaf(x, dt) * 1, t, return_aux=True,
+    loss, aux = cross_entropy(fresh_leaf(x, dt) * 1, t, return_aux=True,
                               inplace_backward=True, backend=backend)
     with pytest.raises(RuntimeError, match="inplace_backward"):
         (loss + aux.lse.sum()).backward()
@@ -616,47 +306,47 @@ def test_aux_lse_is_differentiable(backend, reduction, small_blocks):
 def test_linear_aux_lse_is_differentiable(backend, reduction, skip_ignored, small_blocks):
     """The same through the fused head; with ``return_aux`` every row's lse is its log-sum-exp,
     ignored rows included, whatever ``skip_ignored`` says (as cross_entropy's)."""
-    dt = _dtype(backend)
-    g = _gen(14)
+    dt = backend_dtype(backend)
+    g = gen(14)
     N, D, V = 7, 4, 45
     h0, W0 = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((N, D), (V, D)))
-    t = _targets(N, V, g, ignore=(0, 4))
+    t = targets_with_ignored(N, V, g, ignore=(0, 4))
     kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-2)
     v = torch.randn(N, generator=g, dtype=torch.float64)
     u = torch.randn(() if reduction != "none" else (N,), generator=g, dtype=torch.float64)
-    h, W = _leaf(h0, dt), _leaf(W0, dt)
+    h, W = fresh_leaf(h0, dt), fresh_leaf(W0, dt)
     loss, aux = linear_cross_entropy(h, W, t, return_aux=True, backend=backend, chunk_size=3,
                                      skip_ignored=skip_ignored, **kw)
-    hr, Wr = _leaf(h0), _leaf(W0)
+    hr, Wr = fresh_leaf(h0), fresh_leaf(W0)
     ref, lse, z = cross_entropy_reference(hr @ Wr.T, t, return_aux=True, **kw)
-    _close(aux.lse, lse, dt, "lse")
+    close64(aux.lse, lse, dt, "lse")
     # (a linear term too: an ignored row's lse passes its gradient)
     ((aux.lse.square() * v.to(dt) + aux.lse).sum() + (loss * u.to(dt)).sum()
      + 3 * (aux.z_loss * u.to(dt)).sum()).backward()
     ((lse.square() * v + lse).sum() + (ref * u).sum() + 3 * (z * u).sum()).backward()
-    _close(h.grad, hr.grad, dt, "dh")
-    _close(W.grad, Wr.grad, dt, "dW")
+    close64(h.grad, hr.grad, dt, "dh")
+    close64(W.grad, Wr.grad, dt, "dW")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_aux_gradients_compiled_and_vmapped(backend, no_vmap_fallback):
     """``aux.lse`` and ``aux.z_loss`` carry their gradients on the functional path too."""
-    dt = _dtype(backend)
-    g = _gen(15)
+    dt = backend_dtype(backend)
+    g = gen(15)
     x = torch.randn(6, 30, generator=g, dtype=torch.float64)
-    t = _targets(6, 30, g)
+    t = targets_with_ignored(6, 30, g)
     kw = dict(z_loss=1e-2, label_smoothing=0.1)
-    xr = _leaf(x)
+    xr = fresh_leaf(x)
     ref, lse, z = cross_entropy_reference(xr, t, return_aux=True, **kw)
     (ref + lse.square().mean() + 3 * z).backward()
     torch._dynamo.reset()
     f = torch.compile(lambda a: cross_entropy(a, t, return_aux=True, backend=backend, **kw),
                       fullgraph=True, backend="aot_eager")
-    xa = _leaf(x, dt)
+    xa = fresh_leaf(x, dt)
     loss, aux = f(xa)
     (loss + aux.lse.square().mean() + 3 * aux.z_loss).backward()
-    _close(xa.grad, xr.grad, dt, "compiled")
-    xv = _leaf(x, dt)
+    close64(xa.grad, xr.grad, dt, "compiled")
+    xv = fresh_leaf(x, dt)
 
     def one(a, b):
         loss, aux = cross_entropy(a, b, return_aux=True, reduction="none", backend=backend, **kw)
@@ -666,7 +356,7 @@ def test_aux_gradients_compiled_and_vmapped(backend, no_vmap_fallback):
     xr.grad = None
     ref, lse, z = cross_entropy_reference(xr, t, return_aux=True, reduction="none", **kw)
     (ref + lse.square() + 3 * z).sum().backward()
-    _close(xv.grad, xr.grad, dt, "vmapped")
+    close64(xv.grad, xr.grad, dt, "vmapped")
 
 
 def _tied_logits(N, V, g):
@@ -693,12 +383,12 @@ def test_argmax_and_accuracy(backend, splits, small_blocks):
     """``return_argmax=True``: the first maximal class of each row (torch.argmax's tie rule),
     -1 on ignored rows, and the accuracy over the kept rows; for both ops."""
     small_blocks.TRITON_NUM_SPLITS = splits
-    g = _gen(16)
+    g = gen(16)
     N, V = 9, 75
     x = _tied_logits(N, V, g)
     t = torch.randint(0, V, (N,), generator=g)
     t[3], t[4], t[5] = -100, int(x[4].argmax()), int(x[5].argmax())
-    dt = _dtype(backend)
+    dt = backend_dtype(backend)
     for kw in ({}, {"softcap": 20.0, "logit_scale": 0.5}, {"reduction": "none"}):
         _, aux = cross_entropy(x.to(dt), t, return_aux=True, return_argmax=True,
                                backend=backend, **kw)
@@ -751,7 +441,7 @@ def test_argmax_options_and_errors():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_argmax_compiled_and_vmapped(backend, no_vmap_fallback):
-    g = _gen(17)
+    g = gen(17)
     x = _tied_logits(6, 40, g).float()
     t = torch.randint(0, 40, (6,), generator=g)
     t[2] = -100

@@ -13,7 +13,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import GRAD_TOL, LOSS_TOL, assert_close, compare, upstream_like
+from helpers import GRAD_TOL, LOSS_TOL, OPTIONS_GRID, assert_close, compare, upstream_like
 
 import triton_xent
 import triton_xent._config as config
@@ -38,15 +38,7 @@ def _fn(backend):
     return functools.partial(cross_entropy, backend=backend)
 
 
-OPTIONS = [
-    pytest.param({}, id="plain"),
-    pytest.param({"label_smoothing": 0.15}, id="smooth"),
-    pytest.param({"weight": True}, id="weight"),
-    pytest.param({"weight": True, "label_smoothing": 0.3}, id="weight-smooth"),
-    pytest.param({"z_loss": 1e-2}, id="zloss"),
-    pytest.param({"softcap": 4.0}, id="softcap"),
-    pytest.param({"softcap": 4.0, "z_loss": 1e-3, "label_smoothing": 0.1, "weight": True}, id="all"),
-]
+OPTIONS = OPTIONS_GRID
 
 
 def _kwargs(opts, C, seed=1):

@@ -1,15 +1,29 @@
-"""The dispatcher's choices, explain(), the environment variable, torch.compile and opcheck."""
+"""The dispatcher: its choices, explain(), the environment variables (TRITON_XENT_BACKEND,
+TRITON_INTERPRET as Triton reads it), the fallback without the interpreter and its log (never
+while compiling), the interpreter lock, torch.compile, opcheck of the custom ops, and the
+``Backend`` protocol both backends implement."""
 
 from __future__ import annotations
 
+import inspect
 import logging
+import os
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
-from helpers import LOSS_TOL, assert_close
+import torch.nn.functional as F
+from helpers import LOSS_TOL, assert_close, compile_aot_eager, logits_targets
 
 import triton_xent
-from triton_xent import BackendUnavailableError, cross_entropy, explain
+from triton_xent import (
+    BackendUnavailableError,
+    cross_entropy,
+    explain,
+    linear_cross_entropy,
+)
 from triton_xent.reference import cross_entropy_reference
 
 X = torch.randn(4, 40)
@@ -130,7 +144,6 @@ def test_backends_implement_the_protocol(name):
     """Both backend modules provide every entry point of ``Backend`` with its exact signature
     (names, kinds, defaults): the op layer drives either through one pipeline."""
     import importlib
-    import inspect
 
     from triton_xent.backends.protocol import Backend
 
@@ -145,3 +158,109 @@ def test_backends_implement_the_protocol(name):
         got = inspect.signature(getattr(module, entry))
         assert [(p.name, p.kind, p.default) for p in got.parameters.values()] == [
             (p.name, p.kind, p.default) for p in want.parameters.values()], (name, entry)
+
+
+# ------------------------------------------------------------------------------------------------
+# Item 9: the dispatcher does not log while torch.compile traces (Dynamo cannot trace a logger).
+
+
+def test_no_logging_while_compiling(caplog):
+    x, t = logits_targets(dtype=torch.float64)  # float64: auto falls back to torch and logs why
+    triton_xent.dispatch._logged_reasons.clear()
+    triton_xent.dispatch._choices.clear()
+    with caplog.at_level(logging.INFO, logger="triton_xent"):
+        loss = compile_aot_eager(lambda a, b: cross_entropy(a, b))(x, t)
+        assert torch.allclose(loss, F.cross_entropy(x, t))
+        h, W = x[:, :8].contiguous(), torch.randn(40, 8, dtype=torch.float64)
+        loss = compile_aot_eager(lambda a, b: linear_cross_entropy(a, W, b))(h, t)
+        assert torch.allclose(loss, F.cross_entropy(h @ W.T, t))
+        assert not caplog.records
+        cross_entropy(x, t)  # eager: logged, once
+        cross_entropy(x, t)
+    assert sum("torch backend" in r.message for r in caplog.records) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Item 10: environment variables and the interpreter.
+
+
+@pytest.mark.parametrize("value, backend", [("true", "triton"), ("TRUE", "triton"), ("on", "triton"),
+                                            ("1", "triton"), ("0", "torch"), ("false", "torch")])
+def test_triton_interpret_values_as_triton_reads_them(monkeypatch, value, backend):
+    x, t = logits_targets()
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert explain(x, t).backend == backend
+
+
+def test_triton_interpret_set_after_import_triton_falls_back():
+    """Set after `import triton`, the interpreter cannot run the kernels: auto falls back with the
+    reason, backend='triton' raises it, and nothing crashes. A fresh process, as it needs."""
+    code = """
+import os
+import torch, triton
+os.environ["TRITON_INTERPRET"] = "1"
+import torch.nn.functional as F
+import triton_xent
+from triton_xent import BackendUnavailableError
+x, t = torch.randn(4, 10), torch.tensor([1, 2, 3, -100])
+c = triton_xent.explain(x, t)
+assert c.backend == "torch" and "before `import triton`" in c.reason, c
+assert torch.allclose(triton_xent.cross_entropy(x, t), F.cross_entropy(x, t))
+try:
+    triton_xent.cross_entropy(x, t, backend="triton")
+    raise SystemExit("no error")
+except BackendUnavailableError as exc:
+    assert "triton was imported before it was set" in str(exc), exc
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_XENT_BACKEND")}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_interpreter_calls_are_serialised(monkeypatch, small_blocks):
+    """The interpreter is not thread-safe: every kernel launch of an eager call runs under the
+    interpreter lock, and concurrent calls give the right results."""
+    import triton_xent.backends.triton_ce as launcher
+    from triton_xent.dispatch import LOCK
+
+    held = []
+    launch = launcher.ce_forward
+
+    def spy(*args, **kwargs):
+        held.append(LOCK._is_owned())
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(launcher, "ce_forward", spy)
+    x, t = logits_targets(N=4, C=40)
+    cross_entropy(x.requires_grad_(), t, backend="triton").backward()
+    xc, tc = logits_targets()
+    h, w = xc[:, :7].contiguous(), torch.randn(40, 7)  # hidden states and a head with C=40
+    linear_cross_entropy(h.requires_grad_(), w, tc, backend="triton").backward()
+    assert len(held) >= 2 and all(held), held
+    monkeypatch.undo()
+
+    errors, wrong = [], []
+
+    def work(seed):
+        xs, ts = logits_targets(N=2, C=256, seed=seed, ignored=())
+        for _ in range(3):
+            try:
+                if not torch.allclose(cross_entropy(xs, ts, backend="triton"), F.cross_entropy(xs, ts), atol=1e-5):
+                    wrong.append(seed)
+            except Exception as exc:  # what the interpreter raises when two kernels overlap
+                errors.append(repr(exc))
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert not errors and not wrong, errors[:2]

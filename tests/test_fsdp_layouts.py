@@ -34,7 +34,7 @@ from gloo import Parts, check_part, init, spawn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 transformers = pytest.importorskip("transformers")
-from test_transformers_integration import GRAD_TOL, VOCAB, make_batch, make_config  # noqa: E402
+from hf_models import GRAD_TOL, VOCAB, make_batch, make_config  # noqa: E402
 
 from triton_xent.integrations import transformers as tx  # noqa: E402
 
@@ -509,7 +509,7 @@ def test_head_problems_name_the_cause():
 
 
 def test_fsdp_schedule_option_is_checked():
-    from test_transformers_integration import make_model
+    from hf_models import make_model
 
     with pytest.raises(ValueError, match="fsdp_schedule"):
         tx.patch(make_model("llama"), fsdp_schedule="never")

@@ -18,7 +18,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from test_transformers_integration import (  # noqa: E402
+from hf_models import (  # noqa: E402
     DENSE,
     GRAD_TOL,
     LOSS_TOL,
@@ -35,18 +35,7 @@ SCALED = ["cohere", "granite"]
 MULTIMODAL = ["llava", "qwen2_vl", "qwen2_5_vl", "gemma3", "mllama"]
 FAMILIES = MOE + SCALED + MULTIMODAL
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def torch_backend(monkeypatch):
-    monkeypatch.setenv("TRITON_XENT_BACKEND", "torch")
+pytestmark = pytest.mark.usefixtures("one_thread", "torch_backend")
 
 
 @pytest.mark.parametrize("fused", [pytest.param(True, id="fused"), pytest.param(False, id="unfused")])

@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # the Trainer needs it
 
 import transformers  # noqa: E402
-from test_transformers_integration import (  # noqa: E402
+from hf_models import (  # noqa: E402
     LOSS_TOL,
     VOCAB,
     assert_grads_close,
@@ -31,18 +31,7 @@ from test_transformers_integration import (  # noqa: E402
 
 from triton_xent.integrations import transformers as tx  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def torch_backend(monkeypatch):
-    monkeypatch.setenv("TRITON_XENT_BACKEND", "torch")
+pytestmark = pytest.mark.usefixtures("one_thread", "torch_backend")
 
 
 def sequences(n=12, seed=0):

@@ -16,7 +16,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BACKENDS, GRAD_TOL, LOSS_TOL, assert_close, rel_err, upstream_like
+from helpers import BACKENDS, GRAD_TOL, LOSS_TOL, OPTIONS_GRID, assert_close, rel_err, upstream_like
 
 import triton_xent
 from triton_xent import CrossEntropyInputError, linear_cross_entropy
@@ -106,15 +106,7 @@ def check(x, w, b, t, *, needs=(True, True, True), reduction="mean", backend="to
     return out, ref
 
 
-OPTIONS = [
-    pytest.param({}, id="plain"),
-    pytest.param({"label_smoothing": 0.15}, id="smooth"),
-    pytest.param({"weight": True}, id="weight"),
-    pytest.param({"weight": True, "label_smoothing": 0.3}, id="weight-smooth"),
-    pytest.param({"z_loss": 1e-2}, id="zloss"),
-    pytest.param({"softcap": 4.0}, id="softcap"),
-    pytest.param({"softcap": 4.0, "z_loss": 1e-3, "label_smoothing": 0.1, "weight": True}, id="all"),
-]
+OPTIONS = OPTIONS_GRID
 
 
 def _opts(opts, dtype=torch.float32):

@@ -16,7 +16,6 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (spawned children too)
 
 import contextlib
-import datetime
 import json
 import tempfile
 import traceback
@@ -301,9 +300,7 @@ def test_gloo(name, gloo_results):
 
 SHARDINGS = ([0, 20, 17], [20, 0, 17], [20, 17, 0])
 def _sharding_entry(rank, world, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=15))
+    gloo.init(rank, world, f"file://{out_dir}/rendezvous", timeout_s=15)
     results = []
     try:
         for sizes in SHARDINGS:  # the same rows and options; only the shard sizes change
@@ -353,7 +350,7 @@ def _one_gpu_entry(rank, world, init_method):
     # Every rank on the one device: gloo moves CUDA tensors through host memory (NCCL refuses two
     # ranks on one GPU). The Triton kernels are the compiled ones.
     torch.cuda.set_device(0)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    gloo.init(rank, world, init_method, timeout_s=600)  # (each rank compiles its kernels)
     try:
         dev = torch.device("cuda", 0)
         V, sizes = 50257, [16753, 16752, 16752][:world]
