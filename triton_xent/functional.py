@@ -86,7 +86,9 @@ def _build(a: dict, *, group) -> _Built:
     logit_scale = a["logit_scale"]
     if logit_scale is not None:
         logit_scale = checks.check_logit_scale(logit_scale)
-    temperature = checks.check_temperature(a["temperature"])
+    temperature = a["temperature"]
+    if temperature is not None:
+        temperature = checks.check_temperature(temperature)
     if a["return_argmax"] is not False:
         checks.check_return_argmax(a["return_argmax"], a["return_aux"])
     validating = checks.validation_requested(a["validate"])

@@ -325,7 +325,9 @@ def _checked_options(a: dict):
     logit_scale = a["logit_scale"]
     if logit_scale is not None:
         logit_scale = V.check_logit_scale(logit_scale)
-    temperature = V.check_temperature(a["temperature"])
+    temperature = a["temperature"]
+    if temperature is not None:
+        temperature = V.check_temperature(temperature)
     if a["return_argmax"] is not False:
         V.check_return_argmax(a["return_argmax"], a["return_aux"])
     V.validation_requested(a["validate"])  # a bad value, or environment variable, raises here

@@ -62,6 +62,7 @@ from .triton_plan import (  # noqa: F401 (the plan's names, also read through th
     _warps_for_block,
     cuda_spec,
     heavy_features,
+    kernel_flags,
     persistent_programs,
     plan,
     programs_per_sm,
@@ -122,18 +123,6 @@ def check_logits(logits: torch.Tensor) -> None:
     if logits.device.type == "cpu" and not INTERPRETED:
         raise ValueError("logits is on the CPU: the Triton kernels need a GPU tensor, or "
                          "TRITON_INTERPRET=1 set before triton is imported (interpreter, for tests).")
-
-
-@functools.lru_cache(maxsize=256)
-def _flags(opts: Options, has_weight: bool) -> dict:
-    scale, softcap = opts.transform()  # the temperature folded into these two
-    return dict(
-        HAS_WEIGHT=has_weight,
-        HAS_SMOOTHING=opts.label_smoothing > 0.0,
-        HAS_SCALE=scale is not None,
-        HAS_SOFTCAP=softcap is not None,
-        HAS_ARGMAX=bool(opts.argmax),
-    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -208,7 +197,7 @@ def ce_forward(
     # (N,) / (V,) vectors: the kernels index them with unit stride (a copy only when strided).
     target = target.contiguous()
     weight = None if weight is None else weight.contiguous()
-    flags = _flags(opts, weight is not None)
+    flags = kernel_flags(opts, weight is not None)
     scale, cap = _scalars(opts)
     ce, z, lse, loss_rows, argmax, stats = _row_buffers(N, device, opts, out_dtype)
     grad = None
@@ -301,7 +290,8 @@ def ce_partials(
             opts.ignore_index, scale, cap, opts.inv_divisor,
             BLOCK_V=block_v, BLOCK_N=BLOCK_N, REDUCTION=_RED[opts.reduction],
             COMPUTE_DENS=dens_out is not None, HAS_DIVISOR=divisor is not None,
-            ALL_ROWS=bool(opts.all_rows), num_warps=num_warps, **_flags(opts, weight is not None),
+            ALL_ROWS=bool(opts.all_rows), num_warps=num_warps,
+            **kernel_flags(opts, weight is not None),
         )
     return part, part_idx
 
@@ -370,7 +360,7 @@ def ce_finish(
             HAS_UPSTREAM=upstream is not None, HAS_UPSTREAM_LSE=upstream_lse is not None,
             SKIP_UNIT=skip_unit,
             WRITE_STATS=compute_loss and stats is not None, EMULATE_RTNE=INTERPRETED,
-            num_warps=num_warps, **_flags(opts, weight is not None),
+            num_warps=num_warps, **kernel_flags(opts, weight is not None),
         )
 
 

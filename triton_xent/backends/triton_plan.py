@@ -161,12 +161,25 @@ def persistent_programs(work: int, num_warps: int, spec: DeviceSpec = H100,
 
 
 @functools.lru_cache(maxsize=256)
+def kernel_flags(opts: Options, has_weight: bool) -> dict:
+    """The kernels' feature flags (constexprs) of a call's options: the logit transform as the
+    backends apply it, the temperature folded in (``Options.transform``)."""
+    scale, softcap = opts.transform()
+    return dict(
+        HAS_WEIGHT=has_weight,
+        HAS_SMOOTHING=opts.label_smoothing > 0.0,
+        HAS_SCALE=scale is not None,
+        HAS_SOFTCAP=softcap is not None,
+        HAS_ARGMAX=bool(opts.argmax),
+    )
+
+
+@functools.lru_cache(maxsize=256)
 def heavy_features(opts: Options, has_weight: bool) -> bool:
-    """Options whose code needs more registers (bench/compile_report.py: 141-175 per thread at
-    8 warps with every feature, 48-111 without; a 32768-column block spills with any of them)."""
-    return bool(opts.softcap is not None or opts.logit_scale is not None or opts.argmax
-                or opts.temperature is not None
-                or has_weight or opts.label_smoothing > 0.0 or opts.z_loss > 0.0)
+    """Whether the kernels run with a feature whose code needs more registers: any flag of
+    :func:`kernel_flags`, or the z-loss (bench/compile_report.py: 141-175 per thread at 8 warps
+    with every feature, 48-111 without; a 32768-column block spills with any of them)."""
+    return opts.z_loss > 0.0 or any(kernel_flags(opts, has_weight).values())
 
 
 @functools.lru_cache(maxsize=1024)

@@ -243,10 +243,11 @@ class _CrossEntropy(torch.autograd.Function):
             # The kernels write through a raw pointer: tell autograd the logits changed, so a
             # later use of the old values (e.g. by the op that produced them) raises.
             torch.autograd.graph.increment_version(logits)
-        empty, empty_i64 = logits.new_empty(0), logits.new_empty(0, dtype=torch.int64)
+        empty = logits.new_empty(0) if not (in_forward and gt is not None) else None
         # detach(): with ``inplace`` the buffer is the logits tensor itself; a fresh alias lets
         # autograd adopt it as the gradient instead of copying it.
-        return (res.loss, res.lse, res.z_term, empty_i64 if res.argmax is None else res.argmax,
+        return (res.loss, res.lse, res.z_term,
+                res.argmax if res.argmax is not None else logits.new_empty(0, dtype=torch.int64),
                 res.stats, res.dens, res.grad.detach() if in_forward else empty,
                 gt if gt is not None else empty)
 
