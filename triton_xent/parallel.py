@@ -178,10 +178,11 @@ def all_reduce(t: torch.Tensor, op: str, group) -> torch.Tensor:
 
 
 def merge_ranks(part: torch.Tensor, part_idx: torch.Tensor | None, group, *,
-                extra: torch.Tensor | None = None):
+                extra: torch.Tensor | None = None, entropy: bool = False):
     """Merges this rank's partials ``(7, N, S)`` with every rank's: ``(merged (7, N), argmax
     (N,) or None, extra summed over the ranks)``. ``extra``: a few values that ride along in the
-    SUM (the linear head's weighted-mean denominator)."""
+    SUM (the linear head's weighted-mean denominator); ``entropy``: the entropy's statistic
+    rides along too (else it is not sent, and merged as 0)."""
     st, idx = merge_parts(part, part_idx)  # this rank's chunks first (a local LSE merge)
     M = all_reduce(st[F_M], "max", group)
     mref = torch.where(M == float("-inf"), torch.zeros_like(M), M)
@@ -189,18 +190,21 @@ def merge_ranks(part: torch.Tensor, part_idx: torch.Tensor | None, group, *,
     mref_r = torch.where(m_r == float("-inf"), torch.zeros_like(m_r), m_r)
     W = st[F_W]
     r = torch.exp(m_r - mref)  # an all -inf shard adds exp(-inf) = 0
-    rescaled = torch.stack([
+    fields = [
         st[F_S] * r,
         st[F_T] + torch.where(W == 0, torch.zeros_like(W), W * (mref - mref_r)),
         W, st[F_XT], st[F_WT],
-        r * (st[F_E] + (mref_r - mref) * st[F_S]),  # the entropy's E (0 when not asked)
-    ])
+    ]
+    if entropy:
+        fields.append(r * (st[F_E] + (mref_r - mref) * st[F_S]))
+    rescaled = torch.stack(fields)
     flat = rescaled.reshape(-1)
     if extra is not None:
         flat = torch.cat([flat, extra.reshape(-1).to(flat.dtype)])
     summed = all_reduce(flat, "sum", group)
     body = summed[: rescaled.numel()].view_as(rescaled)
-    merged = torch.stack([M, body[0], body[1], body[2], body[3], body[4], body[5]])
+    merged = torch.stack([M, body[0], body[1], body[2], body[3], body[4],
+                          body[5] if entropy else torch.zeros_like(M)])
     if idx is not None:
         # a NaN-tagged column (torch.argmax's first NaN) wins, else the first rank's maximum
         idx = all_reduce(argmax_candidates(m_r, M, idx), "min", group)
@@ -224,7 +228,7 @@ def shard_forward(B, call, *, compute_grad: bool, inplace: bool, grad_target=Non
     logits, target, weight, opts, shard = call.logits, call.target, call.weight, call.opts, call.shard
     span = dict(offset=shard.offset, vocab_size=shard.vocab_size)
     part, part_idx = B.partials(logits, target, weight, opts, **span)
-    merged, idx, _ = merge_ranks(part, part_idx, shard.group)
+    merged, idx, _ = merge_ranks(part, part_idx, shard.group, entropy=opts.entropy)
     if dens is None:
         dens = shard_dens(merged, target, weight, opts, call.divisor)
     rows = B.row_buffers(logits.shape[0], logits.device, opts, logits.dtype)

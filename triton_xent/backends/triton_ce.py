@@ -341,21 +341,27 @@ def ce_finish(
     dummy = part
     up = upstream if upstream is not None else dummy
     stride_up = 0 if upstream is None or upstream.dim() == 0 else upstream.stride(0)
+    # the aux upstreams (per row) share one stride: contiguous when theirs differ
+    if (upstream_lse is not None and upstream_ent is not None
+            and upstream_lse.stride(0) != upstream_ent.stride(0)):
+        upstream_lse, upstream_ent = upstream_lse.contiguous(), upstream_ent.contiguous()
+    aux = upstream_lse if upstream_lse is not None else upstream_ent
+    stride_aux = 0 if aux is None else aux.stride(0)
     with _guard(device):
         grid = persistent_programs(N * max(splits, 1), num_warps, device_spec(device),
                                    heavy_features(opts, weight is not None))
         _ce_finish_kernel[(grid,)](
             logits, target, weight if weight is not None else dummy, dens, part,
             part_idx if part_idx is not None else target, up,
-            upstream_lse.contiguous() if upstream_lse is not None else dummy,
-            upstream_ent.contiguous() if upstream_ent is not None else dummy,
+            upstream_lse if upstream_lse is not None else dummy,
+            upstream_ent if upstream_ent is not None else dummy,
             dummy if ce is None else ce, dummy if z is None else z,
             dummy if lse is None else lse, dummy if stats is None else stats,
             argmax if argmax is not None else target, loss_rows if loss_rows is not None else dummy,
             grad if grad is not None else logits,
             N, V, V_local, offset, chunk, max(splits, 1), P,
             logits.stride(0), (grad if grad is not None else logits).stride(0), part.stride(0),
-            N, stride_up,
+            N, stride_up, stride_aux,
             opts.ignore_index, opts.label_smoothing, opts.z_loss, scale, cap,
             BLOCK_V=block_v, P_BLOCK=triton.next_power_of_2(max(P, 1)),
             REDUCTION=_RED[opts.reduction], HAS_Z_LOSS=opts.z_loss > 0.0,

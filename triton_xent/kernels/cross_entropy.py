@@ -300,8 +300,8 @@ def _ce_finish_kernel(
     # shapes
     N, V, V_LOCAL, OFFSET, CHUNK, S, P,
     # strides
-    # (the aux upstreams, per row, are contiguous)
-    stride_logits_n, stride_grad_n, stride_part_f, stride_stats_f, stride_up,
+    # (the aux upstreams, of the lse and of the entropy, share one stride)
+    stride_logits_n, stride_grad_n, stride_part_f, stride_stats_f, stride_up, stride_up_aux,
     # scalar options
     ignore_index, label_smoothing, z_loss, logit_scale, softcap,
     # meta-parameters
@@ -342,10 +342,12 @@ def _ce_finish_kernel(
             g_all = tl.load(upstream_ptr + rows * stride_up, mask=in_work, other=1.0)
             busy = g_all.to(tl.float32) != 1.0
             if HAS_UPSTREAM_LSE:
-                g_lse_all = tl.load(upstream_lse_ptr + rows, mask=in_work, other=0.0)
+                g_lse_all = tl.load(upstream_lse_ptr + rows * stride_up_aux, mask=in_work,
+                                    other=0.0)
                 busy = busy | (g_lse_all.to(tl.float32) != 0.0)
             if HAS_UPSTREAM_ENT:
-                g_ent_all = tl.load(upstream_ent_ptr + rows, mask=in_work, other=0.0)
+                g_ent_all = tl.load(upstream_ent_ptr + rows * stride_up_aux, mask=in_work,
+                                    other=0.0)
                 busy = busy | (g_ent_all.to(tl.float32) != 0.0)
             todo += tl.sum(busy.to(tl.int32), axis=0)
         end = tl.where(todo > 0, work, 0)
@@ -355,7 +357,8 @@ def _ce_finish_kernel(
             upstream_ptr, upstream_lse_ptr, upstream_ent_ptr, ce_ptr, z_ptr, lse_ptr, stats_ptr,
             argmax_ptr, loss_rows_ptr, grad_ptr, V, V_LOCAL, OFFSET, CHUNK, S, P,
             stride_logits_n, stride_grad_n, stride_part_f, stride_stats_f, stride_up,
-            ignore_index, label_smoothing, z_loss, logit_scale, softcap, BLOCK_V, P_BLOCK,
+            stride_up_aux, ignore_index, label_smoothing, z_loss, logit_scale,
+            softcap, BLOCK_V, P_BLOCK,
             REDUCTION, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS,
             HAS_SCALE, HAS_SOFTCAP, HAS_ARGMAX, HAS_ENTROPY, COMPUTE_LOSS, COMPUTE_GRAD,
             HAS_UPSTREAM, HAS_UPSTREAM_LSE, HAS_UPSTREAM_ENT, SKIP_UNIT, WRITE_STATS,
@@ -367,7 +370,7 @@ def _finish_item(
     item, logits_ptr, target_ptr, weight_ptr, dens_ptr, part_ptr, part_idx_ptr, upstream_ptr,
     upstream_lse_ptr, upstream_ent_ptr, ce_ptr, z_ptr, lse_ptr, stats_ptr, argmax_ptr,
     loss_rows_ptr, grad_ptr, V, V_LOCAL, OFFSET, CHUNK, S, P,
-    stride_logits_n, stride_grad_n, stride_part_f, stride_stats_f, stride_up,
+    stride_logits_n, stride_grad_n, stride_part_f, stride_stats_f, stride_up, stride_up_aux,
     ignore_index, label_smoothing, z_loss, logit_scale, softcap,
     BLOCK_V: tl.constexpr, P_BLOCK: tl.constexpr, REDUCTION: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
@@ -387,9 +390,9 @@ def _finish_item(
     if HAS_UPSTREAM:
         g = tl.load(upstream_ptr + row * stride_up).to(tl.float32)
         if HAS_UPSTREAM_LSE:
-            g_lse = tl.load(upstream_lse_ptr + row).to(tl.float32)
+            g_lse = tl.load(upstream_lse_ptr + row * stride_up_aux).to(tl.float32)
         if HAS_UPSTREAM_ENT:
-            g_ent = tl.load(upstream_ent_ptr + row).to(tl.float32)
+            g_ent = tl.load(upstream_ent_ptr + row * stride_up_aux).to(tl.float32)
         if SKIP_UNIT:
             # The forward wrote the gradient for g == 1: keep it (and an ignored row's zeros).
             active = (g != 1.0) & ~is_ignored
