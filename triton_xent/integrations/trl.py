@@ -23,13 +23,61 @@ PEFT, completion-only masks, collators) is TRL's. Importing this module imports 
 
 from __future__ import annotations
 
+import sys
+
+import trl.trainer.utils as _trl_utils
 from transformers import Trainer
 from trl import SFTTrainer as _TRLSFTTrainer
 
 from . import _hf_patching as _hp
+from . import _trl_head
 from .transformers import patch
 
-__all__ = ["SFTTrainer"]
+__all__ = ["SFTTrainer", "install", "is_installed", "uninstall"]
+
+_NAME = "add_fused_lm_head"
+_TRL_ADD_FUSED_LM_HEAD = getattr(_trl_utils, _NAME)  # TRL's own installer
+
+
+def trl_add_fused_lm_head():
+    """TRL's own ``add_fused_lm_head`` (installed or not)."""
+    return _TRL_ADD_FUSED_LM_HEAD
+
+
+def _trl_modules():
+    return [m for name, m in list(sys.modules.items())
+            if m is not None and (name == "trl" or name.startswith("trl."))]
+
+
+def _swap(old, new) -> None:
+    # TRL's trainer modules hold their own reference (``from .utils import add_fused_lm_head``):
+    # every loaded module's is swapped; those imported later read trl.trainer.utils's.
+    for module in _trl_modules():
+        if vars(module).get(_NAME) is old:
+            setattr(module, _NAME, new)
+
+
+def install() -> None:
+    """Make every TRL trainer's fused LM head triton_xent's, process-wide (idempotent).
+
+    TRL's trainers (SFT, DPO, GRPO, RLOO, KTO, ...) call ``trl.trainer.utils.add_fused_lm_head``
+    while they are built; after ``install()`` that call gives the model triton_xent's head
+    (:func:`triton_xent.linear_logprobs`: log-probs, entropy and ``is_top1`` in one fused pass;
+    see :mod:`triton_xent.integrations._trl_head`). Call it before building the trainer. An
+    FSDP2-sharded head is gathered with averaged gradients (TRL's own head keeps each rank's
+    slice unaveraged); outputs triton_xent does not compute raise when a trainer asks for them.
+    """
+    _swap(_TRL_ADD_FUSED_LM_HEAD, _trl_head.add_fused_lm_head)
+
+
+def uninstall() -> None:
+    """Undo :func:`install` (idempotent): trainers built afterwards get TRL's own head. Models
+    given triton_xent's head before keep it."""
+    _swap(_trl_head.add_fused_lm_head, _TRL_ADD_FUSED_LM_HEAD)
+
+
+def is_installed() -> bool:
+    return getattr(_trl_utils, _NAME) is _trl_head.add_fused_lm_head
 
 
 class SFTTrainer(_TRLSFTTrainer):
