@@ -1,0 +1,195 @@
+"""``triton_xent.integrations.trl.install()``: TRL's trainers with triton_xent's fused LM head.
+
+The head against TRL's own (``trl.trainer.utils.add_fused_lm_head``) on tiny models (a bias, a
+soft-cap, shifted labels): every output and every parameter's gradient under random upstream
+gradients on the log-probs and the entropy; TRL's ``GRPOTrainer`` and ``RLOOTrainer`` for two
+SGD steps with and without ``install()`` from the same seed: the same logged loss, KL and entropy
+and the same weights, with triton_xent's head counted running; ``install``/``uninstall``
+idempotent and reversible; the outputs it does not compute refused by name.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+pytest.importorskip("datasets")
+pytest.importorskip("tokenizers")
+
+import datasets  # noqa: E402
+import tokenizers  # noqa: E402
+import transformers  # noqa: E402
+import trl  # noqa: E402
+import trl.trainer.utils as trl_utils  # noqa: E402
+from hf_models import VOCAB, make_model  # noqa: E402
+
+from triton_xent.integrations import _trl_head  # noqa: E402
+from triton_xent.integrations import trl as xtrl  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread", "torch_backend")
+TOL = dict(rtol=2e-5, atol=1e-6)  # fp32 against fp32: two kernels' roundings
+ALL = ("log_probs", "entropy", "is_top1")
+
+
+def _close(got, want, what, rel=2e-5, floor=1e-12):
+    """Within ``rel`` of the tensor's largest entry (fp32 rounding of sums that cancel)."""
+    err = (got.double() - want.double()).abs().max().item()
+    assert err <= rel * want.double().abs().max().item() + floor, f"{what}: {err:.3g}"
+
+
+@pytest.fixture(autouse=True)
+def restored():
+    yield
+    xtrl.uninstall()
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    calls = []
+    real = _trl_head.linear_logprobs
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_trl_head, "linear_logprobs", counting)
+    return calls
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (2, 9), generator=g)
+    labels = ids.clone()
+    labels[:, :4] = -100  # the prompt
+    labels[1, -1] = -100
+    return ids, labels, g
+
+
+@pytest.mark.parametrize("name,outputs,shift", [
+    ("llama", ALL + ("mean_logits",), False),
+    ("phi-bias", ALL + ("mean_logits",), True),
+    ("gemma2-softcap", ALL, False),
+])
+def test_head_equals_trls(name, outputs, shift, counted):
+    base = make_model(name)
+    ids, labels, g = _batch()
+    up = torch.randn(2, 8 + shift, generator=g)
+    up_ent = torch.randn(2, 8 + shift, generator=g)
+    results = []
+    for install in (trl_utils.add_fused_lm_head, _trl_head.add_fused_lm_head):
+        model = copy.deepcopy(base)
+        install(model, temperature=0.7, outputs=outputs)
+        kw = dict(shift_labels=labels) if shift else dict(labels=labels)
+        out = model(input_ids=ids, fused_lm_head=True, **kw)
+        ((out.log_probs * up).sum() + (out.entropy * up_ent).sum() + out.loss).backward()
+        results.append((out, {n: p.grad for n, p in model.named_parameters()}))
+    (ref, ref_grads), (got, grads) = results
+    assert len(counted) == 1 and counted[0]["temperature"] == 0.7
+    for field in ("loss", "log_probs", "entropy") + (("mean_logits",) if "mean_logits" in outputs
+                                                     else ()):
+        torch.testing.assert_close(getattr(got, field), getattr(ref, field), **TOL, msg=lambda m, f=field: f"{f}: {m}")
+    assert torch.equal(got.is_top1, ref.is_top1) and torch.equal(got.label_mask, ref.label_mask)
+    assert got.log_sum_sq_probs is None
+    kept = got.label_mask
+    assert (got.log_probs[~kept] == 0).all() and (got.entropy[~kept] == 0).all()
+    for n, want in ref_grads.items():
+        _close(grads[n], want, n)
+    # without fused_lm_head the model's own forward runs (generation)
+    plain = model(input_ids=ids)
+    assert plain.logits.shape == (2, 9, VOCAB)
+
+
+def test_install_uninstall_swap_every_trainer_module():
+    import trl.trainer.grpo_trainer as grpo
+    import trl.trainer.sft_trainer as sft
+
+    trl_head = trl_utils.add_fused_lm_head
+    for _ in range(2):
+        xtrl.install()
+        assert xtrl.is_installed()
+        for module in (trl_utils, grpo, sft):
+            assert module.add_fused_lm_head is _trl_head.add_fused_lm_head
+    import trl.trainer.rloo_trainer as rloo  # imported after install(): reads utils's
+
+    assert rloo.add_fused_lm_head is _trl_head.add_fused_lm_head
+    for _ in range(2):
+        xtrl.uninstall()
+        assert not xtrl.is_installed()
+        for module in (trl_utils, grpo, sft, rloo):
+            assert module.add_fused_lm_head is trl_head
+
+
+def test_unsupported_outputs_are_refused_by_name():
+    with pytest.raises(ValueError, match="log_sum_sq_probs.*uninstall"):
+        _trl_head.add_fused_lm_head(make_model("llama"), outputs=("log_probs", "log_sum_sq_probs"))
+    with pytest.raises(ValueError, match="mean_logits \\(of a soft-capped head\\)"):
+        _trl_head.add_fused_lm_head(make_model("gemma2-softcap"),
+                                    outputs=("log_probs", "mean_logits"))
+    model = make_model("llama")
+    _trl_head.add_fused_lm_head(model)
+    model.lm_head.weight.ds_id = 0  # as DeepSpeed ZeRO-3 marks its partitioned parameters
+    ids, labels, _ = _batch()
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        model(input_ids=ids, labels=labels, fused_lm_head=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainers
+# ---------------------------------------------------------------------------------------------
+
+
+def _tokenizer():
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
+                                                eos_token="<eos>", unk_token="<unk>")
+
+
+def _reward(completions, **kwargs):
+    return [float(sum(map(ord, c)) % 7) for c in completions]
+
+
+def _train(trainer_cls, config_cls, path, tmp_path, **extra):
+    """Two SGD steps (lr 1: the update is the gradient), fp32 (no autocast), the same seed."""
+    args = config_cls(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, num_generations=2,
+        max_completion_length=4, learning_rate=1.0, optim="sgd", max_grad_norm=0.0, beta=0.1,
+        temperature=0.7, bf16=False, logging_steps=1, report_to=[], save_strategy="no",
+        use_cpu=True, seed=0, model_init_kwargs={"dtype": torch.float32},
+        dataloader_num_workers=0, disable_tqdm=True, **extra)
+    prompts = [" ".join(f"t{i}" for i in range(3 + k, 8 + k)) for k in range(4)]
+    trainer = trainer_cls(model=path, reward_funcs=_reward, args=args, processing_class=_tokenizer(),
+                          train_dataset=datasets.Dataset.from_dict({"prompt": prompts}))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    # the update, and the fp32 rounding of the weights it was added to (an ulp, twice)
+    steps = {n: (p.detach() - before[n], 2.0**-22 * before[n].abs().max().item())
+             for n, p in trainer.model.named_parameters()}
+    return logs, steps, trainer
+
+
+@pytest.mark.parametrize("trainer", ["GRPO", "RLOO"])
+def test_rl_trainer_equals_trls(trainer, tmp_path, counted):
+    trainer_cls, config_cls = getattr(trl, f"{trainer}Trainer"), getattr(trl, f"{trainer}Config")
+    make_model("llama").save_pretrained(tmp_path / "model")
+    path = str(tmp_path / "model")
+    logs_ref, steps_ref, t_ref = _train(trainer_cls, config_cls, path, tmp_path / "trl")
+    assert not counted and t_ref.model.forward.__func__.__code__.co_name == "_fused_forward"
+    xtrl.install()
+    logs, steps, t = _train(trainer_cls, config_cls, path, tmp_path / "tx")
+    assert t.model.forward.__func__.__code__.co_name == "_triton_xent_fused_forward"
+    assert t.ref_model.forward.__func__.__code__.co_name == "_triton_xent_fused_forward"
+    assert len(counted) >= 4  # policy and reference log-probs, two steps
+    assert any(c["return_entropy"] for c in counted)
+    assert len(logs) == len(logs_ref) == 2
+    for got, want in zip(logs, logs_ref):
+        for key in ("loss", "kl", "entropy", "reward", "grad_norm"):
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert logs_ref[1]["kl"] != 0  # the second step's policy has moved
+    for n, (want, ulp) in steps_ref.items():  # the two steps' updates: the gradients, summed
+        _close(steps[n][0], want, n, rel=1e-5, floor=ulp)
