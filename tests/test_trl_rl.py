@@ -193,3 +193,47 @@ def test_rl_trainer_equals_trls(trainer, tmp_path, counted):
     assert logs_ref[1]["kl"] != 0  # the second step's policy has moved
     for n, (want, ulp) in steps_ref.items():  # the two steps' updates: the gradients, summed
         _close(steps[n][0], want, n, rel=1e-5, floor=ulp)
+
+
+# ---------------------------------------------------------------------------------------------
+# Supervised fine-tuning: TRL's metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def _sft(trainer_cls, tmp_path, **kw):
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(f"t{i}" for i in torch.randint(3, VOCAB, (int(n),), generator=g).tolist())
+             for n in torch.randint(5, 13, (12,), generator=g)]
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=3,
+                         gradient_accumulation_steps=2, learning_rate=1e-3, logging_steps=1,
+                         report_to=[], save_strategy="no", use_cpu=True, max_length=32, seed=0,
+                         bf16=False, dataloader_num_workers=0, disable_tqdm=True)
+    torch.manual_seed(0)
+    trainer = trainer_cls(model=make_model("llama"), args=args, processing_class=_tokenizer(),
+                          train_dataset=datasets.Dataset.from_dict({"text": texts}), **kw)
+    trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h], trainer
+
+
+SFT_KEYS = ("loss", "entropy", "mean_token_accuracy", "num_tokens", "grad_norm")
+
+
+def test_sft_trainers_log_trls_metrics(tmp_path, counted):
+    """triton_xent's SFTTrainer (the patched model's loss) and TRL's SFTTrainer on triton_xent's
+    head (install()) log what TRL's own SFTTrainer logs: loss, entropy, token accuracy and the
+    token count, within fp32 rounding."""
+    from triton_xent.integrations.trl import SFTTrainer
+
+    ref, _ = _sft(trl.SFTTrainer, tmp_path / "trl")
+    ours, trainer = _sft(SFTTrainer, tmp_path / "tx")
+    assert "forward" not in vars(trainer.model)  # the patched model's loss, no head
+    xtrl.install()
+    on_head, trainer = _sft(trl.SFTTrainer, tmp_path / "head")
+    assert _trl_head.is_head(trainer.model.forward) and counted
+    for logs in (ours, on_head):
+        assert len(logs) == len(ref) == 2
+        for got, want in zip(logs, ref):
+            for key in SFT_KEYS:
+                torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6,
+                                           msg=lambda m, k=key: f"{k}: {m}")
+    assert 0 < ref[0]["mean_token_accuracy"] < 1 and ref[1]["num_tokens"] > ref[0]["num_tokens"]

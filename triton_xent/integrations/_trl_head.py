@@ -115,6 +115,12 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     model.forward = types.MethodType(_triton_xent_fused_forward, model)
 
 
+def is_head(forward) -> bool:
+    """Whether ``forward`` is the one :func:`add_fused_lm_head` installs."""
+    code = getattr(getattr(forward, "__func__", forward), "__code__", None)
+    return code is not None and code.co_name == "_triton_xent_fused_forward"
+
+
 def _head(lm_head, hidden, labels, temperature, softcap, scale, outputs, fp32):
     """The per-token fields of ``FusedCausalLMOutput`` (0 / False on ignored labels)."""
     weight, bias = lm_head.weight, lm_head.bias

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import sys
 
+import torch
 import trl.trainer.utils as _trl_utils
 from transformers import Trainer
 from trl import SFTTrainer as _TRLSFTTrainer
 
+from . import _hf_loss, _trl_head
 from . import _hf_patching as _hp
-from . import _trl_head
 from .transformers import patch
 
 __all__ = ["SFTTrainer", "install", "is_installed", "uninstall"]
@@ -114,14 +115,43 @@ class SFTTrainer(_TRLSFTTrainer):
                              "triton_xent's SFTTrainer computes the 'nll' loss only")
         base = _hp.unwrap(self.model)
         forward = vars(base).get("forward")
-        if forward is not None and _hp.is_trl_fused_head(forward):
+        if forward is not None and (_hp.is_trl_fused_head(forward) or _trl_head.is_head(forward)):
             del base.forward  # the class's (patched) forward shows again
         if triton_xent_options is not None or getattr(base, _hp.OPTIONS, None) is None:
             patch(base, **(triton_xent_options or {}))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
         inputs["use_cache"] = False
         if getattr(self, "aux_loss_enabled", False):
             inputs["output_router_logits"] = True
-        return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
-                                    num_items_in_batch=num_items_in_batch)
+        with _hf_loss.collect_metrics() as rows:
+            out = Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
+        self._log_token_metrics(mode, inputs, rows)
+        return out
+
+    def _log_token_metrics(self, mode, inputs, rows):
+        """TRL's ``entropy``, ``mean_token_accuracy`` and ``num_tokens``, as TRL's trainer logs
+        them, from the loss's own pass (its rows' entropy and arg-max)."""
+        if rows:
+            entropy_sum, num_correct, num_valid = (torch.stack(x).sum() for x in zip(*rows))
+            gather = self.accelerator.gather_for_metrics
+            num_valid = gather(num_valid).sum()
+            entropy_sum, num_correct = gather(entropy_sum).sum(), gather(num_correct).sum()
+            valid = num_valid > 0
+            self._metrics[mode]["entropy"].append(
+                (entropy_sum / num_valid).item() if valid else 0.0)
+            self._metrics[mode]["mean_token_accuracy"].append(
+                (num_correct / num_valid).item() if valid else 0.0)
+        if mode == "train":
+            if "attention_mask" in inputs:
+                count = inputs["attention_mask"].sum()
+            elif "position_ids" in inputs:  # padding-free: one packed row
+                count = torch.tensor(inputs["position_ids"].size(1),
+                                     device=inputs["position_ids"].device)
+            else:
+                raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
+            tokens = self.accelerator.gather_for_metrics(count).sum().item()
+            self._total_train_tokens += tokens // getattr(self, "_tp_size", 1)
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
