@@ -11,9 +11,12 @@ idempotent and reversible; the outputs it does not compute refused by name.
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
+import torch.distributed as dist
+from gloo import Parts, check_part, init, spawn
 
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
@@ -24,7 +27,7 @@ import tokenizers  # noqa: E402
 import transformers  # noqa: E402
 import trl  # noqa: E402
 import trl.trainer.utils as trl_utils  # noqa: E402
-from hf_models import VOCAB, make_model  # noqa: E402
+from hf_models import VOCAB, make_batch, make_model  # noqa: E402
 
 from triton_xent.integrations import _trl_head  # noqa: E402
 from triton_xent.integrations import trl as xtrl  # noqa: E402
@@ -72,6 +75,9 @@ def _batch(seed=0):
     ("llama", ALL + ("mean_logits",), False),
     ("phi-bias", ALL + ("mean_logits",), True),
     ("gemma2-softcap", ALL, False),
+    ("cohere", ALL, False),  # logit_scale multiplies
+    ("granite", ALL + ("mean_logits",), False),  # logits_scaling divides
+    ("mixtral", ALL, False),  # the router's load-balancing loss joins the loss
 ])
 def test_head_equals_trls(name, outputs, shift, counted):
     base = make_model(name)
@@ -88,6 +94,7 @@ def test_head_equals_trls(name, outputs, shift, counted):
         results.append((out, {n: p.grad for n, p in model.named_parameters()}))
     (ref, ref_grads), (got, grads) = results
     assert len(counted) == 1 and counted[0]["temperature"] == 0.7
+    assert (got.aux_loss is None) == (ref.aux_loss is None)
     for field in ("loss", "log_probs", "entropy") + (("mean_logits",) if "mean_logits" in outputs
                                                      else ()):
         torch.testing.assert_close(getattr(got, field), getattr(ref, field), **TOL, msg=lambda m, f=field: f"{f}: {m}")
@@ -237,3 +244,77 @@ def test_sft_trainers_log_trls_metrics(tmp_path, counted):
                 torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6,
                                            msg=lambda m, k=key: f"{k}: {m}")
     assert 0 < ref[0]["mean_token_accuracy"] < 1 and ref[1]["num_tokens"] > ref[0]["num_tokens"]
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP2 (2 gloo ranks): lm_head sharded alone, its gradient averaged (TRL's own is not)
+# ---------------------------------------------------------------------------------------------
+
+WORLD = 2
+PARTS = Parts()
+
+
+def _fsdp_run(head, steps=2):
+    """(losses, last gradients, weights) of ``steps`` SGD steps, each rank its own batch, with
+    the model's own loss (head None) or a fused head added before sharding, as TRL does."""
+    from torch.distributed.fsdp import fully_shard
+
+    rank = dist.get_rank()
+    model = make_model("llama").train()
+    if head is not None:
+        head(model, outputs=("log_probs",))
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model.lm_head)  # alone: its weight is this rank's shard when the head reads it
+    fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses = []
+    for step in range(steps):
+        batch = make_batch(seed=100 + 10 * step + rank)
+        opt.zero_grad(set_to_none=True)
+        out = model(**batch) if head is None else model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            labels=batch["labels"], fused_lm_head=True)
+        out.loss.backward()
+        losses.append(out.loss.item())
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        opt.step()
+    return losses, grads, {n: p.full_tensor() for n, p in model.named_parameters()}
+
+
+@PARTS(WORLD)
+def fsdp_head_alone():
+    ref = _fsdp_run(None)
+    got = _fsdp_run(_trl_head.add_fused_lm_head)
+    torch.testing.assert_close(torch.tensor(got[0]), torch.tensor(ref[0]), rtol=1e-5, atol=0)
+    for i in (1, 2):
+        for n, want in ref[i].items():
+            _close(got[i][n], want, n, rel=1e-5)
+    # TRL's own head: full_tensor() keeps each rank's slice of the gradient, unaveraged
+    trl_run = _fsdp_run(trl_utils.add_fused_lm_head)
+    err = (trl_run[1]["lm_head.weight"] - ref[1]["lm_head.weight"]).abs().max()
+    assert err > 0.1 * ref[1]["lm_head.weight"].abs().max()
+
+
+def _entry(rank, world, init_method, out_dir):
+    init(rank, world, init_method, timeout_s=120)
+    os.environ["TRITON_XENT_BACKEND"] = "torch"
+
+    def call(fn, nranks):
+        fn()
+        return "ok"
+
+    PARTS.run(rank, out_dir, call)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def fsdp_results():
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    return spawn(_entry, WORLD)
+
+
+@pytest.mark.parametrize("part", list(PARTS.parts))
+def test_fsdp2_head(fsdp_results, part):
+    check_part(fsdp_results, PARTS, part)
