@@ -247,58 +247,114 @@ def test_sft_trainers_log_trls_metrics(tmp_path, counted):
 
 
 # ---------------------------------------------------------------------------------------------
-# FSDP2 (2 gloo ranks): lm_head sharded alone, its gradient averaged (TRL's own is not)
+# 2 gloo ranks: FSDP2 with lm_head sharded alone, its gradient averaged (TRL's own is not);
+# transformers' tensor parallelism, the head sharded on the vocabulary
 # ---------------------------------------------------------------------------------------------
 
 WORLD = 2
 PARTS = Parts()
 
 
-def _fsdp_run(head, steps=2):
-    """(losses, last gradients, weights) of ``steps`` SGD steps, each rank its own batch, with
-    the model's own loss (head None) or a fused head added before sharding, as TRL does."""
+OUT_DIR = [""]
+
+
+def _whole(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t.detach().clone()
+
+
+def _fsdp(model):
     from torch.distributed.fsdp import fully_shard
 
-    rank = dist.get_rank()
-    model = make_model("llama").train()
-    if head is not None:
-        head(model, outputs=("log_probs",))
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model.lm_head)  # alone: its weight is this rank's shard when the head reads it
-    fully_shard(model)
+    return fully_shard(model)
+
+
+def _tensor_parallel():
+    """transformers' tp_plan="auto": lm_head's weight a Shard(0) DTensor (colwise)."""
+    import warnings
+
+    path = os.path.join(OUT_DIR[0], "tiny-llama")
+    if dist.get_rank() == 0:
+        make_model("llama").save_pretrained(path)
+    dist.barrier()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.LlamaForCausalLM.from_pretrained(path, tp_plan="auto")
+    assert type(model.lm_head.weight).__name__ == "DTensor"
+    return model
+
+
+def _dist_run(head, build, same_batch=False, steps=2):
+    """(losses, last gradients, weights) of ``steps`` SGD steps with the model's own loss (head
+    None) or a fused head added before sharding, as TRL does; each rank its own batch unless
+    ``same_batch`` (tensor parallelism)."""
+    rank = dist.get_rank()
+    model = build(head)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     losses = []
     for step in range(steps):
-        batch = make_batch(seed=100 + 10 * step + rank)
+        batch = make_batch(seed=100 + 10 * step + (0 if same_batch else rank))
         opt.zero_grad(set_to_none=True)
         out = model(**batch) if head is None else model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
             labels=batch["labels"], fused_lm_head=True)
         out.loss.backward()
-        losses.append(out.loss.item())
-        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        losses.append(float(_whole(out.loss)))
+        grads = {n: _whole(p.grad) for n, p in model.named_parameters()}
         opt.step()
-    return losses, grads, {n: p.full_tensor() for n, p in model.named_parameters()}
+    return losses, grads, {n: _whole(p) for n, p in model.named_parameters()}
 
 
-@PARTS(WORLD)
-def fsdp_head_alone():
-    ref = _fsdp_run(None)
-    got = _fsdp_run(_trl_head.add_fused_lm_head)
+def _dist_compare(build, same_batch=False):
+    ref = _dist_run(None, build, same_batch)
+    got = _dist_run(_trl_head.add_fused_lm_head, build, same_batch)
     torch.testing.assert_close(torch.tensor(got[0]), torch.tensor(ref[0]), rtol=1e-5, atol=0)
     for i in (1, 2):
         for n, want in ref[i].items():
             _close(got[i][n], want, n, rel=1e-5)
+    return ref
+
+
+def _llama_then(layout):
+    def build(head):
+        model = make_model("llama").train()
+        if head is not None:
+            head(model, outputs=("log_probs",))
+        return layout(model)
+
+    return build
+
+
+@PARTS(WORLD)
+def fsdp_head_alone():
+    build = _llama_then(_fsdp)
+    ref = _dist_compare(build)
     # TRL's own head: full_tensor() keeps each rank's slice of the gradient, unaveraged
-    trl_run = _fsdp_run(trl_utils.add_fused_lm_head)
+    trl_run = _dist_run(trl_utils.add_fused_lm_head, build)
     err = (trl_run[1]["lm_head.weight"] - ref[1]["lm_head.weight"]).abs().max()
     assert err > 0.1 * ref[1]["lm_head.weight"].abs().max()
+
+
+@PARTS(WORLD)
+def tensor_parallel_head():
+    """The same batch on both ranks; the head stays sharded on the vocabulary."""
+    def build(head):
+        model = _tensor_parallel().train()
+        if head is not None:
+            head(model, outputs=("log_probs",))
+        return model
+
+    _dist_compare(build, same_batch=True)
 
 
 def _entry(rank, world, init_method, out_dir):
     init(rank, world, init_method, timeout_s=120)
     os.environ["TRITON_XENT_BACKEND"] = "torch"
+    for key, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", rank)):
+        os.environ[key] = str(value)
+    OUT_DIR[0] = out_dir
 
     def call(fn, nranks):
         fn()
@@ -309,12 +365,12 @@ def _entry(rank, world, init_method, out_dir):
 
 
 @pytest.fixture(scope="module")
-def fsdp_results():
+def dist_results():
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     return spawn(_entry, WORLD)
 
 
 @pytest.mark.parametrize("part", list(PARTS.parts))
-def test_fsdp2_head(fsdp_results, part):
-    check_part(fsdp_results, PARTS, part)
+def test_distributed_head(dist_results, part):
+    check_part(dist_results, PARTS, part)
