@@ -1,24 +1,41 @@
-"""TRL: supervised fine-tuning whose loss is triton_xent's.
+"""TRL: triton_xent's fused LM head in every TRL trainer, and supervised fine-tuning whose loss is
+the patched model's.
 
-TRL's ``SFTTrainer`` (1.x) gives the model its own fused LM head
+TRL's trainers (1.x: SFT, DPO, GRPO, RLOO, KTO, ...) give the model their own fused LM head
 (``trl.trainer.utils.add_fused_lm_head``: an instance ``forward`` that runs the base model and
-TRL's chunked log-probability kernel) and computes the loss from it, so a model patched by
-:mod:`triton_xent.integrations.transformers` would be bypassed (the patch warns, or refuses
-when its loss options would be dropped). :class:`SFTTrainer` here is TRL's with the loss left
-to the model, as ``transformers.Trainer`` does:
+TRL's chunked log-probability kernel) and compute their losses from its per-token outputs, so a
+model patched by :mod:`triton_xent.integrations.transformers` would be bypassed (the patch warns,
+or refuses when its loss options would be dropped). Two ways in:
 
-* TRL's fused head is removed again after TRL's setup, and the model (the base model inside a
-  PEFT model) is patched with ``triton_xent_options`` (``patch``'s keywords) unless it already
-  is (by :func:`~triton_xent.integrations.transformers.patch` or ``apply``);
-* ``compute_loss`` is ``Trainer.compute_loss`` (the model's own loss: triton_xent's, with
-  ``num_items_in_batch`` for gradient accumulation), with TRL's two input tweaks kept:
-  ``use_cache=False`` and ``output_router_logits=True`` for MoE models (whose forward then adds
-  its router loss, as it does under ``Trainer``).
+* :func:`install` (and :func:`uninstall`): every TRL trainer built afterwards gets triton_xent's
+  head instead (:mod:`._trl_head`): ``log_probs``, ``entropy`` and ``is_top1`` from one
+  :func:`triton_xent.linear_logprobs` pass, TRL's own losses and metrics on top (GRPO's policy
+  and reference log-probs, KL and entropy; SFT's loss and metrics). The head's weight goes to
+  :func:`~triton_xent.linear_cross_entropy` as it is: an FSDP2-sharded head is gathered with
+  averaged gradients (TRL's own ``full_tensor()`` keeps each rank's slice of the gradient
+  unaveraged), a tensor-parallel head stays sharded on the vocabulary. Refused, by name:
+  ``log_sum_sq_probs`` (DPO with ``use_weighting``), ``mean_logits`` of a soft-capped head (DPO's
+  and KTO's ``logits/*`` metrics; without a soft-cap it is computed exactly from linearity), a
+  DeepSpeed ZeRO-3 partitioned head.
+* :class:`SFTTrainer`: TRL's SFT with the loss left to the model, as ``transformers.Trainer``
+  does, for triton_xent's loss options (``z_loss``, label smoothing, the FSDP schedules):
 
-TRL's ``entropy`` and ``mean_token_accuracy`` metrics need the logits and are not logged;
-``loss_type`` must be ``"nll"``, and label smoothing goes through ``triton_xent_options``
-(``label_smoothing=``), not ``label_smoothing_factor``. Everything else (datasets, packing,
-PEFT, completion-only masks, collators) is TRL's. Importing this module imports TRL.
+  - TRL's fused head is removed again after TRL's setup, and the model (the base model inside
+    a PEFT model) is patched with ``triton_xent_options`` (``patch``'s keywords) unless it
+    already is (by :func:`~triton_xent.integrations.transformers.patch` or ``apply``);
+  - ``compute_loss`` is ``Trainer.compute_loss`` (the model's own loss: triton_xent's, with
+    ``num_items_in_batch`` for gradient accumulation), with TRL's two input tweaks kept:
+    ``use_cache=False`` and ``output_router_logits=True`` for MoE models (whose forward then adds
+    its router loss, as it does under ``Trainer``);
+  - TRL's ``entropy``, ``mean_token_accuracy`` and ``num_tokens`` are logged as TRL logs them,
+    from the loss's own pass (the op returns each row's entropy and arg-max with the loss).
+
+  ``loss_type`` must be ``"nll"``, and label smoothing goes through ``triton_xent_options``
+  (``label_smoothing=``), not ``label_smoothing_factor``. Everything else (datasets, packing,
+  PEFT, completion-only masks, collators) is TRL's. TRL's own ``SFTTrainer`` after
+  :func:`install` trains the same (TRL's loss on triton_xent's head), without those options.
+
+Importing this module imports TRL.
 """
 
 from __future__ import annotations
