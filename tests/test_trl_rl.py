@@ -202,6 +202,36 @@ def test_rl_trainer_equals_trls(trainer, tmp_path, counted):
         _close(steps[n][0], want, n, rel=1e-5, floor=ulp)
 
 
+def test_dpo_trainer_equals_trls(tmp_path, counted):
+    """DPO asks the head for mean_logits too (its logits/* metrics): computed exactly."""
+    make_model("llama").save_pretrained(tmp_path / "model")
+    data = datasets.Dataset.from_dict({
+        "prompt": ["t3 t4 t5", "t6 t7", "t8 t9 t10", "t11"],
+        "chosen": [" t12 t13", " t14", " t15 t16 t17", " t18"],
+        "rejected": [" t20", " t21 t22", " t23", " t24 t25"]})
+
+    def train(out):
+        args = trl.DPOConfig(
+            output_dir=str(out), max_steps=2, per_device_train_batch_size=2, learning_rate=1.0,
+            optim="sgd", max_grad_norm=0.0, bf16=False, logging_steps=1, report_to=[],
+            save_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0,
+            model_init_kwargs={"dtype": torch.float32}, disable_tqdm=True)
+        trainer = trl.DPOTrainer(model=str(tmp_path / "model"), args=args,
+                                 processing_class=_tokenizer(), train_dataset=data)
+        trainer.train()
+        return [h for h in trainer.state.log_history if "loss" in h], trainer
+
+    ref, _ = train(tmp_path / "trl")
+    xtrl.install()
+    logs, trainer = train(tmp_path / "tx")
+    assert _trl_head.is_head(trainer.model.forward) and counted
+    for got, want in zip(logs, ref, strict=True):
+        for key in ("loss", "grad_norm", "entropy", "logits/chosen", "logits/rejected",
+                    "logps/chosen", "logps/rejected", "mean_token_accuracy"):
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, k=key: f"{k}: {m}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Supervised fine-tuning: TRL's metrics
 # ---------------------------------------------------------------------------------------------
