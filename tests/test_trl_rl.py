@@ -323,7 +323,7 @@ def _dist_run(head, build, same_batch=False, steps=2):
     rank = dist.get_rank()
     model = build(head)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    losses = []
+    losses, means = [], []
     for step in range(steps):
         batch = make_batch(seed=100 + 10 * step + (0 if same_batch else rank))
         opt.zero_grad(set_to_none=True)
@@ -332,26 +332,29 @@ def _dist_run(head, build, same_batch=False, steps=2):
             labels=batch["labels"], fused_lm_head=True)
         out.loss.backward()
         losses.append(float(_whole(out.loss)))
+        means.append(getattr(out, "mean_logits", None))
         grads = {n: _whole(p.grad) for n, p in model.named_parameters()}
         opt.step()
-    return losses, grads, {n: _whole(p) for n, p in model.named_parameters()}
+    return losses, grads, {n: _whole(p) for n, p in model.named_parameters()}, means
 
 
 def _dist_compare(build, same_batch=False):
     ref = _dist_run(None, build, same_batch)
     got = _dist_run(_trl_head.add_fused_lm_head, build, same_batch)
+    if got[3][0] is not None:
+        assert got[3][0].abs().max() > 0
     torch.testing.assert_close(torch.tensor(got[0]), torch.tensor(ref[0]), rtol=1e-5, atol=0)
     for i in (1, 2):
         for n, want in ref[i].items():
             _close(got[i][n], want, n, rel=1e-5)
-    return ref
+    return ref, got
 
 
 def _llama_then(layout):
     def build(head):
         model = make_model("llama").train()
         if head is not None:
-            head(model, outputs=("log_probs",))
+            head(model, outputs=("log_probs", "mean_logits"))
         return layout(model)
 
     return build
@@ -360,11 +363,13 @@ def _llama_then(layout):
 @PARTS(WORLD)
 def fsdp_head_alone():
     build = _llama_then(_fsdp)
-    ref = _dist_compare(build)
+    ref, got = _dist_compare(build)
     # TRL's own head: full_tensor() keeps each rank's slice of the gradient, unaveraged
     trl_run = _dist_run(trl_utils.add_fused_lm_head, build)
     err = (trl_run[1]["lm_head.weight"] - ref[1]["lm_head.weight"]).abs().max()
     assert err > 0.1 * ref[1]["lm_head.weight"].abs().max()
+    # mean_logits over a head sharded 129 + 128 rows: the same values as TRL's (first step)
+    torch.testing.assert_close(got[3][0], trl_run[3][0], rtol=1e-5, atol=1e-6)
 
 
 @PARTS(WORLD)

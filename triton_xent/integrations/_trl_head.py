@@ -169,14 +169,14 @@ def _head(lm_head, hidden, labels, temperature, softcap, scale, outputs, fp32):
 @torch.no_grad()
 def _mean_logits(hidden, weight, bias, scale, temperature, mask):
     """``mean_v(logit_v)`` without the logits: ``(h . mean_v W_v + mean(b)) * scale / T``."""
-    w = weight.detach().float().mean(0)
-    if hasattr(w, "full_tensor"):
-        w = w.full_tensor()  # (D,): the ranks' partial means summed
-    m = hidden.detach().float() @ w
+    def total(t, dim):  # a sum: exact over shards of any sizes (a mean of means is not)
+        s = t.detach().float().sum(dim)
+        return s.full_tensor() if hasattr(s, "full_tensor") else s
+
+    m = hidden.detach().float() @ total(weight, 0)
     if bias is not None:
-        b = bias.detach().float().mean()
-        m = m + (b.full_tensor() if hasattr(b, "full_tensor") else b)
-    return (m * (scale / temperature)).masked_fill(~mask, 0)
+        m = m + total(bias, 0)
+    return (m * (scale / (temperature * weight.shape[0]))).masked_fill(~mask, 0)
 
 
 def _router_aux_loss(model, text_config, backbone_outputs, kwargs):
