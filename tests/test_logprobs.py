@@ -1,7 +1,7 @@
 """``linear_logprobs``: per-token log-probs (entropy, arg-max) of a linear head.
 
-Against float64 autograd of ``log_softmax(softcap(logit_scale * z) / T).gather(target)`` with
-random upstream gradients, on every backend path (torch, Triton fused and split under the
+Against float64 autograd of ``log_softmax(softcap(logit_scale * z) / T).gather(target)`` and
+``-(softmax * log_softmax).sum(-1)`` with random upstream gradients on both, on every backend path (torch, Triton fused and split under the
 interpreter), with a bias, ignored rows and several chunks; bf16 hidden states with fp32
 outputs; the no-grad path allocating nothing of size V per row beyond the chunk buffer; and the
 refusal of class-probability targets.
@@ -65,19 +65,20 @@ def _leaves(*ts, dtype=None):
 @pytest.mark.parametrize("options", OPTIONS)
 def test_against_float64(backend, options):
     x, w, b, t, g = _problem()
-    up = torch.randn(N, generator=g, dtype=torch.float64)
+    up, up_ent = torch.randn(2, N, generator=g, dtype=torch.float64)
     x32, w32, b32 = _leaves(x, w, b)
-    out = linear_logprobs(x32, w32, t, linear_bias=b32, return_argmax=True, chunk_size=3,
-                          backend=backend, **options)
-    assert out.logprobs.dtype == torch.float32 and out.logprobs.shape == t.shape
-    assert out.entropy is None
+    out = linear_logprobs(x32, w32, t, linear_bias=b32, return_entropy=True, return_argmax=True,
+                          chunk_size=3, backend=backend, **options)
+    assert out.logprobs.dtype == out.entropy.dtype == torch.float32
+    assert out.logprobs.shape == out.entropy.shape == t.shape
     x64, w64, b64 = _leaves(x, w, b, dtype=torch.float64)
-    lp, _, am = _reference(x64, w64, b64, t, **options)
+    lp, ent, am = _reference(x64, w64, b64, t, **options)
     torch.testing.assert_close(out.logprobs.double(), lp.detach(), **TOL)
+    torch.testing.assert_close(out.entropy.double(), ent.detach(), **TOL)  # ignored rows too
     assert torch.equal(out.argmax, am)
     assert out.logprobs[2].item() == 0.0 and not torch.signbit(out.logprobs[2])
-    (out.logprobs.double() * up).sum().backward()
-    (lp * up).sum().backward()
+    (out.logprobs.double() * up + out.entropy.double() * up_ent).sum().backward()
+    (lp * up + ent * up_ent).sum().backward()
     for got, want in ((x32, x64), (w32, w64), (b32, b64)):
         torch.testing.assert_close(got.grad.double(), want.grad, **TOL)
 
@@ -142,11 +143,12 @@ def test_no_grad_is_lean(backend_name):
     t = torch.randint(0, VOCAB, (n,), generator=g)
     with torch.no_grad(), _Allocations() as seen:
         out = linear_logprobs(x, w, t, temperature=0.7, chunk_size=chunk, return_argmax=True,
-                              backend=backend_name)
-    assert not out.logprobs.requires_grad
+                              return_entropy=True, backend=backend_name)
+    assert not out.logprobs.requires_grad and not out.entropy.requires_grad
     assert seen.largest <= chunk * VOCAB * 4, (seen.largest, chunk * VOCAB * 4)  # fp32 chunk
-    lp, _, am = _reference(x.detach().double(), w.detach().double(), None, t, temperature=0.7)
+    lp, ent, am = _reference(x.detach().double(), w.detach().double(), None, t, temperature=0.7)
     torch.testing.assert_close(out.logprobs.double(), lp, **TOL)
+    torch.testing.assert_close(out.entropy.double(), ent, **TOL)
     assert torch.equal(out.argmax, am)
 
 
