@@ -161,3 +161,21 @@ def test_refusals():
     with pytest.raises(TypeError):
         linear_logprobs(x, w, t, label_smoothing=0.1)  # not a log-probability
     assert triton_xent.LogProbs is type(linear_logprobs(x, w, t))
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_entropy_where_the_gradient_overwrites_the_logits(backend_name):
+    """aux.entropy of the calls whose forward writes the gradient over the logits (the fused
+    head's "mean"/"sum" with a gradient, ``inplace_backward``): read before it is overwritten."""
+    x, w, _, t, _ = _problem(seed=4, bias=False)
+    _, ent, _ = _reference(x.double(), w.double(), None, t)
+    for reduction in ("mean", "sum"):
+        _, aux = triton_xent.linear_cross_entropy(
+            x.clone().requires_grad_(), w, t, reduction=reduction, return_aux=True,
+            return_entropy=True, backend=backend_name, chunk_size=3)
+        torch.testing.assert_close(aux.entropy.double(), ent, **TOL)
+        logits = F.linear(x, w).requires_grad_() * 1.0  # not a leaf: may be overwritten
+        _, aux = triton_xent.cross_entropy(logits, t, reduction=reduction, return_aux=True,
+                                           return_entropy=True, backend=backend_name,
+                                           inplace_backward=True)
+        torch.testing.assert_close(aux.entropy.double(), ent, **TOL)
