@@ -1,11 +1,15 @@
 """``triton_xent.integrations.trl.install()``: TRL's trainers with triton_xent's fused LM head.
 
 The head against TRL's own (``trl.trainer.utils.add_fused_lm_head``) on tiny models (a bias, a
-soft-cap, shifted labels): every output and every parameter's gradient under random upstream
-gradients on the log-probs and the entropy; TRL's ``GRPOTrainer`` and ``RLOOTrainer`` for two
-SGD steps with and without ``install()`` from the same seed: the same logged loss, KL and entropy
-and the same weights, with triton_xent's head counted running; ``install``/``uninstall``
-idempotent and reversible; the outputs it does not compute refused by name.
+soft-cap, logit scales, a router loss, shifted labels): every output and every parameter's
+gradient under random upstream gradients on the log-probs and the entropy; TRL's
+``GRPOTrainer`` and ``RLOOTrainer`` for two SGD steps with and without ``install()`` from the
+same seed: the same logged loss, KL and entropy and the same weights; DPO, KTO and SFT the same
+logs (and triton_xent's ``SFTTrainer`` TRL's metrics); triton_xent's head counted running;
+``install``/``uninstall`` idempotent and reversible; the outputs it does not compute refused by
+name. On 2 gloo ranks: FSDP2 with ``lm_head`` sharded alone (the gradient averaged, where TRL's
+own head keeps each rank's slice) and transformers' tensor parallelism, against the model's own
+loss.
 """
 
 from __future__ import annotations
@@ -202,34 +206,46 @@ def test_rl_trainer_equals_trls(trainer, tmp_path, counted):
         _close(steps[n][0], want, n, rel=1e-5, floor=ulp)
 
 
-def test_dpo_trainer_equals_trls(tmp_path, counted):
-    """DPO asks the head for mean_logits too (its logits/* metrics): computed exactly."""
+PROMPTS = ["t3 t4 t5", "t6 t7", "t8 t9 t10", "t11"]
+PREFERENCE = {
+    "DPO": dict(prompt=PROMPTS, chosen=[" t12 t13", " t14", " t15 t16 t17", " t18"],
+                rejected=[" t20", " t21 t22", " t23", " t24 t25"]),
+    "KTO": dict(prompt=PROMPTS, completion=[" t12 t13", " t14", " t15 t16 t17", " t18"],
+                label=[True, False, True, False]),
+}
+
+
+@pytest.mark.parametrize("trainer", ["DPO", "KTO"])
+def test_preference_trainer_equals_trls(trainer, tmp_path, counted):
+    """DPO and KTO ask the head for mean_logits too (their logits/* metrics): computed exactly."""
     make_model("llama").save_pretrained(tmp_path / "model")
-    data = datasets.Dataset.from_dict({
-        "prompt": ["t3 t4 t5", "t6 t7", "t8 t9 t10", "t11"],
-        "chosen": [" t12 t13", " t14", " t15 t16 t17", " t18"],
-        "rejected": [" t20", " t21 t22", " t23", " t24 t25"]})
+    data = datasets.Dataset.from_dict(PREFERENCE[trainer])
 
     def train(out):
-        args = trl.DPOConfig(
+        args = getattr(trl, f"{trainer}Config")(
             output_dir=str(out), max_steps=2, per_device_train_batch_size=2, learning_rate=1.0,
             optim="sgd", max_grad_norm=0.0, bf16=False, logging_steps=1, report_to=[],
             save_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0,
             model_init_kwargs={"dtype": torch.float32}, disable_tqdm=True)
-        trainer = trl.DPOTrainer(model=str(tmp_path / "model"), args=args,
-                                 processing_class=_tokenizer(), train_dataset=data)
-        trainer.train()
-        return [h for h in trainer.state.log_history if "loss" in h], trainer
+        trainer_ = getattr(trl, f"{trainer}Trainer")(
+            model=str(tmp_path / "model"), args=args, processing_class=_tokenizer(),
+            train_dataset=data)
+        trainer_.train()
+        return [h for h in trainer_.state.log_history if "loss" in h], trainer_
 
     ref, _ = train(tmp_path / "trl")
     xtrl.install()
-    logs, trainer = train(tmp_path / "tx")
-    assert _trl_head.is_head(trainer.model.forward) and counted
+    logs, trained = train(tmp_path / "tx")
+    assert _trl_head.is_head(trained.model.forward) and counted
     for got, want in zip(logs, ref, strict=True):
+        assert got.keys() == want.keys()
         for key in ("loss", "grad_norm", "entropy", "logits/chosen", "logits/rejected",
-                    "logps/chosen", "logps/rejected", "mean_token_accuracy"):
+                    "logps/chosen", "logps/rejected", "rewards/margins"):
             torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6,
                                        msg=lambda m, k=key: f"{k}: {m}")
+    if trainer == "KTO":
+        assert ref[1]["kl"] != 0
+        torch.testing.assert_close(logs[1]["kl"], ref[1]["kl"], rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
