@@ -253,18 +253,19 @@ def test_preference_trainer_equals_trls(trainer, tmp_path, counted):
 # ---------------------------------------------------------------------------------------------
 
 
-def _sft(trainer_cls, tmp_path, **kw):
+def _sft(trainer_cls, tmp_path, max_steps=2, model=None, **kw):
     g = torch.Generator().manual_seed(0)
     texts = [" ".join(f"t{i}" for i in torch.randint(3, VOCAB, (int(n),), generator=g).tolist())
              for n in torch.randint(5, 13, (12,), generator=g)]
-    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=3,
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=3,
                          gradient_accumulation_steps=2, learning_rate=1e-3, logging_steps=1,
                          report_to=[], save_strategy="no", use_cpu=True, max_length=32, seed=0,
                          bf16=False, dataloader_num_workers=0, disable_tqdm=True)
     torch.manual_seed(0)
-    trainer = trainer_cls(model=make_model("llama"), args=args, processing_class=_tokenizer(),
+    trainer = trainer_cls(model=model or make_model("llama"), args=args, processing_class=_tokenizer(),
                           train_dataset=datasets.Dataset.from_dict({"text": texts}), **kw)
-    trainer.train()
+    if max_steps:
+        trainer.train()
     return [h for h in trainer.state.log_history if "loss" in h], trainer
 
 
@@ -281,6 +282,11 @@ def test_sft_trainers_log_trls_metrics(tmp_path, counted):
     ours, trainer = _sft(SFTTrainer, tmp_path / "tx")
     assert "forward" not in vars(trainer.model)  # the patched model's loss, no head
     xtrl.install()
+    from triton_xent.integrations import transformers as tx
+
+    patched = tx.patch(make_model("llama"), z_loss=1e-4)  # its options: no head, no refusal
+    _, trainer = _sft(SFTTrainer, tmp_path / "tx-installed", max_steps=0, model=patched)
+    assert "forward" not in vars(trainer.model) and tx.options_of(trainer.model).z_loss == 1e-4
     on_head, trainer = _sft(trl.SFTTrainer, tmp_path / "head")
     assert _trl_head.is_head(trainer.model.forward) and counted
     for logs in (ours, on_head):
@@ -425,3 +431,20 @@ def dist_results():
 @pytest.mark.parametrize("part", list(PARTS.parts))
 def test_distributed_head(dist_results, part):
     check_part(dist_results, PARTS, part)
+
+
+def test_a_patched_model_gets_the_head_quietly_or_refuses_dropped_options():
+    import warnings
+
+    from triton_xent.integrations import transformers as tx
+
+    ids, labels, _ = _batch()
+    model = tx.patch(make_model("llama"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # TRL's head on a patched model warns; this one is ours
+        _trl_head.add_fused_lm_head(model, outputs=ALL)
+    assert _trl_head.is_head(model.forward)
+    out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    torch.testing.assert_close(out.loss, model(input_ids=ids, labels=labels).loss, **TOL)
+    with pytest.raises(ValueError, match="z_loss.*SFTTrainer"):
+        _trl_head.add_fused_lm_head(tx.patch(make_model("llama"), z_loss=1e-4))

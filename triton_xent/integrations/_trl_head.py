@@ -30,6 +30,7 @@ from contextlib import nullcontext
 import torch
 
 from ..logprobs import linear_logprobs
+from . import _hf_patching as _hp
 
 OURS = ("log_probs", "entropy", "is_top1")
 NOT_OURS = ("log_sum_sq_probs",)
@@ -72,9 +73,14 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     unknown = [o for o in outputs if o not in OURS + NOT_OURS + ("mean_logits",)]
     if unknown:
         raise ValueError(f"unknown fused-head outputs {unknown}")
-    (_trl_installer or front.trl_add_fused_lm_head())(
-        model, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32,
-        outputs=outputs)
+    _check_patched(model)
+    _hp.ALLOW_TRL_HEAD[0] += 1  # TRL's head is replaced by triton_xent's just below
+    try:
+        (_trl_installer or front.trl_add_fused_lm_head())(
+            model, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32,
+            outputs=outputs)
+    finally:
+        _hp.ALLOW_TRL_HEAD[0] -= 1
     c = _closure(model.forward)
     softcap, scale, text_config = c["final_logit_softcapping"], c["logit_scale"], c["text_config"]
     _refuse(outputs, softcap)
@@ -113,6 +119,23 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
         return FusedCausalLMOutput(loss=loss, aux_loss=aux_loss, **fields)
 
     model.forward = types.MethodType(_triton_xent_fused_forward, model)
+
+
+def _check_patched(model) -> None:
+    """A model patched with loss options: TRL's trainers compute their losses from the head's
+    log-probs, so those options would be dropped: refuse, naming them."""
+    options = getattr(model, _hp.OPTIONS, None)
+    if options is None or _hp.ALLOW_TRL_HEAD[0]:  # triton_xent's SFTTrainer removes the head
+        return
+    changed = {k: getattr(options, k) for k in ("z_loss", "label_smoothing", "reduction")
+               if getattr(options, k) != getattr(_hp.DEFAULT_OPTIONS, k)}
+    if changed:
+        raise ValueError(
+            f"This {type(model).__name__} is patched with {changed}, but TRL's trainers compute "
+            "their losses from the fused head's log-probabilities (triton_xent's, installed), "
+            "so these options would be dropped. For supervised fine-tuning with them use "
+            "triton_xent.integrations.trl.SFTTrainer; otherwise unpatch(model) or patch it "
+            "without them.")
 
 
 def is_head(forward) -> bool:
