@@ -9,6 +9,7 @@ from .diagnostics import Diagnosis, diagnose
 from .dispatch import BackendChoice, BackendUnavailableError
 from .functional import CrossEntropyAux, cross_entropy, explain
 from .linear import linear_cross_entropy
+from .logprobs import LogProbs, linear_logprobs
 from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
 
 __version__ = "0.1.0"
@@ -21,8 +22,10 @@ __all__ = [
     "CrossEntropyLoss",
     "Diagnosis",
     "LinearCrossEntropyLoss",
+    "LogProbs",
     "cross_entropy",
     "diagnose",
     "explain",
     "linear_cross_entropy",
+    "linear_logprobs",
 ]

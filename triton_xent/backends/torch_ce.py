@@ -418,13 +418,15 @@ def forward(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | N
         if grad_target is not None:
             lse = M + (xc - torch.where(M == float("-inf"), 0.0, M).unsqueeze(1)).exp().sum(1).log()
             gt = _grad_target(xc, lse, ones, dens, weight, opts.label_smoothing, cdt)
+        xm = None
+        if opts.entropy:  # x - M, read before p is written (over x itself when they alias)
+            xm = xc - torch.where(M == float("-inf"), 0.0, M).unsqueeze(1)
         direct = grad is not None and grad.dtype == cdt
         p = torch.softmax(xc, 1, out=grad[sl]) if direct else torch.softmax(xc, 1)
         # (an all -inf row: s = 0, lse = -inf as torch.logsumexp; its softmax p is NaN)
         st[F_S] = torch.where(M == float("-inf"), 0.0, p.amax(1).reciprocal())
         if opts.entropy:  # E = s sum_c p_c (x_c - M), before p becomes the gradient
-            mref = torch.where(M == float("-inf"), 0.0, M).unsqueeze(1)
-            st[F_E] = st[F_S] * _e_times_x(p, xc - mref).sum(1)
+            st[F_E] = st[F_S] * _e_times_x(p, xm).sum(1)
         info = _RowInfo(st, target[sl], weight, opts, V, 0, V, probs, cdt)
         info.write(tuple(None if t is None else t[sl] for t in (r_ce, r_z, r_lse, r_loss, r_argmax))
                    + (None,), st, idx, opts)

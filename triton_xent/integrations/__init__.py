@@ -3,6 +3,7 @@
 * :mod:`triton_xent.integrations.transformers`: ``patch(model)``, ``apply("llama")`` and
   ``AutoTritonXentForCausalLM`` make a Hugging Face causal LM compute its loss with triton_xent
   (fused with the LM head while training, without building the logits).
-* :mod:`triton_xent.integrations.trl`: TRL's ``SFTTrainer`` with the loss left to the patched
-  model (importing it imports TRL).
+* :mod:`triton_xent.integrations.trl`: ``install()`` gives every TRL trainer (GRPO, RLOO, DPO,
+  SFT, ...) triton_xent's fused LM head; its ``SFTTrainer`` leaves the loss to the patched model
+  (importing it imports TRL).
 """

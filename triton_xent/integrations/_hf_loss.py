@@ -10,6 +10,7 @@ loss the model returns is the op's output and its upstream gradient is exactly 1
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -33,6 +34,42 @@ class LossOptions:
     accum_dtype: torch.dtype | None = None
     backend: str | None = None
     fsdp_schedule: str = "gathered"
+
+
+# Token metrics (TRL's SFT ``entropy`` and ``mean_token_accuracy``) from the loss's own pass:
+# while a list is collecting, each loss asks its op for the rows' entropy and arg-max too
+# (``return_aux``; detached) and appends ``(entropy sum, correct, kept)`` over the kept rows.
+_SINKS: list[list] = []
+
+
+@contextlib.contextmanager
+def collect_metrics():
+    """Collects ``(entropy_sum, num_correct, num_kept)`` (0-d tensors) of each loss computed
+    inside, from the same pass as the loss."""
+    sink: list = []
+    _SINKS.append(sink)
+    try:
+        yield sink
+    finally:
+        _SINKS.remove(sink)
+
+
+def _metric_kwargs() -> dict:
+    return dict(return_aux=True, return_argmax=True, return_entropy=True) if _SINKS else {}
+
+
+def _record(out, target, ignore_index):
+    """The loss of ``out``, its metrics appended to the innermost collecting list."""
+    if not _SINKS:
+        return out
+    loss, aux = out
+    local = [x.to_local() if hasattr(x, "to_local") else x
+             for x in (aux.entropy, aux.argmax)]  # a tensor-parallel head: the same everywhere
+    entropy, argmax = (x.detach().reshape(-1) for x in local)
+    kept = target.reshape(-1) != ignore_index
+    _SINKS[-1].append((torch.where(kept, entropy, 0).sum(), (argmax == target.reshape(-1)).sum(),
+                       kept.sum()))
+    return loss
 
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(LossOptions))
@@ -76,12 +113,12 @@ def causal_lm_loss(
     options = options or DEFAULT_OPTIONS
     target, shape = _targets(labels, shift_labels, ignore_index)
     target = target.to(logits.device)
-    loss = cross_entropy(
+    loss = _record(cross_entropy(
         logits.reshape(-1, vocab_size), target, ignore_index=ignore_index,
         reduction=_op_reduction(options, num_items_in_batch), label_smoothing=options.label_smoothing,
         z_loss=options.z_loss, backend=options.backend, loss_dtype=torch.float32,
-        divisor=_divisor(num_items_in_batch, logits.device),
-    )
+        divisor=_divisor(num_items_in_batch, logits.device), **_metric_kwargs(),
+    ), target, ignore_index)
     return loss.view(shape) if options.reduction == "none" else loss
 
 
@@ -122,7 +159,7 @@ def _fused(hidden, weight, target, bias, ignore_index, options, num_items_in_bat
            softcap):
     from ..linear import linear_cross_entropy
 
-    return linear_cross_entropy(
+    return _record(linear_cross_entropy(
         hidden, weight, target, linear_bias=bias, ignore_index=ignore_index,
         reduction=_op_reduction(options, num_items_in_batch), softcap=softcap,
         logit_scale=None if scale == 1.0 else scale, label_smoothing=options.label_smoothing,
@@ -130,8 +167,8 @@ def _fused(hidden, weight, target, bias, ignore_index, options, num_items_in_bat
         backend=options.backend,
         loss_dtype=torch.float32,  # as transformers: an fp32 loss, not a bf16-rounded sum
         # the Trainer's normaliser divides inside the op: the loss's upstream gradient stays 1
-        divisor=_divisor(num_items_in_batch, weight.device),
-    )
+        divisor=_divisor(num_items_in_batch, weight.device), **_metric_kwargs(),
+    ), target, ignore_index)
 
 
 def head_values(model, layout: HeadLayout):
