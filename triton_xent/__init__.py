@@ -10,6 +10,7 @@ from .dispatch import BackendChoice, BackendUnavailableError
 from .functional import CrossEntropyAux, cross_entropy, explain
 from .linear import linear_cross_entropy
 from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
+from .policy import PolicyLossMetrics, linear_policy_loss
 
 __version__ = "0.1.0"
 
@@ -21,8 +22,10 @@ __all__ = [
     "CrossEntropyLoss",
     "Diagnosis",
     "LinearCrossEntropyLoss",
+    "PolicyLossMetrics",
     "cross_entropy",
     "diagnose",
     "explain",
     "linear_cross_entropy",
+    "linear_policy_loss",
 ]
