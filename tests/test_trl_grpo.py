@@ -1,0 +1,126 @@
+"""``triton_xent.integrations.trl_grpo.GRPOTrainer`` against TRL's own ``GRPOTrainer`` on a tiny
+model: the same completions (same seed), the same loss, gradients and logged metrics within
+fp32 rounding, per loss type, with the KL term and clipping active; TRL's own loss where the
+configuration is not covered."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+pytest.importorskip("datasets")
+pytest.importorskip("tokenizers")
+
+import datasets  # noqa: E402
+import tokenizers  # noqa: E402
+import transformers  # noqa: E402
+import trl  # noqa: E402
+from hf_models import VOCAB, make_model  # noqa: E402
+
+from triton_xent.integrations.trl_grpo import GRPOTrainer  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread", "torch_backend")
+
+
+def _tokenizer():
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
+                                                eos_token="<eos>", unk_token="<unk>")
+
+
+def _reward(completions, **kw):
+    return [float(len(set(c.split()))) - 0.1 * len(c) for c in completions]
+
+
+def _saved_model(tmp_path):
+    """A tiny model loaded from a folder: TRL builds the reference model (beta > 0) from its
+    path."""
+    path = tmp_path / "model"
+    if not path.exists():
+        make_model("llama").save_pretrained(path)
+    return transformers.AutoModelForCausalLM.from_pretrained(path)
+
+
+def _trainer(cls, model, tmp_path, **cfg):
+    g = torch.Generator().manual_seed(0)
+    prompts = [" ".join(f"t{int(i)}" for i in torch.randint(3, VOCAB, (3 + k % 3,), generator=g))
+               for k in range(8)]
+    args = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4,
+                          num_generations=4, max_completion_length=6, learning_rate=1e-2,
+                          logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                          seed=0, dataloader_num_workers=0, disable_tqdm=True, temperature=0.7,
+                          bf16=False,
+                          **cfg)
+    torch.manual_seed(0)
+    return cls(model=model, reward_funcs=_reward, args=args, processing_class=_tokenizer(),
+               train_dataset=datasets.Dataset.from_dict({"prompt": prompts}))
+
+
+def _loss_and_grads(trainer, inputs, compute):
+    trainer.model.zero_grad(set_to_none=True)
+    loss = compute(trainer, trainer.model, inputs)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()
+                           if p.grad is not None}
+
+
+@pytest.mark.parametrize("loss_type,beta", [("dapo", 0.0), ("grpo", 0.04), ("bnpo", 0.0),
+                                            ("dr_grpo", 0.04)])
+def test_loss_gradients_and_metrics_match_trl(tmp_path, loss_type, beta):
+    trainer = _trainer(GRPOTrainer, _saved_model(tmp_path), tmp_path, loss_type=loss_type,
+                       beta=beta, epsilon_high=0.28, gradient_accumulation_steps=2,
+                       steps_per_generation=2)
+    assert trainer.triton_xent_fallback is None
+    trainer.model.train()
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    # Old log-probs off the current ones: the clipping acts on both sides.
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        noise = 0.5 * torch.randn(inputs["completion_mask"].shape, generator=g)
+        lp = trl.GRPOTrainer._get_per_token_logps_and_entropies(
+            trainer, trainer.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1),
+            inputs["completion_ids"].shape[1])[0]
+    inputs["old_per_token_logps"] = lp + noise
+    trainer.current_gradient_accumulation_steps = 2
+    ours, g_ours = _loss_and_grads(trainer, inputs, GRPOTrainer._compute_loss)
+    assert trainer.triton_xent_policy_steps == 1
+    theirs, g_trl = _loss_and_grads(trainer, inputs, trl.GRPOTrainer._compute_loss)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+    assert g_ours.keys() == g_trl.keys() and len(g_ours) > 10
+    for name in g_trl:
+        scale = float(g_trl[name].abs().max())  # fp32 rounding of the sums over tokens
+        torch.testing.assert_close(g_ours[name], g_trl[name], rtol=1e-4, atol=1e-5 * scale,
+                                   msg=name)
+    metrics = trainer._metrics["train"]
+    keys = ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+            "clip_ratio/low_min", "clip_ratio/high_max"] + (["kl"] if beta else [])
+    for key in keys:  # ours logged first, TRL's second
+        assert len(metrics[key]) == 2, key
+        assert abs(metrics[key][0] - metrics[key][1]) <= 1e-5 * max(1.0, abs(metrics[key][1])), key
+    assert metrics["clip_ratio/region_mean"][1] > 0  # clipping was active
+
+
+def test_training_steps_match_trl(tmp_path):
+    histories = []
+    for cls in (trl.GRPOTrainer, GRPOTrainer):
+        trainer = _trainer(cls, _saved_model(tmp_path), tmp_path / cls.__module__, max_steps=2,
+                           beta=0.04, loss_type="dapo")
+        trainer.train()
+        histories.append([h for h in trainer.state.log_history if "loss" in h])
+    assert trainer.triton_xent_policy_steps == 2
+    assert len(histories[0]) == len(histories[1]) == 2
+    for ref, got in zip(*histories):
+        for key in ("loss", "kl", "clip_ratio/region_mean", "reward"):
+            assert abs(got[key] - ref[key]) <= 1e-4 * max(1.0, abs(ref[key])), (key, got, ref)
+
+
+def test_uncovered_configurations_run_trls_loss(tmp_path):
+    trainer = _trainer(GRPOTrainer, make_model("llama"), tmp_path, loss_type="cispo")
+    assert "cispo" in trainer.triton_xent_fallback
+    trainer = _trainer(GRPOTrainer, make_model("llama"), tmp_path,
+                       importance_sampling_level="sequence")
+    assert "sequence" in trainer.triton_xent_fallback
