@@ -124,3 +124,27 @@ def test_uncovered_configurations_run_trls_loss(tmp_path):
     trainer = _trainer(GRPOTrainer, make_model("llama"), tmp_path,
                        importance_sampling_level="sequence")
     assert "sequence" in trainer.triton_xent_fallback
+
+
+def test_peft_model_matches_trl(tmp_path):
+    """A LoRA policy (TRL's reference is the model with the adapter disabled)."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_saved_model(tmp_path), peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    trainer = _trainer(GRPOTrainer, model, tmp_path, loss_type="grpo", beta=0.04,
+                       epsilon_high=0.28)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    g = torch.Generator().manual_seed(2)
+    inputs["old_per_token_logps"] = -5.0 + 0.5 * torch.randn(inputs["completion_mask"].shape,
+                                                             generator=g)
+    ours, g_ours = _loss_and_grads(trainer, inputs, GRPOTrainer._compute_loss)
+    theirs, g_trl = _loss_and_grads(trainer, inputs, trl.GRPOTrainer._compute_loss)
+    assert trainer.triton_xent_policy_steps == 1
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+    assert g_ours.keys() == g_trl.keys() and any("lora_B" in k for k in g_trl)
+    for name in g_trl:
+        scale = float(g_trl[name].abs().max())
+        torch.testing.assert_close(g_ours[name], g_trl[name], rtol=1e-4, atol=1e-5 * scale,
+                                   msg=name)
