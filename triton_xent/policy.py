@@ -300,11 +300,14 @@ def _metrics(logp, ent, kl, low, high, m, batch_shape, policy_loss) -> PolicyLos
     if len(batch_shape) == 2:
         mb = m.view(batch_shape)
         n_seq = mb.sum(-1)
-        # TRL's nanmin / nanmax of the per-sequence means (NaN for a sequence without tokens)
-        low_min = _nan_if(torch.nan_to_num((lowf.view(batch_shape) * mb).sum(-1) / n_seq,
-                                           nan=math.inf).min(), math.inf)
-        high_max = _nan_if(torch.nan_to_num((highf.view(batch_shape) * mb).sum(-1) / n_seq,
-                                            nan=-math.inf).max(), -math.inf)
+        # TRL's nanmin / nanmax of the per-sequence means (NaN for a sequence without tokens;
+        # NaN when none has any): the NaNs and a sentinel read as +-inf, which then reads NaN.
+        def seq_ext(flags, fill, ext):
+            v = torch.nan_to_num((flags.view(batch_shape) * mb).sum(-1) / n_seq, nan=fill)
+            return _nan_if(ext(torch.cat([v, v.new_full((1,), fill)])), fill)
+
+        low_min = seq_ext(lowf, math.inf, torch.min)
+        high_max = seq_ext(highf, -math.inf, torch.max)
     shape = batch_shape
     return PolicyLossMetrics(
         logp.view(shape), None if ent is None else ent.view(shape),
