@@ -52,7 +52,7 @@ def _trainer(cls, model, tmp_path, **cfg):
                           num_generations=4, max_completion_length=6, learning_rate=1e-2,
                           logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
                           seed=0, dataloader_num_workers=0, disable_tqdm=True, temperature=0.7,
-                          bf16=False,
+                          bf16=cfg.pop("bf16", False),
                           **cfg)
     torch.manual_seed(0)
     return cls(model=model, reward_funcs=_reward, args=args, processing_class=_tokenizer(),
@@ -148,3 +148,24 @@ def test_peft_model_matches_trl(tmp_path):
         scale = float(g_trl[name].abs().max())
         torch.testing.assert_close(g_ours[name], g_trl[name], rtol=1e-4, atol=1e-5 * scale,
                                    msg=name)
+
+
+def test_bf16_autocast_matches_trl(tmp_path):
+    """TRL's default bf16 autocast: both heads run bf16 GEMMs with fp32 math per token (the
+    losses agree to fp32 rounding); the gradients within bf16 rounding (TRL keeps an fp32 dW,
+    ours is rounded to bf16 once, from an fp32 accumulator)."""
+    trainer = _trainer(GRPOTrainer, _saved_model(tmp_path), tmp_path, loss_type="dapo",
+                       beta=0.04, epsilon_high=0.28, bf16=True)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    g = torch.Generator().manual_seed(2)
+    inputs["old_per_token_logps"] = -5.0 + 0.5 * torch.randn(inputs["completion_mask"].shape,
+                                                             generator=g)
+    ours, g_ours = _loss_and_grads(trainer, inputs, GRPOTrainer._compute_loss)
+    theirs, g_trl = _loss_and_grads(trainer, inputs, trl.GRPOTrainer._compute_loss)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+    for name in g_trl:
+        err = (g_ours[name] - g_trl[name]).abs().max() / g_trl[name].abs().max()
+        assert err < 3e-2, (name, err)

@@ -19,7 +19,10 @@ Anything else (other loss types, ``importance_sampling_level="sequence"``,
 ``top_entropy_quantile < 1``, ``off_policy_mask_threshold``, adaptive entropy, MoE auxiliary
 losses, multimodal inputs, a DTensor head) runs TRL's own ``_compute_loss``, saying why once on
 the ``triton_xent`` logger. The metrics are TRL's, computed by TRL's formulas from the fused
-pass (``entropy`` when the pipeline computes it). Importing this module imports TRL.
+pass (``entropy`` when the pipeline computes it). The weight's gradient is accumulated in fp32
+over the chunks, as TRL's head does (under bf16 autocast the head's GEMMs run in bf16, as TRL's,
+and the accumulated ``dW`` is rounded to bf16 once before autograd casts it back to the
+parameter's dtype). Importing this module imports TRL.
 """
 
 from __future__ import annotations
@@ -162,7 +165,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
                   epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, beta=self.beta,
                   delta=self.args.delta, entropy_coef=self.entropy_coef,
                   use_bias_correction_kl=bool(self.args.use_bias_correction_kl),
-                  temperature=self.temperature)
+                  temperature=self.temperature, accum_dtype=torch.float32)
         if self.beta != 0.0:
             kw["ref_logprobs"] = inputs["ref_per_token_logps"]
         if self.use_vllm and self.vllm_importance_sampling_correction:
