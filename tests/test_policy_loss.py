@@ -74,7 +74,7 @@ class _Acc:
 
 def trl_loss(x, W, b, target, adv, mask, old, ref, *, loss_type, beta=0.0, epsilon=0.2,
              epsilon_high=0.28, delta=None, bias_kl=False, isr=None, num_items=None,
-             softcap=None, logit_scale=None, temp=TEMP, logits_dtype=None):
+             softcap=None, logit_scale=None, temp=TEMP, logits_dtype=None, sapo=(1.0, 1.05)):
     """TRL 1.16's ``GRPOTrainer._compute_loss`` on a stand-in trainer: float64 log-probs of
     the full logits; returns ``loss, dX, dW, db, metrics``."""
     xd = x.detach().double().requires_grad_()
@@ -85,7 +85,8 @@ def trl_loss(x, W, b, target, adv, mask, old, ref, *, loss_type, beta=0.0, epsil
         lp, ent = _logps(xd, Wd, bd, target, temp, softcap, logit_scale, logits_dtype)
         return lp, ent.detach(), None
 
-    args = SimpleNamespace(delta=delta, use_bias_correction_kl=bias_kl, steps_per_generation=1)
+    args = SimpleNamespace(delta=delta, use_bias_correction_kl=bias_kl, steps_per_generation=1,
+                           sapo_temperature_pos=sapo[0], sapo_temperature_neg=sapo[1])
     self = SimpleNamespace(
         _get_per_token_logps_and_entropies=logps, top_entropy_quantile=1.0,
         off_policy_mask_threshold=None, importance_sampling_level="token", beta=beta,
@@ -131,11 +132,17 @@ def _check(kw, backend, trl_kw, data, chunk_size=4):
     _close(Wl.grad, r_dw)
     if b is not None:
         _close(bl.grad, r_db)
-    for ours, theirs in ((m.clip_ratio_low, "clip_ratio/low_mean"),
-                         (m.clip_ratio_high, "clip_ratio/high_mean"),
-                         (m.clip_ratio_region, "clip_ratio/region_mean"),
-                         (m.clip_ratio_low_min, "clip_ratio/low_min"),
-                         (m.clip_ratio_high_max, "clip_ratio/high_max")):
+    lt = trl_kw["loss_type"]
+    pairs = ((m.clip_ratio_low, "clip_ratio/low_mean"), (m.clip_ratio_high, "clip_ratio/high_mean"),
+             (m.clip_ratio_region, "clip_ratio/region_mean"),
+             (m.clip_ratio_low_min, "clip_ratio/low_min"),
+             (m.clip_ratio_high_max, "clip_ratio/high_max"))
+    if lt == "cispo":
+        pairs = ((m.clip_ratio_high, "cispo_clip_ratio"),)
+    elif lt == "sapo":  # TRL logs no clip ratio; nothing is clipped
+        pairs = ()
+        assert not (m.is_low_clipped.any() or m.is_high_clipped.any())
+    for ours, theirs in pairs:
         assert math.isclose(float(ours), r_m[theirs][0], rel_tol=1e-6), theirs
     lp = _logps(x, W, b, target, TEMP, trl_kw.get("softcap"), trl_kw.get("logit_scale"))[0]
     _close(m.logprobs, lp)
@@ -145,20 +152,30 @@ def _check(kw, backend, trl_kw, data, chunk_size=4):
     return m
 
 
+CLIPPED = ("grpo", "dapo", "bnpo", "dr_grpo", "luspo")
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.04])
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "bnpo", "dr_grpo"])
+@pytest.mark.parametrize("loss_type", CLIPPED + ("cispo", "sapo"))
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_matches_trl(loss_type, beta, backend):
-    data = _data(seed=1, per_token_adv=loss_type == "bnpo")
-    kw = dict(loss_type=loss_type, beta=beta, epsilon_high=0.28)
-    trl_kw = dict(loss_type=loss_type, beta=beta)
+    data = _data(seed=1, per_token_adv=loss_type in ("bnpo", "sapo"))
+    eps_high = 1.3 if loss_type == "cispo" else 0.28  # cispo: the ratio's cap itself
+    kw = dict(loss_type=loss_type, beta=beta, epsilon_high=eps_high)
+    trl_kw = dict(loss_type=loss_type, beta=beta, epsilon_high=eps_high)
     if loss_type == "dr_grpo":
         kw["max_completion_length"] = MAX_LEN
-    if loss_type == "dapo":
+    if loss_type in ("dapo", "cispo"):
         kw["num_items_in_batch"] = torch.tensor(9.0)
         trl_kw["num_items"] = 9.0
+    if loss_type == "sapo":
+        kw.update(sapo_temperature_pos=0.9, sapo_temperature_neg=1.2)
+        trl_kw["sapo"] = (0.9, 1.2)
     m = _check(kw, backend, trl_kw, data)
-    assert m.is_low_clipped.any() and m.is_high_clipped.any()  # both sides clip somewhere
+    if loss_type in CLIPPED:
+        assert m.is_low_clipped.any() and m.is_high_clipped.any()  # both sides clip somewhere
+    elif loss_type == "cispo":
+        assert m.is_high_clipped.any()
     assert m.is_low_clipped.shape == (B, T) and (m.kl is None) == (beta == 0.0)
 
 
@@ -256,7 +273,8 @@ def test_refusals():
 
     for kw, words in [
         (dict(loss_type="gspo"), "not a loss type of TRL"),
-        (dict(loss_type="cispo"), "not supported"),
+        (dict(loss_type="vespo"), "one per sequence"),
+        (dict(loss_type="cispo", delta=2.0), "delta"),
         (dict(importance_sampling_level="sequence"), "GSPO"),
         (dict(top_entropy_quantile=0.2), "quantile"),
         (dict(beta=0.1), "ref_logprobs"),

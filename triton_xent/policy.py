@@ -22,8 +22,8 @@ from .ops.policy_loss import HAS_ENTROPY, PolicyCall, PolicySpec, Tokens, run
 
 #: The loss types computed here: token-level importance sampling, a per-token loss that is a
 #: closed form of the token's log-prob, and a normaliser known before the pass.
-LOSS_TYPES = ("grpo", "dapo", "bnpo", "dr_grpo")
-_OTHER_TRL_TYPES = ("cispo", "sapo", "vespo", "luspo")
+LOSS_TYPES = ("grpo", "dapo", "bnpo", "dr_grpo", "cispo", "sapo", "luspo")
+_OTHER_TRL_TYPES = ("vespo",)  # a weight per sequence, from its whole log-ratio
 
 
 class PolicyLossMetrics(NamedTuple):
@@ -37,8 +37,10 @@ class PolicyLossMetrics(NamedTuple):
     ``clip_ratio_high``, ``clip_ratio_region``: their masked means over the batch (TRL's
     ``clip_ratio/low_mean``, ``high_mean``, ``region_mean`` on one process);
     ``clip_ratio_low_min`` / ``clip_ratio_high_max``: the min / max over sequences of the
-    per-sequence means (``(B, T, D)`` input only, else None); ``policy_loss``: the loss without
-    the entropy bonus."""
+    per-sequence means (``(B, T, D)`` input only, else None); for ``cispo`` ``is_high_clipped``
+    is TRL's ``(coef_1 > epsilon_high) & (A > 0)`` and ``clip_ratio_high`` its
+    ``cispo_clip_ratio`` (nothing is clipped low); ``sapo`` clips nothing. ``policy_loss``: the
+    loss without the entropy bonus."""
 
     logprobs: torch.Tensor
     entropy: torch.Tensor | None
@@ -65,10 +67,12 @@ def _number(name: str, value, *, low=-math.inf, high=math.inf) -> float:
 
 
 def _spec(loss_type, epsilon_low, epsilon_high, beta, delta, use_bias_correction_kl,
-          entropy_coef, top_entropy_quantile, importance_sampling_level) -> PolicySpec:
+          entropy_coef, top_entropy_quantile, importance_sampling_level, sapo_pos,
+          sapo_neg) -> PolicySpec:
     if loss_type not in LOSS_TYPES:
-        why = ("its per-token weight is not a closed form computed here"
-               if loss_type in _OTHER_TRL_TYPES else "it is not a loss type of TRL's GRPOTrainer")
+        why = ("its weight is one per sequence, from the sequence's whole log-ratio: a token's "
+               "gradient is known only after the pass" if loss_type in _OTHER_TRL_TYPES
+               else "it is not a loss type of TRL's GRPOTrainer")
         raise _err(f"loss_type={loss_type!r} is not supported by linear_policy_loss ({why}). "
                    f"Supported: {', '.join(LOSS_TYPES)}; for others compute the log-probs "
                    "(triton_xent.linear_cross_entropy with reduction='none') and the loss in torch.")
@@ -89,7 +93,13 @@ def _spec(loss_type, epsilon_low, epsilon_high, beta, delta, use_bias_correction
     if coef != 0.0 and not HAS_ENTROPY:
         raise _err("entropy_coef needs the per-token entropy, which this build's cross-entropy "
                    "pipeline does not compute. Use entropy_coef=0.0.")
-    return PolicySpec(loss_type, eps_lo, eps_hi, beta, delta, bool(use_bias_correction_kl), coef)
+    if delta is not None and loss_type in ("cispo", "sapo"):
+        raise _err(f"delta (two-sided clipping) is not part of loss_type={loss_type!r} in TRL: "
+                   "drop it.")
+    pos = _number("sapo_temperature_pos", sapo_pos, low=1e-12)
+    neg = _number("sapo_temperature_neg", sapo_neg, low=1e-12)
+    return PolicySpec(loss_type, eps_lo, eps_hi, beta, delta, bool(use_bias_correction_kl), coef,
+                      pos, neg)
 
 
 def _per_token(name, t, batch_shape, cdt, dev, *, per_sequence: bool):
@@ -123,19 +133,21 @@ def _weights(spec: PolicySpec, mask, batch_shape, num_items_in_batch, max_comple
              cdt):
     """The loss weight of each token: the mask over the loss type's normaliser (TRL's)."""
     lt = spec.loss_type
-    if lt in ("grpo", "dr_grpo") and len(batch_shape) != 2:
+    if lt in ("grpo", "sapo", "dr_grpo", "luspo") and len(batch_shape) != 2:
         raise _err(f"loss_type={lt!r} normalises per sequence: pass input (B, T, D) with target, "
                    f"mask (B, T); got target {V.shape_str(batch_shape)}.")
-    if num_items_in_batch is not None and lt != "dapo":
-        raise _err(f"num_items_in_batch is the normaliser of loss_type='dapo'; {lt!r} "
-                   "normalises by the mask (TRL ignores it there): drop it.")
+    if num_items_in_batch is not None and lt not in ("dapo", "cispo"):
+        raise _err(f"num_items_in_batch is the normaliser of loss_type 'dapo' and 'cispo'; "
+                   f"{lt!r} normalises by the mask (TRL ignores it there): drop it.")
     if max_completion_length is not None and lt != "dr_grpo":
         raise _err(f"max_completion_length is the normaliser of loss_type='dr_grpo' only; drop "
                    f"it for {lt!r}.")
-    if lt == "grpo":
+    if lt in ("grpo", "sapo"):
         B, T = batch_shape
         m = mask.view(B, T)
         return (m / (m.sum(-1, keepdim=True).clamp(min=1.0) * B)).reshape(-1)
+    if lt == "luspo":  # each sequence's sum, then the mean over sequences
+        return mask / float(batch_shape[0])
     if lt == "dr_grpo":
         if max_completion_length is None:
             raise _err("loss_type='dr_grpo' divides by batch_size * max_completion_length: pass "
@@ -144,7 +156,7 @@ def _weights(spec: PolicySpec, mask, batch_shape, num_items_in_batch, max_comple
                 max_completion_length, int) or max_completion_length < 1:
             raise _err(f"max_completion_length={max_completion_length!r} must be a positive int.")
         return mask / float(batch_shape[0] * max_completion_length)
-    if lt == "dapo" and num_items_in_batch is not None:
+    if lt in ("dapo", "cispo") and num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
             if num_items_in_batch.numel() != 1:
                 raise _err("num_items_in_batch must be a number or a one-element tensor, got "
@@ -152,7 +164,7 @@ def _weights(spec: PolicySpec, mask, batch_shape, num_items_in_batch, max_comple
             return mask / num_items_in_batch.detach().reshape(()).to(device=mask.device,
                                                                      dtype=cdt)
         return mask / _number("num_items_in_batch", num_items_in_batch, low=0.0)
-    return mask / mask.sum().clamp(min=1.0)  # bnpo, and dapo on this batch's tokens
+    return mask / mask.sum().clamp(min=1.0)  # bnpo, and dapo / cispo on this batch's tokens
 
 
 @serialised
@@ -176,6 +188,8 @@ def linear_policy_loss(
     top_entropy_quantile: float = 1.0,
     importance_sampling_level: str = "token",
     importance_sampling_ratio: torch.Tensor | None = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
     num_items_in_batch: int | float | torch.Tensor | None = None,
     max_completion_length: int | None = None,
     temperature: float | None = None,
@@ -193,25 +207,34 @@ def linear_policy_loss(
     the same pass: per chunk of rows 3 GEMMs (logits, ``dX``, ``dW``) and nothing kept per
     token; the backward only scales the gradients by the upstream scalar.
 
-    It is TRL 1.16's ``_compute_loss`` for ``loss_type`` in ``grpo``, ``dapo``, ``bnpo``,
-    ``dr_grpo`` with token-level importance sampling: ``coef_1 = exp(logp - old)``, ``coef_2 =
-    clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)`` (``coef_1`` capped at ``delta`` when
-    given), ``l_t = -min(coef_1 A, coef_2 A)`` (times ``importance_sampling_ratio``) ``+ beta *
-    kl_t`` with ``kl_t = exp(ref - logp) - (ref - logp) - 1`` (times ``coef_1`` with
-    ``use_bias_correction_kl``), masked and normalised as TRL does:
+    It is TRL 1.16's ``_compute_loss`` with token-level importance sampling, ``coef_1 =
+    exp(logp - old)``, for the loss types whose per-token term is a closed form of ``logp``:
 
-    * ``grpo``: per sequence by its token count (at least 1), then the mean over sequences;
+    * ``grpo``, ``dapo``, ``bnpo``, ``dr_grpo``, ``luspo``: ``l_t = -min(coef_1 A, coef_2 A)``,
+      ``coef_2 = clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)`` (``coef_1`` capped at
+      ``delta`` when given);
+    * ``cispo``: ``l_t = -clamp(coef_1, max=epsilon_high).detach() A logp``;
+    * ``sapo``: ``l_t = -sigmoid(tau (coef_1 - 1)) 4 / tau A`` (``tau``: ``sapo_temperature_pos``
+      where ``A > 0``, else ``sapo_temperature_neg``);
+
+    times ``importance_sampling_ratio`` when given, ``+ beta kl_t`` with ``kl_t = exp(ref - logp)
+    - (ref - logp) - 1`` (times ``coef_1`` with ``use_bias_correction_kl``), masked and
+    normalised as TRL does:
+
+    * ``grpo``, ``sapo``: per sequence by its token count (at least 1), then the mean over
+      sequences;
     * ``bnpo``: by the batch's token count (at least 1);
     * ``dr_grpo``: by ``B * max_completion_length``;
-    * ``dapo``: by ``num_items_in_batch`` as given (TRL's normaliser for this micro-batch), or
-      the batch's token count (at least 1) when None;
+    * ``luspo``: each sequence's sum, then the mean over sequences;
+    * ``dapo``, ``cispo``: by ``num_items_in_batch`` as given (TRL's normaliser for this
+      micro-batch), or the batch's token count (at least 1) when None;
 
     then ``- entropy_coef * sum(H * mask) / max(1, sum(mask))`` (TRL's entropy bonus). TRL's
     gradient-accumulation factor is the caller's (divide the loss: the backward scales).
 
     Args:
-        input: ``(B, T, D)`` (or ``(N, D)``: not for ``grpo``/``dr_grpo``, which normalise per
-            sequence) hidden states of the completion tokens (those predicting ``target``).
+        input: ``(B, T, D)`` (or ``(N, D)`` for ``dapo``, ``bnpo``, ``cispo``: the others
+            normalise per sequence) hidden states of the completion tokens (those predicting ``target``).
         linear_weight: ``(V, D)``, the input's dtype. ``linear_bias``: ``(V,)`` or None.
         target: ``(B, T)`` / ``(N,)`` the sampled token ids (TRL's ``completion_ids``); a
             target of -100 counts as masked.
@@ -222,11 +245,13 @@ def linear_policy_loss(
         ref_logprobs: the reference model's log-probs; needed when ``beta > 0``.
         loss_type, epsilon_low (TRL's ``epsilon``), epsilon_high (None: ``epsilon_low``),
             beta, delta, use_bias_correction_kl, entropy_coef, top_entropy_quantile (1.0 only),
-            importance_sampling_level (``"token"`` only), max_completion_length: as in TRL's
+            importance_sampling_level (``"token"`` only), max_completion_length,
+            sapo_temperature_pos, sapo_temperature_neg: as in TRL's
             ``GRPOConfig``; other loss types and levels raise, naming why.
         importance_sampling_ratio: TRL's vLLM correction factor per token (or per sequence),
             or None.
-        num_items_in_batch: ``dapo``'s normaliser (a number or one-element tensor).
+        num_items_in_batch: the normaliser of ``dapo`` and ``cispo`` (a number or one-element
+            tensor).
         temperature, logit_scale, softcap: as in :func:`triton_xent.linear_cross_entropy`
             (TRL divides the logits by its sampling temperature: pass it here).
         chunk_size, chunk_bytes, accum_dtype, backend, validate: as in
@@ -240,7 +265,8 @@ def linear_policy_loss(
         raise _err("linear_policy_loss does not take DTensors (a vocabulary-sharded head): "
                    "gather the head, or use linear_cross_entropy's process_group.")
     spec = _spec(loss_type, epsilon_low, epsilon_high, beta, delta, use_bias_correction_kl,
-                 entropy_coef, top_entropy_quantile, importance_sampling_level)
+                 entropy_coef, top_entropy_quantile, importance_sampling_level,
+                 sapo_temperature_pos, sapo_temperature_neg)
     if spec.beta != 0.0 and ref_logprobs is None:
         raise _err("beta > 0 adds the KL to the reference model: pass ref_logprobs.")
     _, _, softcap = V.check_options("none", 0.0, 0.0, softcap, -100)

@@ -1,7 +1,8 @@
 """The op layer of ``linear_policy_loss``: a token-level policy-gradient loss over the LM head
 with its gradient written in the forward.
 
-For the token-level losses of TRL's ``GRPOTrainer`` (``grpo``, ``dapo``, ``bnpo``, ``dr_grpo``)
+For the token-level losses of TRL's ``GRPOTrainer`` (``grpo``, ``dapo``, ``bnpo``, ``dr_grpo``,
+``cispo``, ``sapo``, ``luspo``)
 the loss is ``L = sum_t w_t * l_t(logp_t) - entropy_coef * sum_t e_t * H_t``: the per-token term
 ``l_t`` is a closed form of the token's log-prob ``logp_t`` and of values known before the pass
 (advantage, old and reference log-probs), and the weights ``w_t`` (mask and normaliser) and
@@ -39,6 +40,8 @@ class PolicySpec(NamedTuple):
     delta: float | None
     use_bias_correction_kl: bool
     entropy_coef: float
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
 
 
 class Tokens(NamedTuple):
@@ -75,22 +78,36 @@ def _min_grads(a: torch.Tensor, b: torch.Tensor):
 
 def token_terms(logp: torch.Tensor, tok: Tokens, spec: PolicySpec):
     """``(l, dl, kl, low, high)`` per token: TRL's per-token loss (before the mask and the
-    normaliser, KL term included), its derivative with respect to ``logp``, the KL (or None),
-    and the clipped flags TRL logs. Torch ops on ``n`` values, no host sync."""
+    normaliser, KL term included), its derivative with respect to ``logp`` (torch's own rules
+    at the kinks: half to each side of a ``minimum`` tie, a clamp passing its bounds), the KL
+    (or None), and the clipped flags TRL logs (``cispo``: ``high`` is TRL's
+    ``cispo_clip_ratio`` flag; ``sapo``: none). Torch ops on ``n`` values, no host sync."""
     old = logp if tok.old is None else tok.old  # TRL: old = logp.detach() (ratio 1)
     A = tok.adv
     coef_1 = torch.exp(logp - old)  # d coef_1 / d logp = coef_1
     lo, hi = 1.0 - spec.epsilon_low, 1.0 + spec.epsilon_high
-    coef_2 = torch.clamp(coef_1, lo, hi)
-    d2 = torch.where((coef_1 >= lo) & (coef_1 <= hi), coef_1, 0.0)  # clamp passes when inside
-    c1, d1 = coef_1, coef_1
-    if spec.delta is not None:  # TRL's two-sided clipping: coef_1 capped at delta
-        c1 = torch.clamp(coef_1, max=spec.delta)
-        d1 = torch.where(coef_1 <= spec.delta, coef_1, 0.0)
-    a, b = c1 * A, coef_2 * A
-    wa, wb = _min_grads(a, b)
-    loss = -torch.minimum(a, b)
-    dloss = -(wa * d1 + wb * d2) * A
+    if spec.loss_type == "cispo":  # -clamp(ratio, max=epsilon_high).detach() * A * logp
+        w = torch.clamp(coef_1, max=spec.epsilon_high) * A
+        loss, dloss = -w * logp, -w
+        low, high = torch.zeros_like(A, dtype=torch.bool), (coef_1 > spec.epsilon_high) & (A > 0)
+    elif spec.loss_type == "sapo":  # a soft gate: -sigmoid(t (ratio - 1)) 4 / t * A
+        t = torch.where(A > 0, spec.sapo_temperature_pos, spec.sapo_temperature_neg).to(A.dtype)
+        sg = torch.sigmoid(t * (coef_1 - 1.0))
+        loss, dloss = -sg * (4.0 / t) * A, -4.0 * sg * (1.0 - sg) * coef_1 * A
+        low = high = torch.zeros_like(A, dtype=torch.bool)
+    else:  # grpo, dapo, bnpo, dr_grpo, luspo: the clipped surrogate
+        coef_2 = torch.clamp(coef_1, lo, hi)
+        d2 = torch.where((coef_1 >= lo) & (coef_1 <= hi), coef_1, 0.0)  # clamp passes inside
+        c1, d1 = coef_1, coef_1
+        if spec.delta is not None:  # TRL's two-sided clipping: coef_1 capped at delta
+            c1 = torch.clamp(coef_1, max=spec.delta)
+            d1 = torch.where(coef_1 <= spec.delta, coef_1, 0.0)
+        a, b = c1 * A, coef_2 * A
+        wa, wb = _min_grads(a, b)
+        loss = -torch.minimum(a, b)
+        dloss = -(wa * d1 + wb * d2) * A
+        low = (c1 < lo) & (A < 0)  # TRL's clip metrics, of the (delta-capped) ratio
+        high = (c1 > hi) & (A > 0)
     if tok.isr is not None:  # TRL's vLLM importance-sampling correction (a constant factor)
         loss, dloss = loss * tok.isr, dloss * tok.isr
     kl = None
@@ -101,8 +118,6 @@ def token_terms(logp: torch.Tensor, tok: Tokens, spec: PolicySpec):
         if spec.use_bias_correction_kl:
             kl, dkl = kl * coef_1, (dkl + kl) * coef_1
         loss, dloss = loss + spec.beta * kl, dloss + spec.beta * dkl
-    low = (c1 < lo) & (A < 0)  # TRL's clip metrics, of the (delta-capped) ratio
-    high = (c1 > hi) & (A > 0)
     return loss, dloss, kl, low, high
 
 
