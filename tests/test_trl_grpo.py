@@ -19,6 +19,7 @@ import trl  # noqa: E402
 from hf_models import VOCAB, make_model  # noqa: E402
 
 from triton_xent.integrations.trl_grpo import GRPOTrainer  # noqa: E402
+from triton_xent.ops.policy_loss import HAS_ENTROPY  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread", "torch_backend")
 
@@ -68,11 +69,12 @@ def _loss_and_grads(trainer, inputs, compute):
 
 
 @pytest.mark.parametrize("loss_type,beta", [("dapo", 0.0), ("grpo", 0.04), ("bnpo", 0.0),
-                                            ("dr_grpo", 0.04)])
+                                            ("dr_grpo", 0.04), ("cispo", 0.04), ("sapo", 0.0),
+                                            ("luspo", 0.0)])
 def test_loss_gradients_and_metrics_match_trl(tmp_path, loss_type, beta):
     trainer = _trainer(GRPOTrainer, _saved_model(tmp_path), tmp_path, loss_type=loss_type,
-                       beta=beta, epsilon_high=0.28, gradient_accumulation_steps=2,
-                       steps_per_generation=2)
+                       beta=beta, epsilon_high=1.05 if loss_type == "cispo" else 0.28,
+                       gradient_accumulation_steps=2, steps_per_generation=2)
     assert trainer.triton_xent_fallback is None
     trainer.model.train()
     inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
@@ -85,6 +87,8 @@ def test_loss_gradients_and_metrics_match_trl(tmp_path, loss_type, beta):
             torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1),
             inputs["completion_ids"].shape[1])[0]
     inputs["old_per_token_logps"] = lp + noise
+    # Advantages of both signs on every sequence (a tiny model's rewards often tie: zero).
+    inputs["advantages"] = torch.randn(noise.shape[0], generator=g)
     trainer.current_gradient_accumulation_steps = 2
     ours, g_ours = _loss_and_grads(trainer, inputs, GRPOTrainer._compute_loss)
     assert trainer.triton_xent_policy_steps == 1
@@ -96,12 +100,19 @@ def test_loss_gradients_and_metrics_match_trl(tmp_path, loss_type, beta):
         torch.testing.assert_close(g_ours[name], g_trl[name], rtol=1e-4, atol=1e-5 * scale,
                                    msg=name)
     metrics = trainer._metrics["train"]
-    keys = ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
-            "clip_ratio/low_min", "clip_ratio/high_max"] + (["kl"] if beta else [])
+    keys = {"cispo": ["cispo_clip_ratio"], "sapo": []}.get(loss_type, [
+        "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+        "clip_ratio/low_min", "clip_ratio/high_max"]) + (["kl"] if beta else [])
     for key in keys:  # ours logged first, TRL's second
         assert len(metrics[key]) == 2, key
         assert abs(metrics[key][0] - metrics[key][1]) <= 1e-5 * max(1.0, abs(metrics[key][1])), key
-    assert metrics["clip_ratio/region_mean"][1] > 0  # clipping was active
+    if loss_type == "cispo":
+        assert metrics["cispo_clip_ratio"][1] > 0  # clipping was active
+    elif loss_type != "sapo":
+        assert metrics["clip_ratio/region_mean"][1] > 0
+    # both logged the same keys (generation's metrics are logged once)
+    twice = {k for k, v in metrics.items() if len(v) == 2}
+    assert twice == set(keys) | ({"entropy"} if HAS_ENTROPY else set()), twice
 
 
 def test_training_steps_match_trl(tmp_path):
@@ -119,8 +130,8 @@ def test_training_steps_match_trl(tmp_path):
 
 
 def test_uncovered_configurations_run_trls_loss(tmp_path):
-    trainer = _trainer(GRPOTrainer, make_model("llama"), tmp_path, loss_type="cispo")
-    assert "cispo" in trainer.triton_xent_fallback
+    trainer = _trainer(GRPOTrainer, make_model("llama"), tmp_path, loss_type="vespo")
+    assert "vespo" in trainer.triton_xent_fallback
     trainer = _trainer(GRPOTrainer, make_model("llama"), tmp_path,
                        importance_sampling_level="sequence")
     assert "sequence" in trainer.triton_xent_fallback
@@ -139,6 +150,7 @@ def test_peft_model_matches_trl(tmp_path):
     g = torch.Generator().manual_seed(2)
     inputs["old_per_token_logps"] = -5.0 + 0.5 * torch.randn(inputs["completion_mask"].shape,
                                                              generator=g)
+    inputs["advantages"] = torch.randn(inputs["completion_mask"].shape[0], generator=g)
     ours, g_ours = _loss_and_grads(trainer, inputs, GRPOTrainer._compute_loss)
     theirs, g_trl = _loss_and_grads(trainer, inputs, trl.GRPOTrainer._compute_loss)
     assert trainer.triton_xent_policy_steps == 1
@@ -163,6 +175,7 @@ def test_bf16_autocast_matches_trl(tmp_path):
     g = torch.Generator().manual_seed(2)
     inputs["old_per_token_logps"] = -5.0 + 0.5 * torch.randn(inputs["completion_mask"].shape,
                                                              generator=g)
+    inputs["advantages"] = torch.randn(inputs["completion_mask"].shape[0], generator=g)
     ours, g_ours = _loss_and_grads(trainer, inputs, GRPOTrainer._compute_loss)
     theirs, g_trl = _loss_and_grads(trainer, inputs, trl.GRPOTrainer._compute_loss)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)

@@ -11,11 +11,12 @@ made in the same pass, 3 GEMMs, no ``(tokens, V)`` logits); every other call (TR
 log-probs, generation) goes to the forward it wraps. The call goes through the trainer's model
 (DDP and other wrappers see their forward).
 
-Covered: TRL's ``loss_type`` ``grpo``, ``dapo``, ``bnpo``, ``dr_grpo`` with token-level
+Covered: TRL's ``loss_type`` ``grpo``, ``dapo``, ``bnpo``, ``dr_grpo``, ``cispo``, ``sapo``,
+``luspo`` with token-level
 importance sampling, ``beta`` (KL to the reference), ``delta``, ``use_bias_correction_kl``,
 vLLM's importance-sampling correction, a static ``entropy_coef`` (when the cross-entropy pipeline
 computes entropies), temperature, soft-capped and logit-scaled heads, ``cast_lm_head_to_fp32``.
-Anything else (other loss types, ``importance_sampling_level="sequence"``,
+Anything else (``vespo``, ``importance_sampling_level="sequence"``,
 ``top_entropy_quantile < 1``, ``off_policy_mask_threshold``, adaptive entropy, MoE auxiliary
 losses, multimodal inputs, a DTensor head) runs TRL's own ``_compute_loss``, saying why once on
 the ``triton_xent`` logger. The metrics are TRL's, computed by TRL's formulas from the fused
@@ -163,16 +164,21 @@ class GRPOTrainer(_TRLGRPOTrainer):
         kw = dict(completion_ids=completion_ids, mask=mask, advantages=inputs["advantages"],
                   old_logprobs=inputs.get("old_per_token_logps"), loss_type=self.loss_type,
                   epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, beta=self.beta,
-                  delta=self.args.delta, entropy_coef=self.entropy_coef,
+                  entropy_coef=self.entropy_coef,
                   use_bias_correction_kl=bool(self.args.use_bias_correction_kl),
                   temperature=self.temperature, accum_dtype=torch.float32)
+        if self.loss_type in ("cispo", "sapo"):  # TRL's delta acts on the clipped surrogate only
+            kw.update(sapo_temperature_pos=self.args.sapo_temperature_pos,
+                      sapo_temperature_neg=self.args.sapo_temperature_neg)
+        else:
+            kw["delta"] = self.args.delta
         if self.beta != 0.0:
             kw["ref_logprobs"] = inputs["ref_per_token_logps"]
         if self.use_vllm and self.vllm_importance_sampling_correction:
             kw["importance_sampling_ratio"] = inputs["importance_sampling_ratio"]
         if self.loss_type == "dr_grpo":
             kw["max_completion_length"] = self.max_completion_length
-        if self.loss_type == "dapo":
+        if self.loss_type in ("dapo", "cispo"):
             # TRL's normaliser over one accumulation window; the entropy bonus is divided by the
             # accumulation factor instead: both come out of loss / accum below.
             norm = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
@@ -208,6 +214,11 @@ class GRPOTrainer(_TRLGRPOTrainer):
             metrics["kl"].append(global_masked_mean(m.kl))
         if m.entropy is not None:
             metrics["entropy"].append(global_masked_mean(m.entropy))
+        if self.loss_type == "cispo":
+            metrics["cispo_clip_ratio"].append(global_masked_mean(m.is_high_clipped.float()))
+            return
+        if self.loss_type == "sapo":  # TRL logs no clip ratio for it
+            return
         low, high = m.is_low_clipped.float(), m.is_high_clipped.float()
         metrics["clip_ratio/low_mean"].append(global_masked_mean(low))
         metrics["clip_ratio/high_mean"].append(global_masked_mean(high))
