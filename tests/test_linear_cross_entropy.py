@@ -287,13 +287,13 @@ def test_opcheck_custom_ops(backend):
                    out_dtype=torch.float32, chunk_rows=chunk, skip_ignored=True,
                    need=(True, True, True))
     torch.library.opcheck(linear_ce_forward_op, (x, w, b, t, None, None, opts.encode()))
-    none = opts._replace(reduction="none").encode()
+    none = opts._replace(reduction="none", entropy=True, skip_ignored=False).encode()
     torch.library.opcheck(linear_ce_forward_op, (x, w, None, t, torch.rand(V), None, none))
     out = linear_ce_forward_op(x, w, b, t, None, None, none)
-    stats, dens = out[4].detach(), out[5].detach()
-    torch.library.opcheck(linear_ce_backward_op, (torch.randn(n), torch.randn(n), stats, dens,
-                                                  x.detach(), w.detach(), b.detach(), t, None,
-                                                  None, none))
+    stats, dens = out[5].detach(), out[6].detach()
+    torch.library.opcheck(linear_ce_backward_op, (torch.randn(n), torch.randn(n), torch.randn(n),
+                                                  stats, dens, x.detach(), w.detach(),
+                                                  b.detach(), t, None, None, none))
     # logit_scale, and a sum with a device divisor
     total = opts._replace(reduction="sum", label_smoothing=0.0, z_loss=0.0, softcap=None,
                           logit_scale=0.7).encode()

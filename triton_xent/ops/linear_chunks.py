@@ -30,6 +30,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..backends.protocol import NUM_FIELDS
+
 # Chunks are a multiple of this many rows (GEMM tiles), except a chunk holding all the rows.
 _ROW_ALIGN = 64
 # The default logits chunk: a fifth of the gradients' own bytes, between these bounds (see
@@ -137,7 +139,7 @@ def linear_ce_chunks(
         step: ``step(logits, rows, compute_grad) -> (ce, z, lse, stats, grad)``: the
             cross-entropy of one chunk (``rows``: the chunk's rows, a slice or an index tensor),
             writing the gradient over ``logits``; ``stats`` are the rows' merged statistics
-            ``(6, n)`` (a backward recompute reuses them).
+            ``(NUM_FIELDS, n)`` (a backward recompute reuses them).
         need_x, need_w, need_b: which gradients to compute (any subset).
         chunk_rows: rows per chunk (>= 1).
         fp32_accum: accumulate dW in fp32 when the weight is 16-bit (db always is).
@@ -145,7 +147,7 @@ def linear_ce_chunks(
         stats_dtype: dtype of the per-row outputs.
 
     Returns:
-        Per-row ``ce``, ``z``, ``lse`` ``(N,)`` and ``stats`` ``(6, N)`` (zeros on skipped ignored
+        Per-row ``ce``, ``z``, ``lse`` ``(N,)`` and ``stats`` ``(NUM_FIELDS, N)`` (zeros on skipped ignored
         rows), and ``dX (N, D)``, ``dW (V, D)``, ``db (V,)`` in the dtypes of ``x``,
         ``linear_weight``, ``linear_bias``, or None where not asked for.
     """
@@ -158,7 +160,7 @@ def linear_ce_chunks(
     M = N if idx is None else idx.numel()
     new_rows = torch.empty if idx is None else torch.zeros  # skipped rows read as 0
     ce_rows, z_rows, lse_rows = (new_rows(N, dtype=stats_dtype, device=dev) for _ in range(3))
-    stats = new_rows((6, N), dtype=stats_dtype, device=dev)
+    stats = new_rows((NUM_FIELDS, N), dtype=stats_dtype, device=dev)
     dX = dW_acc = db_acc = None
     if need_x:
         dX = new_rows((N, D), dtype=dt, device=dev)
