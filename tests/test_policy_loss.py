@@ -74,7 +74,8 @@ class _Acc:
 
 def trl_loss(x, W, b, target, adv, mask, old, ref, *, loss_type, beta=0.0, epsilon=0.2,
              epsilon_high=0.28, delta=None, bias_kl=False, isr=None, num_items=None,
-             softcap=None, logit_scale=None, temp=TEMP, logits_dtype=None, sapo=(1.0, 1.05)):
+             softcap=None, logit_scale=None, temp=TEMP, logits_dtype=None, sapo=(1.0, 1.05),
+             entropy_coef=0.0):
     """TRL 1.16's ``GRPOTrainer._compute_loss`` on a stand-in trainer: float64 log-probs of
     the full logits; returns ``loss, dX, dW, db, metrics``."""
     xd = x.detach().double().requires_grad_()
@@ -83,7 +84,7 @@ def trl_loss(x, W, b, target, adv, mask, old, ref, *, loss_type, beta=0.0, epsil
 
     def logps(model, input_ids, attention_mask, logits_to_keep, **kw):
         lp, ent = _logps(xd, Wd, bd, target, temp, softcap, logit_scale, logits_dtype)
-        return lp, ent.detach(), None
+        return lp, ent, None  # differentiable, as TRL's head's
 
     args = SimpleNamespace(delta=delta, use_bias_correction_kl=bias_kl, steps_per_generation=1,
                            sapo_temperature_pos=sapo[0], sapo_temperature_neg=sapo[1])
@@ -93,7 +94,9 @@ def trl_loss(x, W, b, target, adv, mask, old, ref, *, loss_type, beta=0.0, epsil
         loss_type=loss_type, epsilon_low=epsilon, epsilon_high=epsilon_high, args=args,
         use_vllm=isr is not None, vllm_importance_sampling_correction=True,
         model=SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
-        max_completion_length=MAX_LEN, accelerator=_Acc(), _entropy_bonus_enabled=False,
+        max_completion_length=MAX_LEN, accelerator=_Acc(),
+        _entropy_bonus_enabled=entropy_coef != 0.0, entropy_coef=entropy_coef,
+        use_adaptive_entropy=False,
         aux_loss_enabled=False, _metrics={"train": defaultdict(list)})
     inputs = {"prompt_ids": torch.zeros(B, 0, dtype=torch.long),
               "prompt_mask": torch.zeros(B, 0, dtype=torch.long), "completion_ids": target,
@@ -144,8 +147,13 @@ def _check(kw, backend, trl_kw, data, chunk_size=4):
         assert not (m.is_low_clipped.any() or m.is_high_clipped.any())
     for ours, theirs in pairs:
         assert math.isclose(float(ours), r_m[theirs][0], rel_tol=1e-6), theirs
-    lp = _logps(x, W, b, target, TEMP, trl_kw.get("softcap"), trl_kw.get("logit_scale"))[0]
+    lp, ent = _logps(x, W, b, target, TEMP, trl_kw.get("softcap"), trl_kw.get("logit_scale"))
     _close(m.logprobs, lp)
+    _close(m.entropy, ent)
+    assert math.isclose(float((m.entropy * mask).sum() / mask.sum()), r_m["entropy"][0],
+                        rel_tol=1e-5)
+    if kw.get("entropy_coef"):  # TRL logs the loss without the bonus then
+        assert math.isclose(float(m.policy_loss), r_m["policy_loss"][0], rel_tol=1e-5)
     if kw.get("beta"):
         kl_mean = float((m.kl * mask).sum() / mask.sum())
         assert math.isclose(kl_mean, r_m["kl"][0], rel_tol=1e-5)
@@ -179,7 +187,8 @@ def test_matches_trl(loss_type, beta, backend):
     assert m.is_low_clipped.shape == (B, T) and (m.kl is None) == (beta == 0.0)
 
 
-@pytest.mark.parametrize("case", ["delta_biaskl_isr", "softcap_scale_no_old", "dapo_default"])
+@pytest.mark.parametrize("case", ["delta_biaskl_isr", "softcap_scale_no_old", "dapo_default",
+                                  "entropy_bonus", "entropy_bonus_triton"])
 def test_options_match_trl(case):
     data = list(_data(seed=2))
     if case == "delta_biaskl_isr":
@@ -191,10 +200,13 @@ def test_options_match_trl(case):
         data[6] = None  # old log-probs: the current ones, detached (ratio 1)
         kw = dict(loss_type="bnpo", beta=0.1, softcap=3.0, logit_scale=0.8, epsilon_high=0.28)
         trl_kw = dict(loss_type="bnpo", beta=0.1, softcap=3.0, logit_scale=0.8)
+    elif case.startswith("entropy_bonus"):  # TRL's entropy_coef: the entropy's gradient too
+        kw = dict(loss_type="grpo", beta=0.04, entropy_coef=0.3, epsilon_high=0.28)
+        trl_kw = dict(loss_type="grpo", beta=0.04, entropy_coef=0.3)
     else:  # dapo without num_items_in_batch: this batch's token count
         kw = dict(epsilon_high=0.28)
         trl_kw = dict(loss_type="dapo", num_items=int(data[5].sum()))
-    _check(kw, "torch", trl_kw, data, chunk_size=5)
+    _check(kw, "triton" if case.endswith("triton") else "torch", trl_kw, data, chunk_size=5)
 
 
 def test_bf16_against_float64():

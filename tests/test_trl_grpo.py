@@ -19,7 +19,6 @@ import trl  # noqa: E402
 from hf_models import VOCAB, make_model  # noqa: E402
 
 from triton_xent.integrations.trl_grpo import GRPOTrainer  # noqa: E402
-from triton_xent.ops.policy_loss import HAS_ENTROPY  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread", "torch_backend")
 
@@ -112,7 +111,7 @@ def test_loss_gradients_and_metrics_match_trl(tmp_path, loss_type, beta):
         assert metrics["clip_ratio/region_mean"][1] > 0
     # both logged the same keys (generation's metrics are logged once)
     twice = {k for k, v in metrics.items() if len(v) == 2}
-    assert twice == set(keys) | ({"entropy"} if HAS_ENTROPY else set()), twice
+    assert twice == set(keys) | {"entropy"}, twice
 
 
 def test_training_steps_match_trl(tmp_path):

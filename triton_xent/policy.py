@@ -18,7 +18,7 @@ from .backends.protocol import Options, compute_dtype
 from .dispatch import choose_backend, dtensor_given, serialised
 from .linear import _autocast, _prepare, _resolve_chunk_rows, _resolve_fp32_accum
 from .ops import cross_entropy as ce
-from .ops.policy_loss import HAS_ENTROPY, PolicyCall, PolicySpec, Tokens, run
+from .ops.policy_loss import PolicyCall, PolicySpec, Tokens, run
 
 #: The loss types computed here: token-level importance sampling, a per-token loss that is a
 #: closed form of the token's log-prob, and a normaliser known before the pass.
@@ -30,9 +30,10 @@ class PolicyLossMetrics(NamedTuple):
     """What TRL's ``GRPOTrainer`` logs, detached, from the same pass.
 
     ``logprobs``: each token's log-prob under the policy at the temperature (fp32; fp64 for
-    fp64 input), shaped like ``target``; ``entropy``: each token's entropy (None when the
-    pipeline does not compute it); ``kl``: the per-token KL to the reference (None when
-    ``beta == 0``; TRL's ``k3`` estimator, times the ratio with ``use_bias_correction_kl``);
+    fp64 input), shaped like ``target``; ``entropy``: each token's entropy at the temperature
+    (None with ``return_entropy=False`` and no ``entropy_coef``); ``kl``: the per-token KL to
+    the reference (None when ``beta == 0``; TRL's ``k3`` estimator, times the ratio with
+    ``use_bias_correction_kl``);
     ``is_low_clipped`` / ``is_high_clipped``: TRL's per-token flags; ``clip_ratio_low``,
     ``clip_ratio_high``, ``clip_ratio_region``: their masked means over the batch (TRL's
     ``clip_ratio/low_mean``, ``high_mean``, ``region_mean`` on one process);
@@ -90,9 +91,6 @@ def _spec(loss_type, epsilon_low, epsilon_high, beta, delta, use_bias_correction
     if delta is not None:
         delta = _number("delta", delta, low=0.0)
     coef = _number("entropy_coef", entropy_coef)
-    if coef != 0.0 and not HAS_ENTROPY:
-        raise _err("entropy_coef needs the per-token entropy, which this build's cross-entropy "
-                   "pipeline does not compute. Use entropy_coef=0.0.")
     if delta is not None and loss_type in ("cispo", "sapo"):
         raise _err(f"delta (two-sided clipping) is not part of loss_type={loss_type!r} in TRL: "
                    "drop it.")
@@ -199,6 +197,7 @@ def linear_policy_loss(
     chunk_size: int | None = None,
     chunk_bytes: int | None = None,
     accum_dtype: torch.dtype | None = None,
+    return_entropy: bool = True,
     backend: str | None = None,
     validate: bool | None = None,
 ) -> tuple[torch.Tensor, PolicyLossMetrics]:
@@ -254,6 +253,8 @@ def linear_policy_loss(
             tensor).
         temperature, logit_scale, softcap: as in :func:`triton_xent.linear_cross_entropy`
             (TRL divides the logits by its sampling temperature: pass it here).
+        return_entropy: also compute each token's entropy (a metric; one more statistic in the
+            same pass); ``entropy_coef != 0`` computes it anyway (its gradient is in the pass).
         chunk_size, chunk_bytes, accum_dtype, backend, validate: as in
             :func:`triton_xent.linear_cross_entropy`.
 
@@ -303,10 +304,11 @@ def linear_policy_loss(
                                      W.dtype, fp32_accum)
     opts = Options(reduction="none", softcap=softcap, logit_scale=logit_scale, all_rows=True,
                    backend=choice.backend, out_dtype=cdt, chunk_rows=chunk_rows,
-                   fp32_accum=fp32_accum, need=need, temperature=temperature)
+                   fp32_accum=fp32_accum, need=need, temperature=temperature,
+                   entropy=bool(return_entropy) or spec.entropy_coef != 0.0)
     loss, policy_loss, logp, ent, kl, low, high = run(
         PolicyCall(p.x, W, b, p.target, tokens, spec, opts))
-    return loss, _metrics(logp, ent if HAS_ENTROPY else None, kl if spec.beta != 0.0 else None,
+    return loss, _metrics(logp, ent if opts.entropy else None, kl if spec.beta != 0.0 else None,
                           low, high, m, batch_shape, policy_loss)
 
 

@@ -12,15 +12,15 @@ log-probs, generation) goes to the forward it wraps. The call goes through the t
 (DDP and other wrappers see their forward).
 
 Covered: TRL's ``loss_type`` ``grpo``, ``dapo``, ``bnpo``, ``dr_grpo``, ``cispo``, ``sapo``,
-``luspo`` with token-level
-importance sampling, ``beta`` (KL to the reference), ``delta``, ``use_bias_correction_kl``,
-vLLM's importance-sampling correction, a static ``entropy_coef`` (when the cross-entropy pipeline
-computes entropies), temperature, soft-capped and logit-scaled heads, ``cast_lm_head_to_fp32``.
-Anything else (``vespo``, ``importance_sampling_level="sequence"``,
-``top_entropy_quantile < 1``, ``off_policy_mask_threshold``, adaptive entropy, MoE auxiliary
-losses, multimodal inputs, a DTensor head) runs TRL's own ``_compute_loss``, saying why once on
+``luspo`` with token-level importance sampling, ``beta`` (KL to the reference), ``delta``,
+``use_bias_correction_kl``, vLLM's importance-sampling correction, a static ``entropy_coef``
+(TRL's entropy bonus, its gradient in the same pass), temperature, soft-capped and logit-scaled
+heads, ``cast_lm_head_to_fp32``. Anything else (``vespo``,
+``importance_sampling_level="sequence"``, ``top_entropy_quantile < 1``,
+``off_policy_mask_threshold``, adaptive entropy, MoE auxiliary losses, multimodal inputs, a
+DTensor head) runs TRL's own ``_compute_loss``, saying why once on
 the ``triton_xent`` logger. The metrics are TRL's, computed by TRL's formulas from the fused
-pass (``entropy`` when the pipeline computes it). The weight's gradient is accumulated in fp32
+pass. The weight's gradient is accumulated in fp32
 over the chunks, as TRL's head does (under bf16 autocast the head's GEMMs run in bf16, as TRL's,
 and the accumulated ``dW`` is rounded to bf16 once before autograd casts it back to the
 parameter's dtype). Importing this module imports TRL.
@@ -36,7 +36,6 @@ import torch
 from trl import GRPOTrainer as _TRLGRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
-from ..ops.policy_loss import HAS_ENTROPY
 from ..policy import LOSS_TYPES, linear_policy_loss
 from . import _hf_patching as _hp
 
@@ -131,8 +130,6 @@ class GRPOTrainer(_TRLGRPOTrainer):
             return "off_policy_mask_threshold (a sequence-level mask of the current log-probs)"
         if getattr(self, "use_adaptive_entropy", False):
             return "use_adaptive_entropy"
-        if self.entropy_coef != 0.0 and not HAS_ENTROPY:
-            return "entropy_coef != 0 (this build's pipeline computes no entropy)"
         if self.aux_loss_enabled:
             return "a MoE router's auxiliary loss"
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model

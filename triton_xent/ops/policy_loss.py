@@ -22,12 +22,9 @@ from typing import NamedTuple
 
 import torch
 
-from ..backends.protocol import Options, RowOutputs, compute_dtype
+from ..backends.protocol import Options, compute_dtype, entropy_of
 from . import cross_entropy as ce
 from .linear_chunks import linear_ce_chunks
-
-# Whether the cross-entropy pipeline returns each row's entropy (``RowOutputs.ent``).
-HAS_ENTROPY = "ent" in RowOutputs._fields
 
 
 class PolicySpec(NamedTuple):
@@ -142,7 +139,7 @@ def _step(pc: PolicyCall, dens, cdt, bufs):
     """One chunk: statistics and ``logp``, the per-token upstream in closed form, and the
     gradient written over the logits for it (``backward(..., recompute_all=True)``)."""
     opts, tok, spec = pc.opts._replace(out_dtype=cdt), pc.tok, pc.spec
-    want_ent = bufs["ent"] is not None  # the pipeline gives each row's entropy
+    want_ent = opts.entropy
 
     def step(logits, rows, compute_grad):
         t = Tokens(*(None if v is None else v[rows] for v in tok))
@@ -156,8 +153,8 @@ def _step(pc: PolicyCall, dens, cdt, bufs):
         if kl is not None:
             bufs["kl"][rows] = kl
         g_ent = None
-        if want_ent:
-            bufs["ent"][rows] = out.ent
+        if want_ent:  # from the merged statistics; its gradient in the same write below
+            bufs["ent"][rows] = entropy_of(out.stats)
             if t.e is not None:
                 g_ent = t.e * (-spec.entropy_coef)
         if compute_grad:  # d(-logp)/dz with upstream -dL/dlogp: the pipeline's cross-entropy
@@ -174,7 +171,7 @@ def forward(pc: PolicyCall) -> Outputs:
     loss for an upstream gradient of 1."""
     x, opts = pc.x, pc.opts
     N, cdt, dev = x.shape[0], compute_dtype(x.dtype), x.device
-    need_ent = HAS_ENTROPY
+    need_ent = opts.entropy
     bufs = {"logp": torch.empty(N, dtype=cdt, device=dev),
             "loss": torch.empty(N, dtype=cdt, device=dev),
             "low": torch.empty(N, dtype=torch.bool, device=dev),
