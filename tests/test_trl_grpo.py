@@ -67,13 +67,14 @@ def _loss_and_grads(trainer, inputs, compute):
                            if p.grad is not None}
 
 
-@pytest.mark.parametrize("loss_type,beta", [("dapo", 0.0), ("grpo", 0.04), ("bnpo", 0.0),
-                                            ("dr_grpo", 0.04), ("cispo", 0.04), ("sapo", 0.0),
-                                            ("luspo", 0.0)])
-def test_loss_gradients_and_metrics_match_trl(tmp_path, loss_type, beta):
+@pytest.mark.parametrize("loss_type,beta,entropy_coef", [
+    ("dapo", 0.0, 0.0), ("grpo", 0.04, 0.0), ("bnpo", 0.0, 0.0), ("dr_grpo", 0.04, 0.0),
+    ("cispo", 0.04, 0.0), ("sapo", 0.0, 0.0), ("luspo", 0.0, 0.0), ("dapo", 0.04, 0.2)])
+def test_loss_gradients_and_metrics_match_trl(tmp_path, loss_type, beta, entropy_coef):
     trainer = _trainer(GRPOTrainer, _saved_model(tmp_path), tmp_path, loss_type=loss_type,
                        beta=beta, epsilon_high=1.05 if loss_type == "cispo" else 0.28,
-                       gradient_accumulation_steps=2, steps_per_generation=2)
+                       gradient_accumulation_steps=2, steps_per_generation=2,
+                       entropy_coef=entropy_coef)
     assert trainer.triton_xent_fallback is None
     trainer.model.train()
     inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
@@ -101,7 +102,9 @@ def test_loss_gradients_and_metrics_match_trl(tmp_path, loss_type, beta):
     metrics = trainer._metrics["train"]
     keys = {"cispo": ["cispo_clip_ratio"], "sapo": []}.get(loss_type, [
         "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
-        "clip_ratio/low_min", "clip_ratio/high_max"]) + (["kl"] if beta else [])
+        "clip_ratio/low_min", "clip_ratio/high_max"]) + (["kl"] if beta else []) + ["entropy"]
+    if entropy_coef:
+        keys += ["policy_loss", "entropy_coef"]
     for key in keys:  # ours logged first, TRL's second
         assert len(metrics[key]) == 2, key
         assert abs(metrics[key][0] - metrics[key][1]) <= 1e-5 * max(1.0, abs(metrics[key][1])), key
@@ -111,7 +114,7 @@ def test_loss_gradients_and_metrics_match_trl(tmp_path, loss_type, beta):
         assert metrics["clip_ratio/region_mean"][1] > 0
     # both logged the same keys (generation's metrics are logged once)
     twice = {k for k, v in metrics.items() if len(v) == 2}
-    assert twice == set(keys) | {"entropy"}, twice
+    assert twice == set(keys), twice
 
 
 def test_training_steps_match_trl(tmp_path):

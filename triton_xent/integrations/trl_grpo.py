@@ -187,15 +187,18 @@ class GRPOTrainer(_TRLGRPOTrainer):
                             triton_xent_policy=kw)
         loss = loss / accum
         self.triton_xent_policy_steps += 1
-        self._log_metrics(mode, m, mask)
+        # TRL logs the policy loss after its own normaliser, before the accumulation factor
+        # (which dapo's and cispo's normaliser holds).
+        policy_loss = m.policy_loss / accum if "num_items_in_batch" in kw else m.policy_loss
+        self._log_metrics(mode, m, mask, policy_loss)
         return loss
 
-    def _log_metrics(self, mode, m, mask):
+    def _log_metrics(self, mode, m, mask, policy_loss):
         """TRL's ``_compute_loss`` logging, from the fused pass's metrics."""
         metrics = self._metrics[mode]
         if self._entropy_bonus_enabled:
             metrics["policy_loss"].append(
-                self.accelerator.gather(m.policy_loss.detach()).nanmean().item())
+                self.accelerator.gather(policy_loss.detach()).nanmean().item())
             if mode == "train" and self.accelerator.sync_gradients:
                 metrics["entropy_coef"].append(self.entropy_coef)
 
