@@ -17,8 +17,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from triton_xent import CrossEntropyInputError, linear_policy_loss
 
-trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
-
 B, T, D, V = 3, 5, 8, 40
 TEMP = 0.7
 MAX_LEN = 7
@@ -78,6 +76,7 @@ def trl_loss(x, W, b, target, adv, mask, old, ref, *, loss_type, beta=0.0, epsil
              entropy_coef=0.0):
     """TRL 1.16's ``GRPOTrainer._compute_loss`` on a stand-in trainer: float64 log-probs of
     the full logits; returns ``loss, dX, dW, db, metrics``."""
+    trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
     xd = x.detach().double().requires_grad_()
     Wd = W.detach().double().requires_grad_()
     bd = None if b is None else b.detach().double().requires_grad_()
