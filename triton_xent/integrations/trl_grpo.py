@@ -33,6 +33,7 @@ import types
 from contextlib import nullcontext
 
 import torch
+from accelerate.utils import is_peft_model
 from trl import GRPOTrainer as _TRLGRPOTrainer
 from trl.trainer.utils import nanmax, nanmin
 
@@ -111,7 +112,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
             _hp.ALLOW_TRL_HEAD[0] -= 1
         self.triton_xent_policy_steps = 0
         self.triton_xent_fallback = self._static_fallback()
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base = self.model.get_base_model() if is_peft_model(self.model) else self.model
         wrapped = base.forward  # TRL's fused head, bound to the instance
         if self.triton_xent_fallback is None:
             base.forward = types.MethodType(
@@ -132,7 +133,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
             return "use_adaptive_entropy"
         if self.aux_loss_enabled:
             return "a MoE router's auxiliary loss"
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base = self.model.get_base_model() if is_peft_model(self.model) else self.model
         head = base.get_output_embeddings()
         if not isinstance(getattr(head, "weight", None), torch.Tensor) or type(
                 head.weight) is not torch.nn.Parameter:
