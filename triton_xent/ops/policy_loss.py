@@ -158,9 +158,8 @@ def _step(pc: PolicyCall, dens, cdt, bufs):
             if t.e is not None:
                 g_ent = t.e * (-spec.entropy_coef)
         if compute_grad:  # d(-logp)/dz with upstream -dL/dlogp: the pipeline's cross-entropy
-            extra = {} if g_ent is None else {"g_ent": g_ent}
-            ce.backward(call, out.stats, dens, logits, -(t.w * dloss), None,
-                        recompute_all=True, **extra)
+            ce.backward(call, out.stats, dens, logits, -(t.w * dloss), None, g_ent=g_ent,
+                        recompute_all=True)
         return out.ce, out.z, out.lse, out.stats, logits
 
     return step
