@@ -44,7 +44,7 @@ def _saved_model(tmp_path):
     return transformers.AutoModelForCausalLM.from_pretrained(path)
 
 
-def _trainer(cls, model, tmp_path, **cfg):
+def _trainer(cls, model, tmp_path, triton_xent_options=None, **cfg):
     g = torch.Generator().manual_seed(0)
     prompts = [" ".join(f"t{int(i)}" for i in torch.randint(3, VOCAB, (3 + k % 3,), generator=g))
                for k in range(8)]
@@ -55,8 +55,9 @@ def _trainer(cls, model, tmp_path, **cfg):
                           bf16=cfg.pop("bf16", False),
                           **cfg)
     torch.manual_seed(0)
+    extra = {} if triton_xent_options is None else {"triton_xent_options": triton_xent_options}
     return cls(model=model, reward_funcs=_reward, args=args, processing_class=_tokenizer(),
-               train_dataset=datasets.Dataset.from_dict({"prompt": prompts}))
+               train_dataset=datasets.Dataset.from_dict({"prompt": prompts}), **extra)
 
 
 def _loss_and_grads(trainer, inputs, compute):
@@ -166,10 +167,11 @@ def test_peft_model_matches_trl(tmp_path):
 
 def test_bf16_autocast_matches_trl(tmp_path):
     """TRL's default bf16 autocast: both heads run bf16 GEMMs with fp32 math per token (the
-    losses agree to fp32 rounding); the gradients within bf16 rounding (TRL keeps an fp32 dW,
-    ours is rounded to bf16 once, from an fp32 accumulator)."""
+    losses agree to fp32 rounding); the gradients within bf16 rounding (TRL keeps an fp32 dW;
+    ours, asked for an fp32 accumulator over several chunks, is rounded to bf16 once)."""
     trainer = _trainer(GRPOTrainer, _saved_model(tmp_path), tmp_path, loss_type="dapo",
-                       beta=0.04, epsilon_high=0.28, bf16=True)
+                       beta=0.04, epsilon_high=0.28, bf16=True,
+                       triton_xent_options={"accum_dtype": torch.float32, "chunk_size": 8})
     assert trainer.accelerator.mixed_precision == "bf16"
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
@@ -184,3 +186,8 @@ def test_bf16_autocast_matches_trl(tmp_path):
     for name in g_trl:
         err = (g_ours[name] - g_trl[name]).abs().max() / g_trl[name].abs().max()
         assert err < 3e-2, (name, err)
+
+
+def test_options_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="chunk_size"):
+        _trainer(GRPOTrainer, make_model("llama"), tmp_path, triton_xent_options={"beta": 0.1})

@@ -20,10 +20,10 @@ heads, ``cast_lm_head_to_fp32``. Anything else (``vespo``,
 ``off_policy_mask_threshold``, adaptive entropy, MoE auxiliary losses, multimodal inputs, a
 DTensor head) runs TRL's own ``_compute_loss``, saying why once on
 the ``triton_xent`` logger. The metrics are TRL's, computed by TRL's formulas from the fused
-pass. The weight's gradient is accumulated in fp32
-over the chunks, as TRL's head does (under bf16 autocast the head's GEMMs run in bf16, as TRL's,
-and the accumulated ``dW`` is rounded to bf16 once before autograd casts it back to the
-parameter's dtype). Importing this module imports TRL.
+pass. Under bf16 autocast the head's GEMMs run in bf16, as TRL's do; the weight's gradient is
+accumulated in the head's dtype over the chunks (rounded once per chunk; TRL keeps an fp32
+accumulator: ``triton_xent_options={"accum_dtype": torch.float32}`` does too, ``4 V D`` bytes
+more). Importing this module imports TRL.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from . import _hf_patching as _hp
 __all__ = ["GRPOTrainer"]
 
 _log = logging.getLogger("triton_xent")
+_OPTIONS = ("chunk_size", "chunk_bytes", "accum_dtype", "backend")
 _MULTIMODAL = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes",
                "spatial_shapes", "num_tiles", "image_position_ids", "token_type_ids",
                "mm_token_type_ids")
@@ -91,7 +92,12 @@ class GRPOTrainer(_TRLGRPOTrainer):
     """TRL's ``GRPOTrainer`` with the policy loss of :func:`triton_xent.linear_policy_loss`
     where it covers the configuration (see the module docstring), TRL's own loss elsewhere.
 
-    Args: those of ``trl.GRPOTrainer``.
+    Args:
+        *args, **kwargs: those of ``trl.GRPOTrainer``.
+        triton_xent_options: keywords of :func:`triton_xent.linear_policy_loss` for the head:
+            ``chunk_size``, ``chunk_bytes``, ``accum_dtype`` (``torch.float32`` keeps an fp32
+            weight-gradient accumulator for a 16-bit head, as TRL's head does, ``4 V D`` bytes
+            more), ``backend``.
 
     ``triton_xent_policy_steps`` counts the loss computations that ran the fused loss, and
     ``triton_xent_fallback`` says why the others did not (None when they all did).
@@ -104,7 +110,13 @@ class GRPOTrainer(_TRLGRPOTrainer):
         >>> trainer.train()
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, triton_xent_options: dict | None = None, **kwargs):
+        options = dict(triton_xent_options or {})
+        unknown = set(options) - set(_OPTIONS)
+        if unknown:
+            raise ValueError(f"triton_xent_options takes {', '.join(_OPTIONS)}; got "
+                             f"{', '.join(sorted(unknown))}")
+        self.triton_xent_options = options
         _hp.ALLOW_TRL_HEAD[0] += 1  # TRL's head stays: TRL's own log-probs use it
         try:
             super().__init__(*args, **kwargs)
@@ -164,7 +176,7 @@ class GRPOTrainer(_TRLGRPOTrainer):
                   epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, beta=self.beta,
                   entropy_coef=self.entropy_coef,
                   use_bias_correction_kl=bool(self.args.use_bias_correction_kl),
-                  temperature=self.temperature, accum_dtype=torch.float32)
+                  temperature=self.temperature, **self.triton_xent_options)
         if self.loss_type in ("cispo", "sapo"):  # TRL's delta acts on the clipped surrogate only
             kw.update(sapo_temperature_pos=self.args.sapo_temperature_pos,
                       sapo_temperature_neg=self.args.sapo_temperature_neg)
