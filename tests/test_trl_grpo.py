@@ -35,12 +35,12 @@ def _reward(completions, **kw):
     return [float(len(set(c.split()))) - 0.1 * len(c) for c in completions]
 
 
-def _saved_model(tmp_path):
+def _saved_model(tmp_path, name="llama"):
     """A tiny model loaded from a folder: TRL builds the reference model (beta > 0) from its
     path."""
-    path = tmp_path / "model"
+    path = tmp_path / f"model-{name}"
     if not path.exists():
-        make_model("llama").save_pretrained(path)
+        make_model(name).save_pretrained(path)
     return transformers.AutoModelForCausalLM.from_pretrained(path)
 
 
@@ -68,11 +68,15 @@ def _loss_and_grads(trainer, inputs, compute):
                            if p.grad is not None}
 
 
-@pytest.mark.parametrize("loss_type,beta,entropy_coef", [
-    ("dapo", 0.0, 0.0), ("grpo", 0.04, 0.0), ("bnpo", 0.0, 0.0), ("dr_grpo", 0.04, 0.0),
-    ("cispo", 0.04, 0.0), ("sapo", 0.0, 0.0), ("luspo", 0.0, 0.0), ("dapo", 0.04, 0.2)])
-def test_loss_gradients_and_metrics_match_trl(tmp_path, loss_type, beta, entropy_coef):
-    trainer = _trainer(GRPOTrainer, _saved_model(tmp_path), tmp_path, loss_type=loss_type,
+@pytest.mark.parametrize("loss_type,beta,entropy_coef,family", [
+    ("dapo", 0.0, 0.0, "llama"), ("grpo", 0.04, 0.0, "llama"), ("bnpo", 0.0, 0.0, "llama"),
+    ("dr_grpo", 0.04, 0.0, "llama"), ("cispo", 0.04, 0.0, "llama"), ("sapo", 0.0, 0.0, "llama"),
+    ("luspo", 0.0, 0.0, "llama"), ("dapo", 0.04, 0.2, "llama"),
+    # the head as TRL reads it: a soft-cap, a logit scale, a bias
+    ("grpo", 0.04, 0.0, "gemma2-softcap"), ("dapo", 0.0, 0.0, "cohere"),
+    ("bnpo", 0.0, 0.0, "phi-bias")])
+def test_loss_gradients_and_metrics_match_trl(tmp_path, loss_type, beta, entropy_coef, family):
+    trainer = _trainer(GRPOTrainer, _saved_model(tmp_path, family), tmp_path, loss_type=loss_type,
                        beta=beta, epsilon_high=1.05 if loss_type == "cispo" else 0.28,
                        gradient_accumulation_steps=2, steps_per_generation=2,
                        entropy_coef=entropy_coef)
