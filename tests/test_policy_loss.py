@@ -291,6 +291,9 @@ def test_refusals():
         (dict(beta=0.1), "ref_logprobs"),
         (dict(loss_type="dr_grpo"), "max_completion_length"),
         (dict(loss_type="bnpo", num_items_in_batch=4), "num_items_in_batch"),
+        (dict(num_items_in_batch=0), "divide the loss by 0"),
+        (dict(loss_type="dr_grpo", max_completion_length=0), "positive int"),
+        (dict(epsilon_low=-0.1), "epsilon_low"),
         (dict(adv=adv.clone().requires_grad_()), "detach"),
         (dict(adv=torch.randn(B + 1)), "shape"),
     ]:

@@ -161,7 +161,11 @@ def _weights(spec: PolicySpec, mask, batch_shape, num_items_in_batch, max_comple
                            f"shape {V.shape_str(num_items_in_batch.shape)}.")
             return mask / num_items_in_batch.detach().reshape(()).to(device=mask.device,
                                                                      dtype=cdt)
-        return mask / _number("num_items_in_batch", num_items_in_batch, low=0.0)
+        n = _number("num_items_in_batch", num_items_in_batch, low=0.0)
+        if n == 0.0:
+            raise _err("num_items_in_batch=0 would divide the loss by 0 (TRL clamps it to at "
+                       "least 1): pass a positive count.")
+        return mask / n
     return mask / mask.sum().clamp(min=1.0)  # bnpo, and dapo / cispo on this batch's tokens
 
 
