@@ -242,8 +242,9 @@ def linear_cross_entropy(
             differentiable, from the same pass; see :class:`CrossEntropyAux`).
         chunk_size: rows per chunk. Default: as many as fit ``chunk_bytes``.
         chunk_bytes: bytes of the ``(chunk, V)`` logits buffer. Default: a fifth of the
-            gradients' bytes, between 128 MiB and 1 GiB (832 rows at N=8192, D=4096, V=128256
-            in bf16). Pass one of ``chunk_size``, ``chunk_bytes``.
+            gradients' bytes, at most 1 GiB, at least the rows the GEMMs need (832 rows at
+            N=8192, D=4096, V=128256 in bf16; see ``ops.linear_chunks.default_chunk_rows``).
+            Pass one of ``chunk_size``, ``chunk_bytes``.
         accum_dtype: dtype of the dW accumulator. None (default): the weight's dtype: each
             chunk's GEMM accumulates in fp32 and adds its product into dW once (a 16-bit dW is
             rounded once per chunk; chunks are large). ``torch.float32`` for 16-bit weights keeps
