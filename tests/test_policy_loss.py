@@ -306,3 +306,42 @@ def test_refusals():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="second time"):
         loss.backward()
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "cispo", "sapo"])
+def test_float64_is_trls_to_rounding(loss_type):
+    """In float64 the closed forms give TRL's loss and gradients to float64 rounding: nothing
+    approximated (clipping on both sides, the KL term, an entropy bonus)."""
+    x, W, b, target, adv, mask, old, ref = _data(seed=8, dtype=torch.float64)
+    old, ref = old.double(), ref.double()
+    xl, Wl, bl = _leaves(x, W, b)
+    eps_high = 1.3 if loss_type == "cispo" else 0.28
+    n_items = 9.0 if loss_type == "cispo" else None  # cispo's normaliser (TRL's input)
+    loss, _ = linear_policy_loss(xl, Wl, target, adv, mask=mask, old_logprobs=old,
+                                 ref_logprobs=ref, linear_bias=bl, temperature=TEMP, beta=0.05,
+                                 entropy_coef=0.1, loss_type=loss_type, epsilon_high=eps_high,
+                                 num_items_in_batch=n_items, chunk_size=4)
+    loss.backward()
+    r_loss, r_dx, r_dw, r_db, _ = trl_loss(x, W, b, target, adv, mask, old, ref,
+                                           loss_type=loss_type, beta=0.05, entropy_coef=0.1,
+                                           epsilon_high=eps_high, num_items=n_items)
+    for got, want in ((loss.detach(), r_loss.detach()), (xl.grad, r_dx), (Wl.grad, r_dw),
+                      (bl.grad, r_db)):
+        assert got.dtype == torch.float64
+        _close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_only_the_weight_requires_grad():
+    """A frozen backbone: dW alone (no dX GEMM), the same as with both."""
+    x, W, b, target, adv, mask, old, ref = _data(seed=9, bias=False)
+    grads = []
+    for x_grad in (True, False):
+        xl = x.clone().requires_grad_(x_grad)
+        Wl = W.clone().requires_grad_()
+        with _CountGemms() as fwd:
+            loss, _ = linear_policy_loss(xl, Wl, target, adv, mask=mask, old_logprobs=old,
+                                         chunk_size=8)
+        loss.backward()
+        assert fwd.n == (3 if x_grad else 2) * 2
+        grads.append(Wl.grad)
+    assert torch.equal(grads[0], grads[1])
