@@ -195,3 +195,23 @@ def test_bf16_autocast_matches_trl(tmp_path):
 def test_options_are_checked(tmp_path):
     with pytest.raises(ValueError, match="chunk_size"):
         _trainer(GRPOTrainer, make_model("llama"), tmp_path, triton_xent_options={"beta": 0.1})
+
+
+def test_eval_loss_without_grad_matches_trl(tmp_path):
+    """TRL's prediction_step computes the loss under no_grad in eval mode: the fused loss runs
+    forward only (no gradient buffers) and equals TRL's."""
+    trainer = _trainer(GRPOTrainer, _saved_model(tmp_path), tmp_path, loss_type="dapo",
+                       beta=0.04)
+    trainer.model.train()
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    inputs["advantages"] = torch.randn(inputs["advantages"].shape,
+                                       generator=torch.Generator().manual_seed(3))
+    trainer.model.eval()
+    with torch.no_grad():
+        ours = GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
+        theirs = trl.GRPOTrainer._compute_loss(trainer, trainer.model, inputs)
+    assert trainer.triton_xent_policy_steps == 1 and not ours.requires_grad
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+    metrics = trainer._metrics["eval"]
+    assert len(metrics["entropy"]) == 2
+    assert abs(metrics["entropy"][0] - metrics["entropy"][1]) < 1e-5
