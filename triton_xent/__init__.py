@@ -11,6 +11,7 @@ from .functional import CrossEntropyAux, cross_entropy, explain
 from .linear import linear_cross_entropy
 from .logprobs import LogProbs, linear_logprobs
 from .modules import CrossEntropyLoss, LinearCrossEntropyLoss
+from .policy import PolicyLossMetrics, linear_policy_loss
 
 __version__ = "0.1.0"
 
@@ -23,9 +24,11 @@ __all__ = [
     "Diagnosis",
     "LinearCrossEntropyLoss",
     "LogProbs",
+    "PolicyLossMetrics",
     "cross_entropy",
     "diagnose",
     "explain",
     "linear_cross_entropy",
     "linear_logprobs",
+    "linear_policy_loss",
 ]
