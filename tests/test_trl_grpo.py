@@ -215,3 +215,27 @@ def test_eval_loss_without_grad_matches_trl(tmp_path):
     metrics = trainer._metrics["eval"]
     assert len(metrics["entropy"]) == 2
     assert abs(metrics["entropy"][0] - metrics["entropy"][1]) < 1e-5
+
+
+def test_integration_trainer_runs_our_head_and_loss(tmp_path, monkeypatch):
+    """``integrations.trl.GRPOTrainer``: the old and reference log-probs from triton_xent's head,
+    the loss fused; two training steps log what TRL's own trainer logs; TRL's head is left as it
+    was for trainers built afterwards."""
+    from triton_xent.integrations import _trl_head
+    from triton_xent.integrations import trl as ours
+
+    calls = []
+    real = _trl_head._head
+    monkeypatch.setattr(_trl_head, "_head", lambda *a, **k: calls.append(1) or real(*a, **k))
+    histories = []
+    for cls in (trl.GRPOTrainer, ours.GRPOTrainer):
+        trainer = _trainer(cls, _saved_model(tmp_path), tmp_path / cls.__module__, max_steps=2,
+                           beta=0.04, loss_type="dapo")
+        trainer.train()
+        histories.append([h for h in trainer.state.log_history if "loss" in h])
+    assert not ours.is_installed()
+    assert trainer.triton_xent_policy_steps == 2 and trainer.triton_xent_fallback is None
+    assert calls  # our head scored the old and reference log-probs
+    for ref, got in zip(*histories):
+        for key in ("loss", "kl", "entropy", "clip_ratio/region_mean", "reward"):
+            assert abs(got[key] - ref[key]) <= 1e-4 * max(1.0, abs(ref[key])), (key, got, ref)

@@ -17,6 +17,11 @@ or refuses when its loss options would be dropped). Two ways in:
   ``log_sum_sq_probs`` (DPO with ``use_weighting``), ``mean_logits`` of a soft-capped head (DPO's
   and KTO's ``logits/*`` metrics; without a soft-cap it is computed exactly from linearity), a
   DeepSpeed ZeRO-3 partitioned head.
+* :class:`GRPOTrainer`: TRL's GRPO with both: the policy's, old and reference log-probs come
+  from triton_xent's head (installed for the trainer's own construction only), and the policy
+  loss is :func:`triton_xent.linear_policy_loss` (its gradient written in the forward: 3 GEMMs,
+  no ``(tokens, V)`` logits) where the configuration allows, TRL's loss on our head elsewhere
+  (:mod:`.trl_grpo`).
 * :class:`SFTTrainer`: TRL's SFT with the loss left to the model, as ``transformers.Trainer``
   does, for triton_xent's loss options (``z_loss``, label smoothing, the FSDP schedules):
 
@@ -47,11 +52,11 @@ import trl.trainer.utils as _trl_utils
 from transformers import Trainer
 from trl import SFTTrainer as _TRLSFTTrainer
 
-from . import _hf_loss, _trl_head
+from . import _hf_loss, _trl_head, trl_grpo
 from . import _hf_patching as _hp
 from .transformers import patch
 
-__all__ = ["SFTTrainer", "install", "is_installed", "uninstall"]
+__all__ = ["GRPOTrainer", "SFTTrainer", "install", "is_installed", "uninstall"]
 
 _NAME = "add_fused_lm_head"
 _TRL_ADD_FUSED_LM_HEAD = getattr(_trl_utils, _NAME)  # TRL's own installer
@@ -96,6 +101,35 @@ def uninstall() -> None:
 
 def is_installed() -> bool:
     return getattr(_trl_utils, _NAME) is _trl_head.add_fused_lm_head
+
+
+class GRPOTrainer(trl_grpo.GRPOTrainer):
+    """TRL's ``GRPOTrainer`` on triton_xent's head and policy loss.
+
+    The trainer's models (policy and reference) get triton_xent's fused head while the trainer
+    is built (:func:`install` for that time only; left as it was after), so every log-prob and
+    entropy TRL computes (old, reference, and the policy's where TRL's loss runs) comes from one
+    :func:`triton_xent.linear_logprobs` pass; the training loss is
+    :func:`triton_xent.linear_policy_loss` for the loss types it covers
+    (:class:`triton_xent.integrations.trl_grpo.GRPOTrainer`, whose arguments it takes,
+    ``triton_xent_options`` included).
+
+    Examples::
+
+        >>> from triton_xent.integrations.trl import GRPOTrainer
+        >>> trainer = GRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(...),
+        ...                       train_dataset=ds, processing_class=tokenizer)
+        >>> trainer.train()
+    """
+
+    def __init__(self, *args, **kwargs):
+        was = is_installed()
+        install()
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if not was:
+                uninstall()
 
 
 class SFTTrainer(_TRLSFTTrainer):
