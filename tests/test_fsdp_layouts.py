@@ -13,8 +13,10 @@ this rank's shard when the loss reads it: gathered for the call, gradient averag
 ``[norm, lm_head]``; accelerate 1.16's layout by hand (``embed_tokens`` alone, the tail with
 ``reshard_after_forward=False``); tied embeddings in ``[embed_tokens, lm_head]``; bf16 mixed
 precision (``param_dtype=bf16, reduce_dtype=fp32``) with the head in the root unit and alone;
-DDP; transformers' tensor parallelism (``from_pretrained(..., tp_plan="auto")``, the head
-sharded on the vocabulary, the same batch on both ranks); DeepSpeed ZeRO-3 with every parameter
+DDP; transformers' own FSDP2 (``from_pretrained(..., distributed_config=DistributedConfig(
+fsdp_size=2))``: its plan, the tail ``[norm, lm_head]`` kept after the forward), also with its
+``fsdp_mixed_precision``; transformers' tensor parallelism (``from_pretrained(...,
+tp_plan="auto")``, the head sharded on the vocabulary, the same batch on both ranks); DeepSpeed ZeRO-3 with every parameter
 released after use (weights after 3 steps; skipped where DeepSpeed is not installed, as in CI).
 ``linear_cross_entropy`` on an FSDP2-sharded weight equals the by-hand gather with averaged
 gradients (reduced in fp32 under bf16 mixed precision) and refuses ``process_group=``; on a
@@ -215,25 +217,64 @@ def ddp():
     _compare(_llama, DistributedDataParallel)
 
 
+def _load(**kw):
+    """A loader of the tiny Llama, saved once, through ``from_pretrained(path, **kw)``."""
+    import warnings
+
+    path = os.path.join(OUT_DIR[0], "tiny-llama")
+    if path not in SAVED:  # every rank runs the parts in the same order: the same branch
+        if dist.get_rank() == 0:
+            _llama().save_pretrained(path)
+        dist.barrier()
+        SAVED.add(path)
+
+    def load():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = transformers.LlamaForCausalLM.from_pretrained(path, **kw)
+        assert type(model.lm_head.weight).__name__ == "DTensor"
+        return model.train()
+
+    return load
+
+
 @PARTS(WORLD)
 def tensor_parallel_tp_plan_auto():
     """transformers' own tensor parallelism: lm_head is 'colwise_gather_output', its weight a
     Shard(0) DTensor; the fused call runs the vocabulary-parallel path."""
-    path = os.path.join(OUT_DIR[0], "tiny-llama")
-    if dist.get_rank() == 0:
-        _llama().save_pretrained(path)
-    dist.barrier()
+    _compare(_load(tp_plan="auto"), lambda m: m, same_batch=True)
 
-    def load():
-        import warnings
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = transformers.LlamaForCausalLM.from_pretrained(path, tp_plan="auto")
-        assert type(model.lm_head.weight).__name__ == "DTensor"
-        return model.train()
+def _native_fsdp_layout(model):
+    """transformers' plan as it applies it: embed_tokens and each layer alone, the tail
+    [norm, lm_head] in one unit that keeps its weights after the forward."""
+    from torch.distributed.fsdp import FSDPModule
 
-    _compare(load, lambda m: m, same_batch=True)
+    units = [model.model.embed_tokens, *model.model.layers, model.model.norm, model.lm_head]
+    assert all(isinstance(m, FSDPModule) for m in units + [model])
+    tail = model.lm_head._get_fsdp_state()
+    assert model.model.norm._get_fsdp_state() is tail
+    assert tail._fsdp_param_group.post_forward_mesh_info is None  # reshard_after_forward=False
+    return model
+
+
+@PARTS(WORLD)
+def fsdp_transformers_native_plan():
+    """transformers' own FSDP2: from_pretrained(..., distributed_config=DistributedConfig(
+    fsdp_size=2)), Llama's plan (lm_head "keep_full_weight", grouped with the norm)."""
+    from transformers.distributed import DistributedConfig
+
+    _compare(_load(distributed_config=DistributedConfig(fsdp_size=WORLD)), _native_fsdp_layout)
+
+
+@PARTS(WORLD)
+def fsdp_transformers_native_plan_bf16():
+    """The same with its mixed precision (fsdp_mixed_precision=True: param_dtype bf16,
+    reduce_dtype fp32)."""
+    from transformers.distributed import DistributedConfig
+
+    cfg = DistributedConfig(fsdp_size=WORLD, fsdp_mixed_precision=True)
+    _compare(_load(distributed_config=cfg), _native_fsdp_layout, loss_tol=1e-4, tol=BF16)
 
 
 @PARTS(WORLD)
@@ -397,6 +438,7 @@ def test_never_gathered_schedule_on_4_ranks():
 
 
 OUT_DIR = [""]
+SAVED: set[str] = set()
 
 
 def _entry(rank, world, init_method, out_dir):
