@@ -17,7 +17,7 @@ DDP; transformers' own FSDP2 (``from_pretrained(..., distributed_config=Distribu
 fsdp_size=2))``: its plan, the tail ``[norm, lm_head]`` kept after the forward), also with its
 ``fsdp_mixed_precision``; transformers' tensor parallelism (``from_pretrained(...,
 tp_plan="auto")``, the head sharded on the vocabulary, the same batch on both ranks); DeepSpeed ZeRO-3 with every parameter
-released after use (weights after 3 steps; skipped where DeepSpeed is not installed, as in CI).
+released after use (weights after 3 steps; DeepSpeed is in the dev extras, so CI runs it).
 ``linear_cross_entropy`` on an FSDP2-sharded weight equals the by-hand gather with averaged
 gradients (reduced in fp32 under bf16 mixed precision) and refuses ``process_group=``; on a
 Shard(0) DTensor FSDP2 does not manage it is tensor parallelism. The never-gathered schedule
@@ -514,6 +514,11 @@ def _zero_entry(rank, world, init_method, out_dir):
     os.environ.setdefault("TRITON_XENT_BACKEND", "torch")
     for key, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", rank)):
         os.environ[key] = str(value)
+    # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU ranks (C++, over a minute on a
+    # fresh install) that only its inference all-reduce uses: gloo runs the collectives here.
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+    if compatible is not None:
+        compatible["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="gloo")
     ZERO.run(rank, out_dir, lambda fn, nranks: fn() or "ok")
     dist.destroy_process_group()
