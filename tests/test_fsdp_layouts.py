@@ -16,8 +16,8 @@ precision (``param_dtype=bf16, reduce_dtype=fp32``) with the head in the root un
 DDP; transformers' own FSDP2 (``from_pretrained(..., distributed_config=DistributedConfig(
 fsdp_size=2))``: its plan, the tail ``[norm, lm_head]`` kept after the forward), also with its
 ``fsdp_mixed_precision``; transformers' tensor parallelism (``from_pretrained(...,
-tp_plan="auto")``, the head sharded on the vocabulary, the same batch on both ranks); DeepSpeed ZeRO-3 with every parameter
-released after use (weights after 3 steps; DeepSpeed is in the dev extras, so CI runs it).
+tp_plan="auto")``, the head sharded on the vocabulary, the same batch on both ranks);
+DeepSpeed ZeRO-3 in test_deepspeed_zero3.py (which imports this harness).
 ``linear_cross_entropy`` on an FSDP2-sharded weight equals the by-hand gather with averaged
 gradients (reduced in fp32 under bf16 mixed precision) and refuses ``process_group=``; on a
 Shard(0) DTensor FSDP2 does not manage it is tensor parallelism. The never-gathered schedule
@@ -466,69 +466,6 @@ def results():
 @pytest.mark.parametrize("part", list(PARTS.parts))
 def test_layout(results, part):
     check_part(results, PARTS, part)
-
-
-ZERO = Parts()
-
-
-@ZERO(WORLD)
-def deepspeed_zero3_every_parameter_released():
-    """DeepSpeed ZeRO-3 with nothing persistent (every parameter partitioned and released after
-    use): the head's weight is empty outside the forward; DeepSpeed gathers it when the fused
-    loss reads it inside the model's forward, and keeps it for the backward."""
-    import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    cfg = {"train_micro_batch_size_per_gpu": 2, "zero_allow_untested_optimizer": True,
-           "steps_per_print": 10**9,
-           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
-                                 "stage3_max_live_parameters": 0,
-                                 "stage3_prefetch_bucket_size": 0}}
-    runs = []
-    for patched in (False, True):
-        model = _llama()
-        if patched:
-            tx.patch(model, chunk_size=8)
-        engine, *_ = deepspeed.initialize(
-            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), config=cfg)
-        assert model.lm_head.weight.numel() == 0  # partitioned
-        losses, shapes = [], Shapes()
-        for step in range(3):
-            with shapes:
-                out = engine(**make_batch(seed=100 + 10 * step + dist.get_rank()))
-                engine.backward(out.loss)
-            engine.step()
-            losses.append(float(out.loss))
-        assert (out.logits is None) == patched and bool(shapes.big) != patched, shapes.big[:3]
-        runs.append((losses, {n: safe_get_full_fp32_param(p).clone()
-                              for n, p in engine.module.named_parameters()}))
-    (ref_losses, ref_weights), (losses, weights) = runs
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
-    _close(weights, ref_weights, GRAD_TOL["rtol"], GRAD_TOL["atol"], "weight")
-
-
-def _zero_entry(rank, world, init_method, out_dir):
-    import deepspeed
-
-    init(rank, world, init_method, timeout_s=120)
-    os.environ.setdefault("TRITON_XENT_BACKEND", "torch")
-    for key, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", rank)):
-        os.environ[key] = str(value)
-    # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU ranks (C++, over a minute on a
-    # fresh install) that only its inference all-reduce uses: gloo runs the collectives here.
-    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
-    if compatible is not None:
-        compatible["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="gloo")
-    ZERO.run(rank, out_dir, lambda fn, nranks: fn() or "ok")
-    dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_deepspeed_zero3():
-    pytest.importorskip("deepspeed")
-    results = spawn(_zero_entry, WORLD)
-    check_part(results, ZERO, "deepspeed_zero3_every_parameter_released")
 
 
 def test_head_problems_name_the_cause():
