@@ -14,8 +14,8 @@ this rank's shard when the loss reads it: gathered for the call, gradient averag
 ``reshard_after_forward=False``); tied embeddings in ``[embed_tokens, lm_head]``; bf16 mixed
 precision (``param_dtype=bf16, reduce_dtype=fp32``) with the head in the root unit and alone;
 DDP; transformers' own FSDP2 (``from_pretrained(..., distributed_config=DistributedConfig(
-fsdp_size=2))``: its plan, the tail ``[norm, lm_head]`` kept after the forward), also with its
-``fsdp_mixed_precision``; transformers' tensor parallelism (``from_pretrained(...,
+fsdp_size=2))``: its plan, the tail ``[norm, lm_head]`` kept after the forward), also tied and
+with its ``fsdp_mixed_precision``; transformers' tensor parallelism (``from_pretrained(...,
 tp_plan="auto")``, the head sharded on the vocabulary, the same batch on both ranks);
 DeepSpeed ZeRO-3 in test_deepspeed_zero3.py (which imports this harness).
 ``linear_cross_entropy`` on an FSDP2-sharded weight equals the by-hand gather with averaged
@@ -217,14 +217,14 @@ def ddp():
     _compare(_llama, DistributedDataParallel)
 
 
-def _load(**kw):
+def _load(tied=False, **kw):
     """A loader of the tiny Llama, saved once, through ``from_pretrained(path, **kw)``."""
     import warnings
 
-    path = os.path.join(OUT_DIR[0], "tiny-llama")
+    path = os.path.join(OUT_DIR[0], "tiny-llama" + "-tied" * tied)
     if path not in SAVED:  # every rank runs the parts in the same order: the same branch
         if dist.get_rank() == 0:
-            _llama().save_pretrained(path)
+            _llama(tied=tied).save_pretrained(path)
         dist.barrier()
         SAVED.add(path)
 
@@ -245,36 +245,43 @@ def tensor_parallel_tp_plan_auto():
     _compare(_load(tp_plan="auto"), lambda m: m, same_batch=True)
 
 
-def _native_fsdp_layout(model):
-    """transformers' plan as it applies it: embed_tokens and each layer alone, the tail
-    [norm, lm_head] in one unit that keeps its weights after the forward."""
+def _native(tied=False, **config):
+    """transformers' own FSDP2, ``from_pretrained(..., distributed_config=DistributedConfig(
+    fsdp_size=2, **config))``: (loader, layout check). Llama's plan: embed_tokens and each layer
+    alone, the tail [norm, lm_head] in one unit that keeps its weights after the forward; tied,
+    transformers moves "keep_full_weight" to embed_tokens (grouped with the norm instead) and
+    lm_head is no unit of its own."""
     from torch.distributed.fsdp import FSDPModule
+    from transformers.distributed import DistributedConfig
 
-    units = [model.model.embed_tokens, *model.model.layers, model.model.norm, model.lm_head]
-    assert all(isinstance(m, FSDPModule) for m in units + [model])
-    tail = model.lm_head._get_fsdp_state()
-    assert model.model.norm._get_fsdp_state() is tail
-    assert tail._fsdp_param_group.post_forward_mesh_info is None  # reshard_after_forward=False
-    return model
+    def layout(model):
+        kept = model.model.embed_tokens if tied else model.lm_head
+        units = [model, model.model.embed_tokens, *model.model.layers, model.model.norm, kept]
+        assert all(isinstance(m, FSDPModule) for m in units)
+        assert tied == (model.lm_head.weight is model.model.embed_tokens.weight)
+        assert tied != isinstance(model.lm_head, FSDPModule)
+        tail = kept._get_fsdp_state()
+        assert model.model.norm._get_fsdp_state() is tail
+        assert tail._fsdp_param_group.post_forward_mesh_info is None  # reshard_after_forward=False
+        return model
+
+    return _load(tied, distributed_config=DistributedConfig(fsdp_size=WORLD, **config)), layout
 
 
 @PARTS(WORLD)
 def fsdp_transformers_native_plan():
-    """transformers' own FSDP2: from_pretrained(..., distributed_config=DistributedConfig(
-    fsdp_size=2)), Llama's plan (lm_head "keep_full_weight", grouped with the norm)."""
-    from transformers.distributed import DistributedConfig
+    _compare(*_native())
 
-    _compare(_load(distributed_config=DistributedConfig(fsdp_size=WORLD)), _native_fsdp_layout)
+
+@PARTS(WORLD)
+def fsdp_transformers_native_plan_tied():
+    _compare(*_native(tied=True))
 
 
 @PARTS(WORLD)
 def fsdp_transformers_native_plan_bf16():
-    """The same with its mixed precision (fsdp_mixed_precision=True: param_dtype bf16,
-    reduce_dtype fp32)."""
-    from transformers.distributed import DistributedConfig
-
-    cfg = DistributedConfig(fsdp_size=WORLD, fsdp_mixed_precision=True)
-    _compare(_load(distributed_config=cfg), _native_fsdp_layout, loss_tol=1e-4, tol=BF16)
+    """Its mixed precision (fsdp_mixed_precision=True: param_dtype bf16, reduce_dtype fp32)."""
+    _compare(*_native(fsdp_mixed_precision=True), loss_tol=1e-4, tol=BF16)
 
 
 @PARTS(WORLD)
