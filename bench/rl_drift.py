@@ -4,7 +4,7 @@
 ``dW`` GEMM adds its fp32 product into the bf16 ``dW`` and rounds once per chunk
 (``accum_dtype=torch.float32`` keeps an fp32 accumulator and rounds once at the end). This
 script trains a linear policy head (bf16 compute copy of fp32 master weights, Adam) on fixed
-random hidden states for a few hundred GRPO steps and follows the mean entropy of the policy:
+random hidden states (bf16 values) for a few hundred GRPO steps and follows the mean entropy of the policy:
 
 - each step, ``G`` tokens are sampled at temperature ``T`` for each of ``P`` contexts from the
   current head (Gumbel-max on float64 logits with the same Gumbel noise in every run, so that
@@ -12,10 +12,12 @@ random hidden states for a few hundred GRPO steps and follows the mean entropy o
 - the reward of a token is a fixed random number per token id; advantages are normalised per
   group (the ``G`` samples of a context);
 - loss = ``-(advantage * logp).mean()`` with ``logp = -linear_cross_entropy(h, W, tokens,
-  reduction="none", temperature=T, chunk_size=C)``: ``P G / C`` chunks, so ``dW`` is rounded
-  that many times per step, as at scale.
+  reduction="none", temperature=T, chunk_size=C, loss_dtype=torch.float32)``: ``P G / C``
+  chunks, so ``dW`` is rounded that many times per step, as at scale.
 
 Runs from the same seed: ``bf16-dW`` (the default), ``fp32-dW`` (``accum_dtype=torch.float32``),
+``fp32-dW-4x`` (the same with 4x larger chunks: it differs from ``fp32-dW`` only in the order of
+fp32 additions, the control that shows how far any tiny perturbation carries a run),
 ``eager-bf16`` (PyTorch's ``F.cross_entropy(F.linear(h, W) / T)`` in bf16: the logits rounded to
 bf16) and ``float64`` (the same steps in float64 with autograd, no rounding anywhere). The
 entropy is computed from the full logits of the bf16 head in float64.
@@ -34,12 +36,13 @@ import torch.nn.functional as F
 
 import triton_xent
 
-RUNS = ("bf16-dW", "fp32-dW", "eager-bf16", "float64")
+RUNS = ("bf16-dW", "fp32-dW", "fp32-dW-4x", "eager-bf16", "float64")
 
 
 def _problem(seed: int, P: int, D: int, V: int):
     g = torch.Generator().manual_seed(seed)
-    h = torch.randn(P, D, generator=g, dtype=torch.float64)
+    # hidden states a bf16 model could hand over: every run sees the same values
+    h = torch.randn(P, D, generator=g, dtype=torch.float64).to(torch.bfloat16).double()
     w0 = torch.randn(V, D, generator=g, dtype=torch.float64) * (2.0 / D ** 0.5)
     reward = torch.randn(V, generator=g, dtype=torch.float64)
     return h, w0, reward
@@ -56,9 +59,11 @@ def _loss(run: str, h, w, tokens, adv, T: float, chunk: int):
     elif run == "eager-bf16":
         logp = -F.cross_entropy(F.linear(h, w) / T, tokens, reduction="none")
     else:
-        accum = torch.float32 if run == "fp32-dW" else None
+        accum = torch.float32 if run.startswith("fp32-dW") else None
+        chunk = 4 * chunk if run == "fp32-dW-4x" else chunk
         logp = -triton_xent.linear_cross_entropy(h, w, tokens, reduction="none", temperature=T,
-                                                 chunk_size=chunk, accum_dtype=accum)
+                                                 chunk_size=chunk, accum_dtype=accum,
+                                                 loss_dtype=torch.float32)  # fp32 log-probs
     return -(adv * logp.double()).mean()
 
 
@@ -148,16 +153,17 @@ def main(argv=None) -> None:
                   + f" | {vals[0] - vals[1]:+.2e} |")
     print("\nentropy differences over the trajectory (nats; max |.| over the recorded steps, "
           "and at the last step), every seed:")
-    print("| pair | max abs | last (per seed) | mean of last | its standard error |")
-    print("|---|---:|---|---:|---:|")
-    for x, y in (("bf16-dW", "fp32-dW"), ("bf16-dW", "float64"), ("fp32-dW", "float64"),
-                 ("eager-bf16", "float64")):
+    print("| pair | max abs | rms of last | mean of last | its standard error | last (per seed) |")
+    print("|---|---:|---:|---:|---:|---|")
+    for x, y in (("bf16-dW", "fp32-dW"), ("fp32-dW-4x", "fp32-dW"), ("bf16-dW", "float64"),
+                 ("fp32-dW", "float64"), ("eager-bf16", "float64")):
         diffs = [[p - q for p, q in zip(traj[x, s], traj[y, s])] for s in a.seeds]
         mx = max(abs(d) for ds in diffs for d in ds)
         last = torch.tensor([ds[-1] for ds in diffs], dtype=torch.float64)
         sem = float(last.std() / len(last) ** 0.5) if len(last) > 1 else float("nan")
-        print(f"| {x} - {y} | {mx:.2e} | {', '.join(f'{v:+.2e}' for v in last.tolist())} | "
-              f"{float(last.mean()):+.2e} | {sem:.1e} |")
+        print(f"| {x} - {y} | {mx:.2e} | {float(last.square().mean().sqrt()):.2e} | "
+              f"{float(last.mean()):+.2e} | {sem:.1e} | "
+              f"{', '.join(f'{v:+.1e}' for v in last.tolist())} |")
     rel, cos = (torch.tensor(c, dtype=torch.float64) for c in zip(*errors))
     print(f"\nthe default's per-chunk rounding of dW, every step of the bf16-dW runs "
           f"({len(errors)} steps), against accum_dtype=torch.float32 on the same inputs:\n"
