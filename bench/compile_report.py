@@ -45,7 +45,8 @@ OPTIONS = {
     "plain": {},
     "ls+z+cap": dict(label_smoothing=0.1, z_loss=1e-4, softcap=30.0),
     "all": dict(label_smoothing=0.1, z_loss=1e-4, softcap=30.0, logit_scale=0.5, weight=True,
-                argmax=True, temperature=0.7),
+                argmax=True, temperature=0.7, entropy=True),
+    "entropy": dict(entropy=True),
 }
 SHAPES = [(n, v) for n in (16, 256, 8192) for v in (32000, 128256, 262144)]
 SHAPES += [(8192, 16000), (8192, 8000), (16, 16000)]  # one read per logit (single block)
@@ -94,7 +95,8 @@ def _opts(name: str, reduction: str = "mean"):
     o = OPTIONS[name]
     return Options(-100, reduction, o.get("label_smoothing", 0.0), o.get("z_loss", 0.0),
                      o.get("softcap"), logit_scale=o.get("logit_scale"),
-                     argmax=o.get("argmax", False), temperature=o.get("temperature"))
+                     argmax=o.get("argmax", False), temperature=o.get("temperature"),
+                     entropy=o.get("entropy", False))
 
 
 def launches_of(N: int, V: int, dtype: torch.dtype, opt: str) -> list[Launch]:

@@ -89,13 +89,15 @@ def test_opcheck_custom_op(backend):
     t = torch.tensor([1, 2, -100, 4, 29])
     w = torch.rand(30)
     for reduction in ("mean", "none"):
-        spec = Options(-100, reduction, 0.1, 1e-3, 3.0, None, 1.0, True, False, backend).encode()
+        spec = Options(-100, reduction, 0.1, 1e-3, 3.0, None, 1.0, True, False, backend,
+                       entropy=reduction == "none").encode()
         fwd = (x, t, w, None, spec)
         torch.library.opcheck(ce_forward_op, fwd)
-        _, _, _, _, stats, dens = (t.detach() for t in ce_forward_op(*fwd))
+        _, _, _, _, _, stats, dens = (t.detach() for t in ce_forward_op(*fwd))
         g = torch.randn(5) if reduction == "none" else torch.tensor(1.5)
+        g_ent = torch.randn(5) if reduction == "none" else None
         torch.library.opcheck(ce_backward_op, (x.detach(), t, w, None, stats, dens, g, None,
-                                               spec, False))
+                                               g_ent, spec, False))
     # logit_scale, and a sum with a device divisor
     spec = Options(-100, "sum", logit_scale=0.5, argmax=True, backend=backend).encode()
     torch.library.opcheck(ce_forward_op, (x, t, None, torch.tensor(7.0), spec))

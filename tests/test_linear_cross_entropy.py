@@ -287,13 +287,13 @@ def test_opcheck_custom_ops(backend):
                    out_dtype=torch.float32, chunk_rows=chunk, skip_ignored=True,
                    need=(True, True, True))
     torch.library.opcheck(linear_ce_forward_op, (x, w, b, t, None, None, opts.encode()))
-    none = opts._replace(reduction="none").encode()
+    none = opts._replace(reduction="none", entropy=True, skip_ignored=False).encode()
     torch.library.opcheck(linear_ce_forward_op, (x, w, None, t, torch.rand(V), None, none))
     out = linear_ce_forward_op(x, w, b, t, None, None, none)
-    stats, dens = out[4].detach(), out[5].detach()
-    torch.library.opcheck(linear_ce_backward_op, (torch.randn(n), torch.randn(n), stats, dens,
-                                                  x.detach(), w.detach(), b.detach(), t, None,
-                                                  None, none))
+    stats, dens = out[5].detach(), out[6].detach()
+    torch.library.opcheck(linear_ce_backward_op, (torch.randn(n), torch.randn(n), torch.randn(n),
+                                                  stats, dens, x.detach(), w.detach(),
+                                                  b.detach(), t, None, None, none))
     # logit_scale, and a sum with a device divisor
     total = opts._replace(reduction="sum", label_smoothing=0.0, z_loss=0.0, softcap=None,
                           logit_scale=0.7).encode()
@@ -397,10 +397,15 @@ def test_errors():
 
 
 def test_default_chunk_rows():
-    # A fifth of the gradients' bytes, in multiples of 64 rows, between 128 MiB and 1 GiB.
+    # A fifth of the gradients' bytes, in multiples of 64 rows, at most 1 GiB, at least what the
+    # GEMMs need: min(512, 2 D acc_elt / (3 elt)) rows.
     assert default_chunk_rows(8192, 4096, 128256, torch.bfloat16) == 832  # reference shape
-    assert default_chunk_rows(8192, 2304, 256000, torch.bfloat16) == 448  # Gemma-2-2B head
-    assert default_chunk_rows(2048, 512, 65536, torch.float32) == 512  # 128 MiB floor
+    assert default_chunk_rows(8192, 2304, 256000, torch.bfloat16) == 512  # Gemma-2-2B: 512 rows
+    assert default_chunk_rows(8192, 3584, 152064, torch.bfloat16) == 704  # Qwen2.5-7B head
+    assert default_chunk_rows(2048, 512, 65536, torch.float32) == 384  # 2 D / 3 = 341 rows
+    assert default_chunk_rows(2048, 256, 65536, torch.float32) == 192  # 48 MiB at small D
+    assert default_chunk_rows(16, 8, 10, torch.float32) == 64
+    assert default_chunk_rows(8, 4096, 4 << 20, torch.bfloat16) == 128  # the 1 GiB cap
     # an fp32 accumulator counts towards the gradients' bytes
     assert default_chunk_rows(8192, 4096, 128256, torch.bfloat16, fp32_accum=True) == 2496
     assert default_chunk_rows(10, 4, 10, torch.float32, chunk_bytes=100) == 2
@@ -429,7 +434,7 @@ ERR_FLOOR = {torch.float32: 1e-6, torch.float16: 1e-5, torch.bfloat16: 1e-4}
 def test_gpu_grid(n, d, v, dtype, kw):
     """Errors no worse than the same-dtype unfused torch computation (plus a small margin), and
     peak memory within the documented budget: dW (and its fp32 accumulator for 16-bit weights),
-    dX, one 128 MiB logits chunk, slack."""
+    dX, one logits chunk (default_chunk_rows), slack."""
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(n, d, device=dev, generator=g).to(dtype)
@@ -459,7 +464,8 @@ def test_gpu_grid(n, d, v, dtype, kw):
         floor = ERR_FLOOR[dtype]
         assert e_ours <= 2 * e_same + floor, f"{name}: ours {e_ours:.3g}, same-dtype torch {e_same:.3g}"
     isz = x.element_size()
-    budget = v * d * (isz + (4 if isz == 2 else 0)) + n * d * isz + (128 << 20) + (256 << 20)
+    chunk = default_chunk_rows(n, d, v, dtype) * v * isz
+    budget = v * d * (isz + (4 if isz == 2 else 0)) + n * d * isz + chunk + (256 << 20)
     assert ours[3] <= budget, f"peak memory {ours[3] / 2**20:.0f} MiB > {budget / 2**20:.0f} MiB"
 
 

@@ -219,6 +219,15 @@ def check_temperature(temperature) -> float | None:
     return T
 
 
+def check_return_entropy(return_entropy, return_aux) -> None:
+    if not isinstance(return_entropy, bool):
+        raise CrossEntropyInputError(f"return_entropy={return_entropy!r} must be a bool.")
+    if return_entropy and not return_aux:
+        raise CrossEntropyInputError(
+            "return_entropy=True fills CrossEntropyAux.entropy: pass return_aux=True too (the "
+            "call then returns (loss, aux)).")
+
+
 def check_return_argmax(return_argmax, return_aux) -> None:
     if not isinstance(return_argmax, bool):
         raise CrossEntropyInputError(f"return_argmax={return_argmax!r} must be a bool.")

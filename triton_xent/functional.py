@@ -44,12 +44,18 @@ class CrossEntropyAux(NamedTuple):
     and ``temperature``; -1 on rows whose target is ``ignore_index``), and the token accuracy, the
     fraction of the kept rows whose prediction is the target (0-d, ``lse``'s dtype; NaN when
     every row is ignored, not class-weighted; None for class-probability targets).
+    ``entropy`` (``return_entropy=True``, else None): each row's entropy
+    ``-sum_c p_c log p_c`` (``0 log 0 = 0``) of the distribution the loss sees (after
+    ``logit_scale``, ``softcap`` and ``temperature``), shaped and typed like ``lse``, ignored
+    rows included, computed in the same pass (one more merged statistic) and differentiable:
+    its gradient ``-p (log p + H)`` joins the loss's in one pass over the logits.
     """
 
     lse: torch.Tensor
     z_loss: torch.Tensor
     argmax: torch.Tensor | None = None
     accuracy: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
 
 
 def predictions(argmax: torch.Tensor, target: torch.Tensor, ignore_index: int, probs: bool,
@@ -91,6 +97,8 @@ def _build(a: dict, *, group) -> _Built:
         temperature = checks.check_temperature(temperature)
     if a["return_argmax"] is not False:
         checks.check_return_argmax(a["return_argmax"], a["return_aux"])
+    if a["return_entropy"] is not False:
+        checks.check_return_entropy(a["return_entropy"], a["return_aux"])
     validating = checks.validation_requested(a["validate"])
     loss_dtype = checks.autocast_loss_dtype(input, a["loss_dtype"])
     is_tensor = isinstance(input, torch.Tensor)
@@ -146,7 +154,8 @@ def _build(a: dict, *, group) -> _Built:
                    all_rows=bool(a["return_aux"]) or torch.is_grad_enabled(),
                    argmax=bool(a["return_argmax"]),
                    backend=choice.backend, probs=p.probs, out_dtype=loss_dtype or input.dtype,
-                   group="" if group is None else group.group_name, temperature=temperature)
+                   group="" if group is None else group.group_name, temperature=temperature,
+                   entropy=bool(a["return_entropy"]))
     return _Built(Call(logits, p.target, p.weight, div_t, opts), p, choice, inplace)
 
 
@@ -176,6 +185,8 @@ def _no_classes(built: _Built, a: dict):
         am, acc = predictions(torch.full_like(p.target, -1), p.target, a["ignore_index"], p.probs,
                               cdt)
         aux = aux._replace(argmax=am.view(p.batch_shape), accuracy=acc)
+    if a["return_entropy"]:  # an empty sum
+        aux = aux._replace(entropy=torch.zeros_like(lse))
     return loss, aux
 
 
@@ -194,6 +205,7 @@ def cross_entropy(
     softcap: float | None = None,
     return_aux: bool = False,
     return_argmax: bool = False,
+    return_entropy: bool = False,
     inplace_backward: bool = False,
     backend: str | None = None,
     validate: bool | None = None,
@@ -233,6 +245,8 @@ def cross_entropy(
         return_argmax: with ``return_aux``, also fill ``aux.argmax`` (each row's predicted
             class) and ``aux.accuracy`` (token accuracy over the kept rows), computed in the
             same pass (the kernels track the arg-max with the maximum). Off by default.
+        return_entropy: with ``return_aux``, also fill ``aux.entropy`` (each row's entropy,
+            differentiable; see :class:`CrossEntropyAux`). Off by default.
         inplace_backward: write the gradient over ``input``'s storage (no N x C buffer).
             ``input`` must not be read after the call, nor be a tensor that the op producing it
             saved for its own backward (a matmul's output is fine). Eager only.
@@ -293,7 +307,7 @@ def cross_entropy(
         call = call._replace(shard=shard)
     elif call is None:
         return _no_classes(built, a)
-    loss, lse, z_term, argmax = run(call, inplace=built.inplace)
+    loss, lse, z_term, ent, argmax = run(call, inplace=built.inplace)
     shape = built.problem.batch_shape
     if call.opts.reduction == "none":
         loss, z_term = loss.view(shape), z_term.view(shape)
@@ -303,6 +317,8 @@ def cross_entropy(
     if return_argmax:
         am, acc = predictions(argmax, call.target, ignore_index, call.opts.probs, lse.dtype)
         aux = aux._replace(argmax=am.view(shape), accuracy=acc)
+    if return_entropy:
+        aux = aux._replace(entropy=ent.view(shape))
     return loss, aux
 
 
@@ -320,6 +336,7 @@ def explain(
     softcap: float | None = None,
     return_aux: bool = False,
     return_argmax: bool = False,
+    return_entropy: bool = False,
     inplace_backward: bool = False,
     backend: str | None = None,
     validate: bool | None = None,

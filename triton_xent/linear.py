@@ -161,9 +161,9 @@ def _linear_probs(a: dict, group):
             f"{V.shape_str(target.shape)}. For class indices pass an integer tensor (target.long())."
         )
     batch_shape = tuple(logits.shape[:-1])
-    extras = {k: a[k] for k in ("z_loss", "softcap", "return_aux", "return_argmax", "backend",
-                                "validate", "loss_dtype", "divisor", "logit_scale",
-                                "temperature")}
+    extras = {k: a[k] for k in ("z_loss", "softcap", "return_aux", "return_argmax",
+                                "return_entropy", "backend", "validate", "loss_dtype", "divisor",
+                                "logit_scale", "temperature")}
     if extras["loss_dtype"] is None:  # F.linear under autocast, then F.cross_entropy in fp32
         extras["loss_dtype"] = V.autocast_loss_dtype(a["input"], None, linear=True)
     out = cross_entropy(logits.reshape(-1, Vn), target.reshape(-1, Vn), a["weight"],
@@ -175,7 +175,8 @@ def _linear_probs(a: dict, group):
     loss = loss.view(batch_shape) if reduction == "none" else loss
     z = aux.z_loss.view(batch_shape) if reduction == "none" else aux.z_loss
     am = None if aux.argmax is None else aux.argmax.view(batch_shape)
-    return loss, CrossEntropyAux(aux.lse.view(batch_shape), z, am, aux.accuracy)
+    ent = None if aux.entropy is None else aux.entropy.view(batch_shape)
+    return loss, CrossEntropyAux(aux.lse.view(batch_shape), z, am, aux.accuracy, ent)
 
 
 @serialised
@@ -193,6 +194,7 @@ def linear_cross_entropy(
     softcap: float | None = None,
     return_aux: bool = False,
     return_argmax: bool = False,
+    return_entropy: bool = False,
     chunk_size: int | None = None,
     chunk_bytes: int | None = None,
     accum_dtype: torch.dtype | None = None,
@@ -236,10 +238,13 @@ def linear_cross_entropy(
             ``return_aux`` ignored rows are not skipped: see ``skip_ignored``).
         return_argmax: with ``return_aux``, also fill ``aux.argmax`` and ``aux.accuracy``
             (see :class:`CrossEntropyAux`), tracked with the maximum in the same pass.
+        return_entropy: with ``return_aux``, also fill ``aux.entropy`` (each row's entropy,
+            differentiable, from the same pass; see :class:`CrossEntropyAux`).
         chunk_size: rows per chunk. Default: as many as fit ``chunk_bytes``.
         chunk_bytes: bytes of the ``(chunk, V)`` logits buffer. Default: a fifth of the
-            gradients' bytes, between 128 MiB and 1 GiB (832 rows at N=8192, D=4096, V=128256
-            in bf16). Pass one of ``chunk_size``, ``chunk_bytes``.
+            gradients' bytes, at most 1 GiB, at least the rows the GEMMs need (832 rows at
+            N=8192, D=4096, V=128256 in bf16; see ``ops.linear_chunks.default_chunk_rows``).
+            Pass one of ``chunk_size``, ``chunk_bytes``.
         accum_dtype: dtype of the dW accumulator. None (default): the weight's dtype: each
             chunk's GEMM accumulates in fp32 and adds its product into dW once (a 16-bit dW is
             rounded once per chunk; chunks are large). ``torch.float32`` for 16-bit weights keeps
@@ -305,7 +310,7 @@ def linear_cross_entropy(
             group, parallel.KIND_LINEAR, lc, error, validate=V.validation_requested(validate),
             device=input.device if isinstance(input, torch.Tensor) else torch.device("cpu"))
         lc = lc._replace(shard=shard, opts=lc.opts._replace(chunk_rows=shard.chunk_rows))
-    loss, lse, z_term, argmax = run(lc)
+    loss, lse, z_term, ent, argmax = run(lc)
     if reduction == "none":
         loss, z_term = loss.view(batch_shape), z_term.view(batch_shape)
     if not return_aux:
@@ -314,6 +319,8 @@ def linear_cross_entropy(
     if return_argmax:
         am, acc = predictions(argmax, lc.target, lc.opts.ignore_index, False, lse.dtype)
         aux = aux._replace(argmax=am.view(batch_shape), accuracy=acc)
+    if return_entropy:
+        aux = aux._replace(entropy=ent.view(batch_shape))
     return loss, aux
 
 
@@ -330,6 +337,8 @@ def _checked_options(a: dict):
         temperature = V.check_temperature(temperature)
     if a["return_argmax"] is not False:
         V.check_return_argmax(a["return_argmax"], a["return_aux"])
+    if a["return_entropy"] is not False:
+        V.check_return_entropy(a["return_entropy"], a["return_aux"])
     V.validation_requested(a["validate"])  # a bad value, or environment variable, raises here
     # F.linear runs in autocast's dtype, then F.cross_entropy (autocast's fp32 list) in fp32.
     loss_dtype = V.autocast_loss_dtype(a["input"], a["loss_dtype"], linear=True)
@@ -372,5 +381,6 @@ def _build(a: dict, *, sharded: bool):
                    backend=choice.backend, out_dtype=out_dtype,
                    group=parallel.group_name(a["process_group"]) if sharded else "",
                    chunk_rows=chunk_rows, fp32_accum=fp32_accum,
-                   skip_ignored=skip and not a["return_aux"], need=need, temperature=temperature)
+                   skip_ignored=skip and not a["return_aux"], need=need, temperature=temperature,
+                   entropy=bool(a["return_entropy"]))
     return LinearCall(p.x, W, b, p.target, p.weight, div_t, opts), p.batch_shape

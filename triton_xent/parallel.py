@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from ._validation import CrossEntropyInputError, check_target_range, compile_check
-from .backends.protocol import F_M, F_S, F_T, F_W, F_WT, F_XT, Options, RowOutputs
+from .backends.protocol import F_E, F_M, F_S, F_T, F_W, F_WT, F_XT, Options, RowOutputs
 from .backends.torch_ce import argmax_candidates, denominators, merge_parts
 
 _MAGIC = 0x7670_6365  # "vpce": both sides of the metadata exchange are this module
@@ -179,7 +179,7 @@ def all_reduce(t: torch.Tensor, op: str, group) -> torch.Tensor:
 
 def merge_ranks(part: torch.Tensor, part_idx: torch.Tensor | None, group, *,
                 extra: torch.Tensor | None = None):
-    """Merges this rank's partials ``(6, N, S)`` with every rank's: ``(merged (6, N), argmax
+    """Merges this rank's partials ``(7, N, S)`` with every rank's: ``(merged (7, N), argmax
     (N,) or None, extra summed over the ranks)``. ``extra``: a few values that ride along in the
     SUM (the linear head's weighted-mean denominator)."""
     st, idx = merge_parts(part, part_idx)  # this rank's chunks first (a local LSE merge)
@@ -188,17 +188,19 @@ def merge_ranks(part: torch.Tensor, part_idx: torch.Tensor | None, group, *,
     m_r = st[F_M]
     mref_r = torch.where(m_r == float("-inf"), torch.zeros_like(m_r), m_r)
     W = st[F_W]
+    r = torch.exp(m_r - mref)  # an all -inf shard adds exp(-inf) = 0
     rescaled = torch.stack([
-        st[F_S] * torch.exp(m_r - mref),  # an all -inf shard adds exp(-inf) = 0
+        st[F_S] * r,
         st[F_T] + torch.where(W == 0, torch.zeros_like(W), W * (mref - mref_r)),
         W, st[F_XT], st[F_WT],
+        r * (st[F_E] + (mref_r - mref) * st[F_S]),  # the entropy's E (0 when not asked)
     ])
     flat = rescaled.reshape(-1)
     if extra is not None:
         flat = torch.cat([flat, extra.reshape(-1).to(flat.dtype)])
     summed = all_reduce(flat, "sum", group)
     body = summed[: rescaled.numel()].view_as(rescaled)
-    merged = torch.stack([M, body[0], body[1], body[2], body[3], body[4]])
+    merged = torch.stack([M, body[0], body[1], body[2], body[3], body[4], body[5]])
     if idx is not None:
         # a NaN-tagged column (torch.argmax's first NaN) wins, else the first rank's maximum
         idx = all_reduce(argmax_candidates(m_r, M, idx), "min", group)

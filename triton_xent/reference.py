@@ -10,6 +10,8 @@ baseline. It defines the extras the same way the kernels do:
 * ``z_loss``: each kept row adds ``z_loss * lse**2`` (PaLM); the term is not class-weighted, and
   with ``reduction="mean"`` it is averaged over the kept rows (rows whose target is not
   ``ignore_index``), while the cross-entropy part keeps PyTorch's weighted mean.
+* entropy: ``H = -sum_c p_c log p_c`` of the distribution the loss sees (after the transforms),
+  with ``0 log 0 = 0`` (a -inf logit adds nothing, where ``-(softmax * log_softmax)`` is NaN).
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ def cross_entropy_reference(
     logit_scale: float | None = None,
     divisor=None,
     temperature: float | None = None,
+    return_entropy: bool = False,
 ):
     """Cross-entropy by composition of torch ops, with the same arguments as ``cross_entropy``.
 
     Returns the loss, or ``(loss, lse, z_term)`` with ``return_aux=True`` where ``lse`` has the
     shape of a ``reduction="none"`` result and ``z_term`` is the z-loss part of the loss, reduced
-    like the loss.
+    like the loss; ``(loss, lse, z_term, entropy)`` with ``return_entropy`` too (per row).
     """
     x = input
     if logit_scale is not None:
@@ -68,9 +71,20 @@ def cross_entropy_reference(
         loss = loss + z_term.to(loss.dtype)
     if divisor is not None:
         loss, z_term = loss / divisor, z_term / divisor
+    if return_aux and return_entropy:
+        return loss, lse, z_term, entropy_reference(x)
     if return_aux:
         return loss, lse, z_term
     return loss
+
+
+def entropy_reference(x: torch.Tensor) -> torch.Tensor:
+    """``-sum_c p_c log p_c`` over the last dimension of (transformed) logits, ``0 log 0 = 0``;
+    differentiable (the masked log keeps NaN out of the gradient too)."""
+    logp = torch.log_softmax(x, dim=-1)
+    p = logp.exp()
+    safe = torch.where(p > 0, logp, torch.zeros_like(logp))
+    return -(p * safe).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,16 +93,18 @@ def cross_entropy_reference(
 
 
 def reference(logits, target, weight, divisor, opts):
-    """``(loss, lse, z_term)`` by differentiable torch ops in fp32 (fp64 for fp64)."""
+    """``(loss, lse, z_term, entropy)`` by differentiable torch ops in fp32 (fp64 for fp64);
+    ``entropy`` None unless ``opts.entropy``."""
     x = logits.to(compute_dtype(logits.dtype))
     if opts.reduction == "sum" and divisor is None:
         divisor = 1.0 / opts.inv_divisor
-    return cross_entropy_reference(
+    out = cross_entropy_reference(
         x, target.to(x.dtype) if opts.probs else target,
         None if weight is None else weight.to(x.dtype), opts.ignore_index, opts.reduction,
         opts.label_smoothing, z_loss=opts.z_loss, softcap=opts.softcap,
         logit_scale=opts.logit_scale, divisor=divisor if opts.reduction == "sum" else None,
-        temperature=opts.temperature, return_aux=True)
+        temperature=opts.temperature, return_aux=True, return_entropy=True)
+    return out if opts.entropy else (*out[:3], None)
 
 
 def reference_grads(outputs, upstreams, inputs):

@@ -22,9 +22,16 @@ import torch
 REDUCTIONS = ("none", "sum", "mean")
 
 # Fields of a statistics buffer, field-major ``(NUM_FIELDS, N[, parts])`` (the kernels' F_* too).
-NUM_FIELDS = 6
-F_M, F_S, F_T, F_W, F_XT, F_WT = range(NUM_FIELDS)  # max, sum exp(x - max), smoothing T and W,
-#                                                    # target logit, target weight
+NUM_FIELDS = 7
+F_M, F_S, F_T, F_W, F_XT, F_WT, F_E = range(NUM_FIELDS)  # max, sum exp(x - max), smoothing T
+#     and W, target logit, target weight, sum exp(x - max) (x - max) (entropy)
+
+
+def entropy_of(stats: torch.Tensor) -> torch.Tensor:
+    """Each row's entropy from its merged statistics ``(NUM_FIELDS, N)``:
+    ``H = lse - sum_c p_c x_c = log s - E / s`` (both terms >= 0: no cancellation)."""
+    s = stats[F_S]
+    return s.log() - stats[F_E] / s
 
 
 # The dtype of the math for logits of each floating dtype: fp32 for fp32/fp16/bf16, fp64 for fp64.
@@ -41,9 +48,10 @@ class Options(NamedTuple):
     their gradient (PyTorch's ``0 x softmax``, NaN where a logit is NaN or +inf), which a backward
     recompute writes from them (their logits are not read otherwise, and a gradient written later
     from such statistics is 0: the kernels mark them unread); ``argmax`` for each row's predicted
-    class; ``probs``: class-probability
-    targets; ``out_dtype``: the loss's dtype; ``group``: the process group's name ("" for one
-    process). The last four are the fused linear head's chunking and the gradients it computes.
+    class; ``probs``: class-probability targets; ``out_dtype``: the loss's dtype; ``group``:
+    the process group's name ("" for one process). The next four are the fused linear head's
+    chunking and the gradients it computes. ``entropy``: also each row's entropy (one more
+    merged statistic, ``F_E``).
     ``temperature`` divides the logits last: ``softcap(logit_scale * z) / temperature``; the
     backends run it folded into the other two (:meth:`transform`).
     """
@@ -66,6 +74,7 @@ class Options(NamedTuple):
     skip_ignored: bool = False
     need: tuple[bool, bool, bool] = (False, False, False)  # gradients of (input, weight, bias)
     temperature: float | None = None
+    entropy: bool = False
 
     def transform(self) -> tuple[float | None, float | None]:
         """``(logit_scale, softcap)`` with the temperature folded in, exactly:
@@ -139,12 +148,13 @@ class Backend(Protocol):
                dens: torch.Tensor, rows: tuple | None, grad: torch.Tensor | None,
                offset: int = 0, vocab_size: int | None = None,
                upstream: torch.Tensor | None = None, upstream_lse: torch.Tensor | None = None,
-               skip_unit: bool = True, grad_target: torch.Tensor | None = None) -> None:
+               upstream_ent: torch.Tensor | None = None, skip_unit: bool = True,
+               grad_target: torch.Tensor | None = None) -> None:
         """From statistics merged over the whole vocabulary (``(NUM_FIELDS, N)``): the row
         outputs into ``rows`` (:meth:`row_buffers`; None: none) and this shard's gradient into
-        ``grad``. With ``upstream`` (0-d or per row) and ``upstream_lse`` (per row) it is the
-        backward's recompute: with ``skip_unit`` the rows whose upstream is exactly 1 (and lse
-        upstream 0) keep what the forward wrote."""
+        ``grad``. With ``upstream`` (0-d or per row), ``upstream_lse`` and ``upstream_ent`` (per
+        row: of the aux lse and entropy) it is the backward's recompute: with ``skip_unit`` the
+        rows whose upstream is exactly 1 (and the aux upstreams 0) keep what the forward wrote."""
 
     def finalize(self, ce: torch.Tensor, z: torch.Tensor, dens: torch.Tensor, opts: Options
                  ) -> tuple[torch.Tensor, torch.Tensor]:

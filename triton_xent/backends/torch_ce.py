@@ -21,7 +21,19 @@ from __future__ import annotations
 import torch
 
 from .. import _config
-from .protocol import F_M, F_S, F_T, F_W, F_WT, F_XT, NUM_FIELDS, Options, RowOutputs, compute_dtype
+from .protocol import (
+    F_E,
+    F_M,
+    F_S,
+    F_T,
+    F_W,
+    F_WT,
+    F_XT,
+    NUM_FIELDS,
+    Options,
+    RowOutputs,
+    compute_dtype,
+)
 
 # Bytes of fp32 scratch per chunk: large enough that per-op overhead vanishes, small enough to
 # stay in the last-level cache of a CPU and far below the logits' size.
@@ -87,6 +99,11 @@ def _target_info(target, ignore_index, V, offset, V_local):
     return t_loc.clamp(0, max(V_local - 1, 0)), owned, ignored, invalid
 
 
+def _e_times_x(e: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``e * d``, 0 where ``e`` is 0 (a -inf logit: the limit ``p log p -> 0``, not NaN)."""
+    return torch.where(e > 0, e * d, torch.zeros((), dtype=e.dtype, device=e.device))
+
+
 def _mask_rows(v: torch.Tensor, ignored, invalid) -> torch.Tensor:
     nan = torch.full_like(v, float("nan"))
     return torch.where(ignored, torch.zeros_like(v), torch.where(invalid, nan, v))
@@ -128,15 +145,20 @@ def _row_loss(st, w_t, eps, z_loss, V, probs):
 
 
 def _grad_from_p(p, t_loc, owned, kept, w_t, W, lse, dens, g, g_lse, q, weight, th,
-                 opts: Options, V: int):
+                 opts: Options, V: int, ent=None):
     """dL/dx_raw of a chunk of rows, in place over ``p`` (the chunk's softmax, ``cdt``).
 
     ``dL/dx_c = p_c coef_p - coef_t [c == t] - coef_w w_c`` (class indices) or
     ``p_c coef_p - ce_scale q_c`` (probabilities ``q``), times the transform's derivative;
     ``g`` and ``g_lse`` are the rows' upstream gradients. Rows not ``kept`` get zeros: where(),
     not a product, as an all-ignored mean has an infinite scale (1/0) and its rows must still
-    get a zero gradient, as in PyTorch."""
+    get a zero gradient, as in PyTorch. ``ent``: ``(g_ent, x - M, c_ent)`` adds the aux
+    entropy's gradient ``-g_ent p_c ((x_c - M) + c_ent)``, ``c_ent = -E / s``."""
     eps = opts.label_smoothing
+    ent_term = None
+    if ent is not None:
+        g_ent, xm, c_ent = ent
+        ent_term = _e_times_x(p, xm + c_ent.unsqueeze(1)).mul_(g_ent.unsqueeze(1))
     zero = torch.zeros((), dtype=p.dtype, device=p.device)
     ce_scale = torch.where(kept, g / dens[0], zero)
     if q is not None:
@@ -160,6 +182,8 @@ def _grad_from_p(p, t_loc, owned, kept, w_t, W, lse, dens, g, g_lse, q, weight, 
                 p.addcmul_(coef_w, weight.to(p.dtype).unsqueeze(0), value=-1.0)
             else:
                 p.sub_(coef_w)
+    if ent_term is not None:
+        p.sub_(ent_term)
     _chain(p, th, opts)
 
 
@@ -204,8 +228,12 @@ def partials(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | 
         x = _transform(logits[s:e], cdt, opts)[0].to(cdt)
         M = x.amax(1)
         mref = torch.where(M == float("-inf"), torch.zeros_like(M), M)
-        ssum = (x - mref.unsqueeze(1)).exp_().sum(1)
+        xm = x - mref.unsqueeze(1)
+        ex = xm.exp()
+        ssum = ex.sum(1)
         _stats_into(part[:, s:e, 0], x, M, ssum, target[s:e], weight, opts, V, offset, probs, cdt)
+        if opts.entropy:
+            part[F_E, s:e, 0] = _e_times_x(ex, xm).sum(1)
         if part_idx is not None:
             am = x.argmax(1) + offset  # the first NaN if any (torch.argmax): tagged
             part_idx[s:e, 0] = torch.where(x.isnan().any(1), am - NAN_TAG, am)
@@ -221,7 +249,9 @@ def merge_parts(part: torch.Tensor, part_idx: torch.Tensor | None):
     mref_k = torch.where(m_k == float("-inf"), torch.zeros_like(m_k), m_k)
     st = part.sum(2)
     st[F_M] = M
-    st[F_S] = (part[F_S] * torch.exp(m_k - mref)).sum(1)
+    r_k = torch.exp(m_k - mref)
+    st[F_S] = (part[F_S] * r_k).sum(1)
+    st[F_E] = (r_k * (part[F_E] + (mref_k - mref) * part[F_S])).sum(1)
     W_k = part[F_W]
     shift = torch.where(W_k == 0, torch.zeros_like(W_k), W_k * (mref - mref_k))
     st[F_T] = (part[F_T] + shift).sum(1)
@@ -262,12 +292,16 @@ class _RowInfo:
         if r_stats is not None:
             r_stats.copy_(st.to(r_stats.dtype))
 
-    def grad(self, p, sl, kept, st, dens, g, g_lse, target, weight, th, opts, V, probs, cdt):
-        """The chunk ``sl``'s gradient, in place over its softmax ``p``."""
+    def grad(self, p, sl, kept, st, dens, g, g_lse, target, weight, th, opts, V, probs, cdt,
+             ent=None):
+        """The chunk ``sl``'s gradient, in place over its softmax ``p`` (``ent``: the aux
+        entropy's ``(g_ent, x - M)`` of the chunk)."""
         q = _probs_q(target, weight, opts.label_smoothing, V, cdt) if probs else None
+        if ent is not None:
+            ent = (ent[0], ent[1], -st[F_E, sl] / st[F_S, sl])
         _grad_from_p(p, None if probs else self.t_loc[sl], None if probs else self.owned[sl],
                      kept, None if probs else self.w_t[sl], st[F_W, sl], self.lse[sl], dens, g,
-                     g_lse, q, weight, th, opts, V)
+                     g_lse, q, weight, th, opts, V, ent)
 
 
 def _grad_target(x, lse, g, dens, weight, eps, cdt):
@@ -281,8 +315,8 @@ def finish(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | No
            opts: Options, merged: torch.Tensor, merged_idx: torch.Tensor | None, *,
            dens: torch.Tensor, rows: tuple | None, grad: torch.Tensor | None, offset: int = 0,
            vocab_size: int | None = None, upstream: torch.Tensor | None = None,
-           upstream_lse: torch.Tensor | None = None, skip_unit: bool = True,
-           grad_target: torch.Tensor | None = None) -> None:
+           upstream_lse: torch.Tensor | None = None, upstream_ent: torch.Tensor | None = None,
+           skip_unit: bool = True, grad_target: torch.Tensor | None = None) -> None:
     """Writes the row outputs into ``rows`` and the gradient of this shard's columns into
     ``grad`` from the merged statistics ``(NUM_FIELDS, N)`` (see the protocol). With
     ``upstream`` this is the backward's recompute: rows whose upstream is 1 (and lse upstream 0)
@@ -298,16 +332,20 @@ def finish(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | No
         return
     kept = ~info.ignored
     g = torch.ones(N, dtype=cdt, device=logits.device)  # per-row upstream gradient
-    g_lse = None
+    g_lse = g_ent = None
     write = None  # rows to write (None: all)
     if upstream is not None:
         g = upstream.to(cdt).expand(N)
         if upstream_lse is not None:
             g_lse = upstream_lse.to(cdt)
+        if upstream_ent is not None:
+            g_ent = upstream_ent.to(cdt)
         if skip_unit:
             write = kept & (g != 1)
             if g_lse is not None:
                 write = write | (g_lse != 0)
+            if g_ent is not None:
+                write = write | (g_ent != 0)
             if logits.device.type == "cpu" and not bool(write.any()):
                 return  # nothing to recompute (a free check on the CPU)
     step = chunk_rows_for(V_local, cdt)
@@ -317,6 +355,10 @@ def finish(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | No
         sl = slice(s, e)
         x, th = _transform(logits[sl], cdt, opts)
         x = x.to(cdt)
+        xm = None  # x - M, before p may overwrite x (a gradient written over the logits)
+        if g_ent is not None:
+            M = st[F_M, sl]
+            xm = x - torch.where(M == float("-inf"), torch.zeros_like(M), M).unsqueeze(1)
         if V_local == V:
             # The whole row: the forward's own softmax, so a recompute (a second backward, an
             # upstream other than 1) gives the forward's gradient bit for bit.
@@ -332,7 +374,8 @@ def finish(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | No
         if grad is None:
             continue
         info.grad(p, sl, kept[sl], st, dens, g[sl], None if g_lse is None else g_lse[sl],
-                  target[sl], weight, th, opts, V, probs, cdt)
+                  target[sl], weight, th, opts, V, probs, cdt,
+                  None if g_ent is None else (g_ent[sl], xm))
         if write is not None:
             # The recompute writes only the rows whose upstream differs from 1.
             grad[sl][write[sl]] = p[write[sl]].to(grad.dtype)
@@ -379,6 +422,9 @@ def forward(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | N
         p = torch.softmax(xc, 1, out=grad[sl]) if direct else torch.softmax(xc, 1)
         # (an all -inf row: s = 0, lse = -inf as torch.logsumexp; its softmax p is NaN)
         st[F_S] = torch.where(M == float("-inf"), 0.0, p.amax(1).reciprocal())
+        if opts.entropy:  # E = s sum_c p_c (x_c - M), before p becomes the gradient
+            mref = torch.where(M == float("-inf"), 0.0, M).unsqueeze(1)
+            st[F_E] = st[F_S] * _e_times_x(p, xc - mref).sum(1)
         info = _RowInfo(st, target[sl], weight, opts, V, 0, V, probs, cdt)
         info.write(tuple(None if t is None else t[sl] for t in (r_ce, r_z, r_lse, r_loss, r_argmax))
                    + (None,), st, idx, opts)

@@ -314,6 +314,7 @@ def ce_finish(
     grad: torch.Tensor | None = None,
     upstream: torch.Tensor | None = None,
     upstream_lse: torch.Tensor | None = None,
+    upstream_ent: torch.Tensor | None = None,
     skip_unit: bool = True,
     offset: int = 0,
     vocab_size: int | None = None,
@@ -323,9 +324,10 @@ def ce_finish(
     the gradient of this part's columns into ``grad`` (None: no gradient).
 
     With ``upstream`` (``(N,)`` or a 0-d tensor: the gradient of the loss rows or of the reduced
-    loss) and ``upstream_lse`` (``(N,)`` or None) this is the backward's recompute, on the
-    statistics a forward stored (``P == 1``): with ``skip_unit`` rows whose upstream is exactly 1
-    (and lse upstream 0) keep the gradient the forward wrote; without, every row is written."""
+    loss), ``upstream_lse`` and ``upstream_ent`` (``(N,)`` or None: of the aux lse and entropy)
+    this is the backward's recompute, on the statistics a forward stored (``P == 1``): with
+    ``skip_unit`` rows whose upstream is exactly 1 (and aux upstreams 0) keep the gradient the
+    forward wrote; without, every row is written."""
     N, V_local = logits.shape
     V = V_local if vocab_size is None else vocab_size
     if N == 0 or (V_local == 0 and rows is None):
@@ -345,19 +347,21 @@ def ce_finish(
         _ce_finish_kernel[(grid,)](
             logits, target, weight if weight is not None else dummy, dens, part,
             part_idx if part_idx is not None else target, up,
-            upstream_lse if upstream_lse is not None else dummy,
+            upstream_lse.contiguous() if upstream_lse is not None else dummy,
+            upstream_ent.contiguous() if upstream_ent is not None else dummy,
             dummy if ce is None else ce, dummy if z is None else z,
             dummy if lse is None else lse, dummy if stats is None else stats,
             argmax if argmax is not None else target, loss_rows if loss_rows is not None else dummy,
             grad if grad is not None else logits,
             N, V, V_local, offset, chunk, max(splits, 1), P,
             logits.stride(0), (grad if grad is not None else logits).stride(0), part.stride(0),
-            N, stride_up, 0 if upstream_lse is None else upstream_lse.stride(0),
+            N, stride_up,
             opts.ignore_index, opts.label_smoothing, opts.z_loss, scale, cap,
             BLOCK_V=block_v, P_BLOCK=triton.next_power_of_2(max(P, 1)),
             REDUCTION=_RED[opts.reduction], HAS_Z_LOSS=opts.z_loss > 0.0,
             COMPUTE_LOSS=compute_loss, COMPUTE_GRAD=grad is not None and V_local > 0,
             HAS_UPSTREAM=upstream is not None, HAS_UPSTREAM_LSE=upstream_lse is not None,
+            HAS_UPSTREAM_ENT=upstream_ent is not None,
             SKIP_UNIT=skip_unit,
             WRITE_STATS=compute_loss and stats is not None, EMULATE_RTNE=INTERPRETED,
             num_warps=num_warps, **kernel_flags(opts, weight is not None),
@@ -459,8 +463,8 @@ def finish(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | No
            opts: Options, merged: torch.Tensor, merged_idx: torch.Tensor | None, *,
            dens: torch.Tensor, rows: tuple | None, grad: torch.Tensor | None, offset: int = 0,
            vocab_size: int | None = None, upstream: torch.Tensor | None = None,
-           upstream_lse: torch.Tensor | None = None, skip_unit: bool = True,
-           grad_target: torch.Tensor | None = None) -> None:
+           upstream_lse: torch.Tensor | None = None, upstream_ent: torch.Tensor | None = None,
+           skip_unit: bool = True, grad_target: torch.Tensor | None = None) -> None:
     """Row outputs and this shard's gradient from statistics merged over the whole vocabulary
     (``merged`` ``(NUM_FIELDS, N)``); with ``upstream``, the backward's recompute."""
     if opts.probs or grad_target is not None:
@@ -475,7 +479,7 @@ def finish(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | No
               merged.float().unsqueeze(-1).contiguous(), idx, P=1, dens=dens.float(),
               splits=p.splits, chunk=p.chunk, block_v=p.block_v, num_warps=p.num_warps,
               rows=rows, grad=grad, upstream=upstream, upstream_lse=upstream_lse,
-              skip_unit=skip_unit, offset=offset, vocab_size=vocab_size)
+              upstream_ent=upstream_ent, skip_unit=skip_unit, offset=offset, vocab_size=vocab_size)
 
 
 def finalize(ce: torch.Tensor, z: torch.Tensor, dens: torch.Tensor, opts: Options

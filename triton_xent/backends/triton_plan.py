@@ -171,6 +171,7 @@ def kernel_flags(opts: Options, has_weight: bool) -> dict:
         HAS_SCALE=scale is not None,
         HAS_SOFTCAP=softcap is not None,
         HAS_ARGMAX=bool(opts.argmax),
+        HAS_ENTROPY=bool(opts.entropy),
     )
 
 

@@ -20,7 +20,8 @@ F_T = tl.constexpr(2)  # sum_c w_c (max - x_c)        (smoothing)
 F_W = tl.constexpr(3)  # sum_c w_c                    (smoothing)
 F_XT = tl.constexpr(4)  # target logit, from its owner
 F_WT = tl.constexpr(5)  # target weight, from its owner (class weights)
-NUM_FIELDS = 6
+F_E = tl.constexpr(6)  # sum_c exp(x_c - max) (x_c - max)  (entropy)
+NUM_FIELDS = 7
 
 # The arg-max of a row holding a NaN is its first NaN column (torch.argmax's rule): partial
 # arg-maxes carry such a column c as c - NAN_TAG (negative), which wins every merge (a MIN over
@@ -164,17 +165,25 @@ def _denominators(target_ptr, weight_ptr, divisor_ptr, N, V, ignore_index, inv_d
 
 
 @triton.jit
-def _stats_update(x, cols, mask, w, m, s, T, W, mref,
-                  HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+def _stats_update(x, cols, mask, w, m, s, T, W, E, mref,
+                  HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+                  HAS_ENTROPY: tl.constexpr):
     """Online softmax: folds one block ``x`` (fp32, -inf on masked lanes) into the running
-    ``(m, s, T, W)``; ``mref`` is the running shift (``m``, or 0 while every logit is -inf)."""
+    ``(m, s, T, W, E)``; ``mref`` is the running shift (``m``, or 0 while every logit is -inf)."""
     # m' = max(m, max_b x); s' = s exp(mref - mref') + sum_b exp(x - mref'). While every logit so
     # far is -inf, m' = -inf and x - m' would be NaN: shift by 0 instead (exp(-inf) = 0, s = 0).
     m_new = tl.maximum(m, tl.max(x, axis=0))
     mref_new = tl.where(m_new == float("-inf"), 0.0, m_new)
     # exp(m - mref'), not exp(mref - mref'): while m = -inf (s = 0) the factor must be 0, not
     # exp(0 - (-1e9)) = inf.
-    s = s * tl.exp(m - mref_new) + tl.sum(tl.exp(x - mref_new), axis=0)
+    r = tl.exp(m - mref_new)
+    e = tl.exp(x - mref_new)
+    if HAS_ENTROPY:
+        # E = sum_c exp(x_c - mref) (x_c - mref) follows the shift like s, plus s times it:
+        # E' = r (E + (mref - mref') s) + sum_b ...; a -inf logit adds 0 (not 0 x -inf), and so
+        # does the old part while m = -inf (r = 0, s = 0, mref = 0: no inf anywhere).
+        E = r * (E + (mref - mref_new) * s) + tl.sum(_e_times_x(e, x - mref_new), axis=0)
+    s = s * r + tl.sum(e, axis=0)
     if HAS_SMOOTHING:
         # T = sum_c w_c (mref - x_c) follows the shift: T' = T + W (mref' - mref) + sum_b ...
         # Masked lanes add nothing (w * (mref - (-inf)) would be NaN there); an infinite T (a -inf
@@ -186,7 +195,14 @@ def _stats_update(x, cols, mask, w, m, s, T, W, mref,
         shift = tl.where((W == 0.0) | (T == float("inf")), 0.0, W * (mref_new - mref))
         T = T + shift + tl.sum(tl.where(mask, wb * (mref_new - x), 0.0), axis=0)
         W = W + tl.sum(wb, axis=0)
-    return m_new, s, T, W, mref_new
+    return m_new, s, T, W, E, mref_new
+
+
+@triton.jit
+def _e_times_x(e, d):
+    """``e * d`` for ``e = exp(d)``-like weights, 0 where ``e`` is 0 (``d = -inf``: the limit
+    ``p log p -> 0``, not NaN); a NaN stays NaN through the row's ``s``."""
+    return tl.where(e > 0.0, e * d, 0.0)
 
 
 @triton.jit
@@ -232,10 +248,10 @@ def _unread_stats(M, s, is_ignored):
 def _part_stats(row_ptr, weight_ptr, start, end, t_loc, logit_scale, softcap,
                 BLOCK_V: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
                 HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ARGMAX: tl.constexpr,
-                EVICT: tl.constexpr):
+                HAS_ENTROPY: tl.constexpr, EVICT: tl.constexpr):
     """Partial statistics of columns ``[start, end)`` of one row, block by block.
 
-    Returns ``(m, s, T, W, x_t, w_t, argmax)``; ``x_t``, ``w_t`` are zero unless ``t_loc`` (the
+    Returns ``(m, s, T, W, E, x_t, w_t, argmax)``; ``x_t``, ``w_t`` are zero unless ``t_loc`` (the
     target's column, or -1) lies in the range, where they are gathered with one load each.
     """
     m = tl.full((), float("-inf"), tl.float32)
@@ -243,6 +259,7 @@ def _part_stats(row_ptr, weight_ptr, start, end, t_loc, logit_scale, softcap,
     s = tl.zeros((), tl.float32)
     T = tl.zeros((), tl.float32)
     W = tl.zeros((), tl.float32)
+    E = tl.zeros((), tl.float32)
     idx = tl.zeros((), tl.int64) + start
     for off in range(start, end, BLOCK_V):
         cols = off + tl.arange(0, BLOCK_V)
@@ -253,8 +270,8 @@ def _part_stats(row_ptr, weight_ptr, start, end, t_loc, logit_scale, softcap,
             w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
         if HAS_ARGMAX:
             idx = _argmax_update(x, cols, m, idx)
-        m, s, T, W, mref = _stats_update(x, cols, mask, w, m, s, T, W, mref, HAS_WEIGHT,
-                                         HAS_SMOOTHING)
+        m, s, T, W, E, mref = _stats_update(x, cols, mask, w, m, s, T, W, E, mref, HAS_WEIGHT,
+                                            HAS_SMOOTHING, HAS_ENTROPY)
     here = (t_loc >= start) & (t_loc < end)
     t_safe = tl.where(here, t_loc, start)
     x_t = tl.load(row_ptr + t_safe, mask=here, other=0.0).to(tl.float32)
@@ -264,16 +281,16 @@ def _part_stats(row_ptr, weight_ptr, start, end, t_loc, logit_scale, softcap,
         w_t = tl.load(weight_ptr + t_safe, mask=here, other=0.0)
     else:
         w_t = here.to(tl.float32)
-    return m, s, T, W, x_t, w_t, idx
+    return m, s, T, W, E, x_t, w_t, idx
 
 
 @triton.jit
 def _merge_parts(stats_ptr, stride_f, base, part_mask, parts,
-                 HAS_SMOOTHING: tl.constexpr, NEED_T: tl.constexpr):
+                 HAS_SMOOTHING: tl.constexpr, NEED_T: tl.constexpr, HAS_ENTROPY: tl.constexpr):
     """Log-sum-exp merge of the partials stored at ``stats_ptr + f * stride_f + base + k``.
 
-    Returns ``(M, s, T, W)``; ``W`` only with smoothing and ``T`` only when ``NEED_T`` too (zero
-    otherwise): each program reads only the fields it uses.
+    Returns ``(M, s, T, W, E)``; ``W`` only with smoothing and ``T`` only when ``NEED_T`` too,
+    ``E`` with the entropy (zero otherwise): each program reads only the fields it uses.
     """
     ptr = stats_ptr + base + parts
     m_k = tl.load(ptr + F_M * stride_f, mask=part_mask, other=float("-inf"))
@@ -282,6 +299,11 @@ def _merge_parts(stats_ptr, stride_f, base, part_mask, parts,
     mref = tl.where(M == float("-inf"), 0.0, M)
     mref_k = tl.where(m_k == float("-inf"), 0.0, m_k)
     s = tl.sum(s_k * tl.exp(m_k - mref), axis=0)  # an all -inf part: exp(-inf) = 0
+    E = tl.zeros((), tl.float32)
+    if HAS_ENTROPY:
+        # E = sum_k r_k (E_k + (mref_k - mref) s_k); an all -inf part has s_k = E_k = 0, r_k = 0
+        E_k = tl.load(ptr + F_E * stride_f, mask=part_mask, other=0.0)
+        E = tl.sum(tl.exp(m_k - mref) * (E_k + (mref_k - mref) * s_k), axis=0)
     T = tl.zeros((), tl.float32)
     W = tl.zeros((), tl.float32)
     if HAS_SMOOTHING:
@@ -291,7 +313,7 @@ def _merge_parts(stats_ptr, stride_f, base, part_mask, parts,
             T_k = tl.load(ptr + F_T * stride_f, mask=part_mask, other=0.0)
             # A part whose W_k is 0 adds nothing, also when its shift is -inf (no 0 * inf).
             T = tl.sum(T_k + tl.where(W_k == 0.0, 0.0, W_k * (mref - mref_k)), axis=0)
-    return M, s, T, W
+    return M, s, T, W, E
 
 
 @triton.jit
@@ -341,12 +363,16 @@ def _grad_coefs(D_ce, D_z, w_t, W, lse, g, g_lse, is_ignored, V, label_smoothing
 
 @triton.jit
 def _grad_block(x, dcap, cols, mask, w, t_loc, mref, inv_s, coef_p, coef_t, coef_w,
-                zero_row, is_invalid,
+                zero_row, is_invalid, g_ent, E,
                 HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SCALE: tl.constexpr,
-                HAS_SOFTCAP: tl.constexpr):
-    """dL/dx_raw of one block of a row (fp32)."""
+                HAS_SOFTCAP: tl.constexpr, HAS_UPSTREAM_ENT: tl.constexpr):
+    """dL/dx_raw of one block of a row (fp32). With ``HAS_UPSTREAM_ENT`` the aux entropy's
+    gradient too: ``dH/dx_c = -p_c (log p_c + H) = -p_c ((x_c - M) - E / s)`` (``E``: the
+    row's merged statistic, ``H - log s = -E / s``), times its upstream ``g_ent``."""
     p = tl.exp(x - mref) * inv_s
     g = p * coef_p
+    if HAS_UPSTREAM_ENT:
+        g -= g_ent * _e_times_x(p, (x - mref) - E * inv_s)
     if HAS_SMOOTHING:
         if HAS_WEIGHT:
             g -= coef_w * w
@@ -364,9 +390,10 @@ def _grad_block(x, dcap, cols, mask, w, t_loc, mref, inv_s, coef_p, coef_t, coef
 
 @triton.jit
 def _write_grad(row_ptr, grad_row_ptr, weight_ptr, start, end, t_loc, zero_row, is_invalid,
-                mref, inv_s, coef_p, coef_t, coef_w, logit_scale, softcap,
+                mref, inv_s, coef_p, coef_t, coef_w, g_ent, E, logit_scale, softcap,
                 BLOCK_V: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-                HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+                HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                HAS_UPSTREAM_ENT: tl.constexpr, EMULATE_RTNE: tl.constexpr):
     """Gradient sweep over columns ``[start, end)``: reads each block once, writes it once.
 
     A ``zero_row`` (ignored, and no aux lse gradient) gets ``0 / s``: zeros, or NaN where its
@@ -384,12 +411,13 @@ def _write_grad(row_ptr, grad_row_ptr, weight_ptr, start, end, t_loc, zero_row, 
         if HAS_WEIGHT and HAS_SMOOTHING:
             w = tl.load(weight_ptr + cols, mask=tl.where(zero_row, False, mask), other=0.0)
         g = _grad_block(x, dcap, cols, mask, w, t_loc, mref, inv_s, coef_p, coef_t, coef_w,
-                        zero_row, is_invalid, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP)
+                        zero_row, is_invalid, g_ent, E, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE,
+                        HAS_SOFTCAP, HAS_UPSTREAM_ENT)
         _round_store(grad_row_ptr + cols, g, mask, EMULATE_RTNE, "evict_first")
 
 
 @triton.jit
-def _store_row(row, ce, z, lse, M, s, T, W, x_t, w_t, idx,
+def _store_row(row, ce, z, lse, M, s, T, W, E, x_t, w_t, idx,
                ce_ptr, z_ptr, lse_ptr, stats_ptr, stride_stats_f, argmax_ptr, loss_rows_ptr,
                REDUCTION: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_ARGMAX: tl.constexpr,
                WRITE_STATS: tl.constexpr, EMULATE_RTNE: tl.constexpr):
@@ -412,3 +440,4 @@ def _store_row(row, ce, z, lse, M, s, T, W, x_t, w_t, idx,
         tl.store(stats_ptr + F_W * stride_stats_f + row, W)
         tl.store(stats_ptr + F_XT * stride_stats_f + row, x_t)
         tl.store(stats_ptr + F_WT * stride_stats_f + row, w_t)
+        tl.store(stats_ptr + F_E * stride_stats_f + row, E)

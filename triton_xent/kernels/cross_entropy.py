@@ -6,9 +6,11 @@ Notation, per row ``i`` with target ``t`` (all math in fp32 whatever the logits'
 * the row's statistics, as partials over any set of columns (a block, a chunk of a row, a rank's
   shard of the vocabulary): ``m = max_c x_c``, ``s = sum_c exp(x_c - m)``,
   ``T = sum_c w_c (m - x_c)`` and ``W = sum_c w_c`` (smoothing; ``w_c = 1`` without class
-  weights), ``x_t`` and ``w_t`` (from the part that holds the target column, zero elsewhere);
+  weights), ``E = sum_c exp(x_c - m) (x_c - m)`` (entropy, with a -inf logit adding 0), ``x_t``
+  and ``w_t`` (from the part that holds the target column, zero elsewhere);
 * merged over parts with the log-sum-exp merge: ``M = max_k m_k``, ``s = sum_k s_k exp(m_k - M)``,
-  ``T = sum_k T_k + W_k (M - m_k)``, ``W``, ``x_t`` and ``w_t`` summed (online softmax,
+  ``T = sum_k T_k + W_k (M - m_k)``, ``E = sum_k exp(m_k - M) (E_k + (m_k - M) s_k)``, ``W``,
+  ``x_t`` and ``w_t`` summed (online softmax,
   arXiv 1805.02867, is the same merge one block at a time);
 * ``ce = (1 - eps) w_t ((M - x_t) + log s) + (eps / V) (T + W log s)`` and ``z = z_loss lse**2``
   with ``lse = M + log s``: the maximum is subtracted before anything is added, so a row of equal
@@ -19,7 +21,10 @@ Notation, per row ``i`` with target ``t`` (all math in fp32 whatever the logits'
   + z_scale 2 z_loss lse``, the upstream gradients ``g`` (of the loss) and ``g_lse`` (of the
   aux lse), times ``dx/dx_raw`` (logit scale, softcap) back to the raw logits. ``ce_scale`` and
   ``z_scale`` are ``1 / D`` for the reduction's denominators ``D`` (the kept targets' summed
-  weights and the kept rows for a mean; a divisor, or 1, for a sum).
+  weights and the kept rows for a mean; a divisor, or 1, for a sum);
+* the entropy ``H = log s - E / s`` (the op layer reads it from the merged statistics) and, with
+  its upstream ``g_ent``, ``dH/dx_c = -p_c (log p_c + H) = -p_c ((x_c - M) - E / s)``, added to
+  ``dL/dx_c`` in the same gradient pass.
 
 Rows whose target is ``ignore_index`` get ``ce = z = 0`` and PyTorch's gradient row ``0 x p``:
 zeros, or NaN on the whole row where its statistics are NaN (a NaN or +inf logit, or every logit
@@ -55,6 +60,7 @@ import triton
 import triton.language as tl
 
 from triton_xent.kernels.ce_helpers import (
+    F_E,
     F_M,
     F_S,
     F_T,
@@ -64,6 +70,7 @@ from triton_xent.kernels.ce_helpers import (
     _argmax_merge,
     _argmax_update,
     _denominators,
+    _e_times_x,
     _grad_block,
     _grad_coefs,
     _load_x,
@@ -105,6 +112,7 @@ def _ce_fused_kernel(
     HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_ARGMAX: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     ALL_ROWS: tl.constexpr,  # read ignored rows too (their lse or gradient is asked for)
     WRITE_STATS: tl.constexpr,
@@ -150,6 +158,9 @@ def _ce_fused_kernel(
             mref = tl.where(M == float("-inf"), 0.0, M)
             e = tl.exp(x - mref)
             s = tl.sum(e, axis=0)
+            E = tl.zeros((), tl.float32)
+            if HAS_ENTROPY:  # from e while it is live (p is recomputed from x for the gradient)
+                E = tl.sum(_e_times_x(e, x - mref), axis=0)
             T = tl.zeros((), tl.float32)
             W = tl.zeros((), tl.float32) + V
             if HAS_SMOOTHING:
@@ -164,10 +175,10 @@ def _ce_fused_kernel(
             if HAS_ARGMAX:
                 idx = _argmax_update(x, cols, float("-inf"), idx)
         else:
-            M, s, T, W, x_t, _, idx = _part_stats(
+            M, s, T, W, E, x_t, _, idx = _part_stats(
                 row_ptr, weight_ptr, 0, tl.where(read, V, 0), t_loc, logit_scale, softcap,
                 BLOCK_V, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP, HAS_ARGMAX,
-                "evict_last")
+                HAS_ENTROPY, "evict_last")
             if not HAS_SMOOTHING or not HAS_WEIGHT:
                 W = tl.zeros((), tl.float32) + V
             else:
@@ -181,7 +192,7 @@ def _ce_fused_kernel(
             w_t = (t_loc >= 0).to(tl.float32)
         ce, z, lse = _row_loss(M, s, T, W, x_t, w_t, is_ignored, is_invalid, V, label_smoothing,
                                z_loss, HAS_SMOOTHING, HAS_Z_LOSS)
-        _store_row(row64, ce, z, lse, M, s, T, W, x_t, w_t, idx, ce_ptr, z_ptr, lse_ptr,
+        _store_row(row64, ce, z, lse, M, s, T, W, E, x_t, w_t, idx, ce_ptr, z_ptr, lse_ptr,
                    stats_ptr, stride_stats_f, argmax_ptr, loss_rows_ptr, REDUCTION, HAS_Z_LOSS,
                    HAS_ARGMAX, WRITE_STATS, EMULATE_RTNE)
         if COMPUTE_GRAD:
@@ -192,8 +203,8 @@ def _ce_fused_kernel(
             grad_row_ptr = grad_ptr + row64 * stride_grad_n
             if SINGLE_BLOCK:
                 g = _grad_block(x, dcap, cols, mask, w, t_loc, mref, inv_s, coef_p, coef_t,
-                                coef_w, is_ignored, is_invalid, HAS_WEIGHT, HAS_SMOOTHING,
-                                HAS_SCALE, HAS_SOFTCAP)
+                                coef_w, is_ignored, is_invalid, 0.0, 0.0, HAS_WEIGHT,
+                                HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP, False)
                 _round_store(grad_row_ptr + cols, g, mask, EMULATE_RTNE, "")
             else:
                 # The gradient sweep runs backwards: the blocks read last are the likeliest in
@@ -211,8 +222,8 @@ def _ce_fused_kernel(
                         wb2 = tl.load(weight_ptr + cols, mask=tl.where(is_ignored, False, mask),
                                       other=0.0)
                     g = _grad_block(xb, dcb, cols, mask, wb2, t_loc, mref, inv_s, coef_p, coef_t,
-                                    coef_w, is_ignored, is_invalid, HAS_WEIGHT, HAS_SMOOTHING,
-                                    HAS_SCALE, HAS_SOFTCAP)
+                                    coef_w, is_ignored, is_invalid, 0.0, 0.0, HAS_WEIGHT,
+                                    HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP, False)
                     _round_store(grad_row_ptr + cols, g, mask, EMULATE_RTNE, "evict_first")
 
 
@@ -240,6 +251,7 @@ def _ce_partials_kernel(
     HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_ARGMAX: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
     ALL_ROWS: tl.constexpr,
 ):
     """Grid ``N * S`` (+1): partial statistics of chunk ``split`` (columns
@@ -259,9 +271,10 @@ def _ce_partials_kernel(
         end = tl.minimum(start + CHUNK, V_LOCAL)
         if not ALL_ROWS:
             end = tl.where(is_ignored, start, end)  # ignored rows: nothing to read
-        m, s, T, W, x_t, w_t, idx = _part_stats(
+        m, s, T, W, E, x_t, w_t, idx = _part_stats(
             logits_ptr + row * stride_logits_n, weight_ptr, start, end, t_loc, logit_scale,
-            softcap, BLOCK_V, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP, HAS_ARGMAX, "")
+            softcap, BLOCK_V, HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP, HAS_ARGMAX,
+            HAS_ENTROPY, "")
         if not ALL_ROWS:
             m, s = _unread_stats(m, s, is_ignored)
         out = part_ptr + row * S + split
@@ -272,6 +285,8 @@ def _ce_partials_kernel(
             tl.store(out + F_W * stride_part_f, W)
         tl.store(out + F_XT * stride_part_f, x_t)
         tl.store(out + F_WT * stride_part_f, w_t)
+        if HAS_ENTROPY:
+            tl.store(out + F_E * stride_part_f, E)
         if HAS_ARGMAX:
             tl.store(part_idx_ptr + row * S + split, idx.to(tl.int64) + OFFSET)
 
@@ -280,11 +295,13 @@ def _ce_partials_kernel(
 def _ce_finish_kernel(
     # pointers
     logits_ptr, target_ptr, weight_ptr, dens_ptr, part_ptr, part_idx_ptr, upstream_ptr,
-    upstream_lse_ptr, ce_ptr, z_ptr, lse_ptr, stats_ptr, argmax_ptr, loss_rows_ptr, grad_ptr,
+    upstream_lse_ptr, upstream_ent_ptr, ce_ptr, z_ptr, lse_ptr, stats_ptr, argmax_ptr,
+    loss_rows_ptr, grad_ptr,
     # shapes
     N, V, V_LOCAL, OFFSET, CHUNK, S, P,
     # strides
-    stride_logits_n, stride_grad_n, stride_part_f, stride_stats_f, stride_up, stride_up_lse,
+    # (the aux upstreams, per row, are contiguous)
+    stride_logits_n, stride_grad_n, stride_part_f, stride_stats_f, stride_up,
     # scalar options
     ignore_index, label_smoothing, z_loss, logit_scale, softcap,
     # meta-parameters
@@ -297,11 +314,13 @@ def _ce_finish_kernel(
     HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_ARGMAX: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
     COMPUTE_LOSS: tl.constexpr,  # chunk 0 writes the row's loss, lse, argmax and merged stats
     COMPUTE_GRAD: tl.constexpr,
     HAS_UPSTREAM: tl.constexpr,  # the gradient times the upstream g (and plus g_lse p)
     HAS_UPSTREAM_LSE: tl.constexpr,
-    SKIP_UNIT: tl.constexpr,  # backward recompute: skip rows with g == 1 and g_lse == 0
+    HAS_UPSTREAM_ENT: tl.constexpr,  # and the aux entropy's gradient, its upstream g_ent
+    SKIP_UNIT: tl.constexpr,  # backward recompute: skip rows with g == 1, g_lse == g_ent == 0
     WRITE_STATS: tl.constexpr,
     EMULATE_RTNE: tl.constexpr,
 ):
@@ -323,36 +342,39 @@ def _ce_finish_kernel(
             g_all = tl.load(upstream_ptr + rows * stride_up, mask=in_work, other=1.0)
             busy = g_all.to(tl.float32) != 1.0
             if HAS_UPSTREAM_LSE:
-                g_lse_all = tl.load(upstream_lse_ptr + rows * stride_up_lse, mask=in_work,
-                                    other=0.0)
+                g_lse_all = tl.load(upstream_lse_ptr + rows, mask=in_work, other=0.0)
                 busy = busy | (g_lse_all.to(tl.float32) != 0.0)
+            if HAS_UPSTREAM_ENT:
+                g_ent_all = tl.load(upstream_ent_ptr + rows, mask=in_work, other=0.0)
+                busy = busy | (g_ent_all.to(tl.float32) != 0.0)
             todo += tl.sum(busy.to(tl.int32), axis=0)
         end = tl.where(todo > 0, work, 0)
     for item in range(pid, end, nprog):
         _finish_item(
             item, logits_ptr, target_ptr, weight_ptr, dens_ptr, part_ptr, part_idx_ptr,
-            upstream_ptr, upstream_lse_ptr, ce_ptr, z_ptr, lse_ptr, stats_ptr, argmax_ptr,
-            loss_rows_ptr, grad_ptr, V, V_LOCAL, OFFSET, CHUNK, S, P,
+            upstream_ptr, upstream_lse_ptr, upstream_ent_ptr, ce_ptr, z_ptr, lse_ptr, stats_ptr,
+            argmax_ptr, loss_rows_ptr, grad_ptr, V, V_LOCAL, OFFSET, CHUNK, S, P,
             stride_logits_n, stride_grad_n, stride_part_f, stride_stats_f, stride_up,
-            stride_up_lse, ignore_index, label_smoothing, z_loss, logit_scale, softcap,
-            BLOCK_V, P_BLOCK, REDUCTION, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SCALE,
-            HAS_SOFTCAP, HAS_ARGMAX, COMPUTE_LOSS, COMPUTE_GRAD, HAS_UPSTREAM, HAS_UPSTREAM_LSE,
-            SKIP_UNIT, WRITE_STATS, EMULATE_RTNE)
+            ignore_index, label_smoothing, z_loss, logit_scale, softcap, BLOCK_V, P_BLOCK,
+            REDUCTION, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS,
+            HAS_SCALE, HAS_SOFTCAP, HAS_ARGMAX, HAS_ENTROPY, COMPUTE_LOSS, COMPUTE_GRAD,
+            HAS_UPSTREAM, HAS_UPSTREAM_LSE, HAS_UPSTREAM_ENT, SKIP_UNIT, WRITE_STATS,
+            EMULATE_RTNE)
 
 
 @triton.jit
 def _finish_item(
     item, logits_ptr, target_ptr, weight_ptr, dens_ptr, part_ptr, part_idx_ptr, upstream_ptr,
-    upstream_lse_ptr, ce_ptr, z_ptr, lse_ptr, stats_ptr, argmax_ptr, loss_rows_ptr, grad_ptr,
-    V, V_LOCAL, OFFSET, CHUNK, S, P,
-    stride_logits_n, stride_grad_n, stride_part_f, stride_stats_f, stride_up, stride_up_lse,
+    upstream_lse_ptr, upstream_ent_ptr, ce_ptr, z_ptr, lse_ptr, stats_ptr, argmax_ptr,
+    loss_rows_ptr, grad_ptr, V, V_LOCAL, OFFSET, CHUNK, S, P,
+    stride_logits_n, stride_grad_n, stride_part_f, stride_stats_f, stride_up,
     ignore_index, label_smoothing, z_loss, logit_scale, softcap,
     BLOCK_V: tl.constexpr, P_BLOCK: tl.constexpr, REDUCTION: tl.constexpr,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ARGMAX: tl.constexpr,
-    COMPUTE_LOSS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, HAS_UPSTREAM: tl.constexpr,
-    HAS_UPSTREAM_LSE: tl.constexpr, SKIP_UNIT: tl.constexpr, WRITE_STATS: tl.constexpr,
-    EMULATE_RTNE: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr, COMPUTE_LOSS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    HAS_UPSTREAM: tl.constexpr, HAS_UPSTREAM_LSE: tl.constexpr, HAS_UPSTREAM_ENT: tl.constexpr,
+    SKIP_UNIT: tl.constexpr, WRITE_STATS: tl.constexpr, EMULATE_RTNE: tl.constexpr,
 ):
     """One item of :func:`_ce_finish_kernel`: row ``item // S``, chunk ``item % S``."""
     row = (item // S).to(tl.int64)
@@ -360,22 +382,31 @@ def _finish_item(
     t_loc, is_ignored, is_invalid = _row_target(target_ptr, row, ignore_index, V, OFFSET, V_LOCAL)
     g = 1.0
     g_lse = 0.0
+    g_ent = 0.0
     active = True
     if HAS_UPSTREAM:
         g = tl.load(upstream_ptr + row * stride_up).to(tl.float32)
         if HAS_UPSTREAM_LSE:
-            g_lse = tl.load(upstream_lse_ptr + row * stride_up_lse).to(tl.float32)
+            g_lse = tl.load(upstream_lse_ptr + row).to(tl.float32)
+        if HAS_UPSTREAM_ENT:
+            g_ent = tl.load(upstream_ent_ptr + row).to(tl.float32)
         if SKIP_UNIT:
             # The forward wrote the gradient for g == 1: keep it (and an ignored row's zeros).
             active = (g != 1.0) & ~is_ignored
             if HAS_UPSTREAM_LSE:
                 active = active | (g_lse != 0.0)
+            if HAS_UPSTREAM_ENT:
+                active = active | (g_ent != 0.0)
     if active:
         parts = tl.arange(0, P_BLOCK)
         part_mask = parts < P
         base = row * P
-        M, s, T, W = _merge_parts(part_ptr, stride_part_f, base, part_mask, parts, HAS_SMOOTHING,
-                                  COMPUTE_LOSS)
+        if HAS_ENTROPY and (COMPUTE_LOSS or HAS_UPSTREAM_ENT):  # E only where it is used
+            M, s, T, W, E = _merge_parts(part_ptr, stride_part_f, base, part_mask, parts,
+                                         HAS_SMOOTHING, COMPUTE_LOSS, True)
+        else:
+            M, s, T, W, E = _merge_parts(part_ptr, stride_part_f, base, part_mask, parts,
+                                         HAS_SMOOTHING, COMPUTE_LOSS, False)
         if HAS_WEIGHT:
             w_t = _sum_field(part_ptr, stride_part_f, base, part_mask, parts, F_WT)
         else:
@@ -391,7 +422,7 @@ def _finish_item(
                 if HAS_ARGMAX:
                     idx = _argmax_merge(part_idx_ptr + base, part_ptr + F_M * stride_part_f + base,
                                         M, part_mask, parts)
-                _store_row(row, ce, z, lse, M, s, T, W, x_t, w_t, idx, ce_ptr, z_ptr,
+                _store_row(row, ce, z, lse, M, s, T, W, E, x_t, w_t, idx, ce_ptr, z_ptr,
                            lse_ptr, stats_ptr, stride_stats_f, argmax_ptr, loss_rows_ptr,
                            REDUCTION, HAS_Z_LOSS, HAS_ARGMAX, WRITE_STATS, EMULATE_RTNE)
         if COMPUTE_GRAD:
@@ -405,10 +436,13 @@ def _finish_item(
             zero_row = is_ignored
             if HAS_UPSTREAM_LSE:
                 zero_row = zero_row & (g_lse == 0.0)  # an ignored row's lse may carry a gradient
+            if HAS_UPSTREAM_ENT:
+                zero_row = zero_row & (g_ent == 0.0)  # and its entropy
             _write_grad(logits_ptr + row * stride_logits_n, grad_ptr + row * stride_grad_n,
                         weight_ptr, start, end, t_loc, zero_row, is_invalid, mref, 1.0 / s,
-                        coef_p, coef_t, coef_w, logit_scale, softcap, BLOCK_V, HAS_WEIGHT,
-                        HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP, EMULATE_RTNE)
+                        coef_p, coef_t, coef_w, g_ent, E, logit_scale, softcap, BLOCK_V,
+                        HAS_WEIGHT, HAS_SMOOTHING, HAS_SCALE, HAS_SOFTCAP, HAS_UPSTREAM_ENT,
+                        EMULATE_RTNE)
 
 
 # ---- Reduction and backward scaling ----------------------------------------------------------

@@ -35,7 +35,14 @@ from typing import NamedTuple
 import torch
 
 from .. import parallel
-from ..backends.protocol import Backend, Options, RowOutputs, compute_dtype
+from ..backends.protocol import (
+    NUM_FIELDS,
+    Backend,
+    Options,
+    RowOutputs,
+    compute_dtype,
+    entropy_of,
+)
 from ..reference import reference, reference_grads
 
 _LIB = "triton_xent"
@@ -72,12 +79,13 @@ class Call(NamedTuple):
 
 class Result(NamedTuple):
     """``loss`` (0-d, or per row for ``"none"``), ``lse`` (per row), ``z_term`` (reduced like the
-    loss), ``argmax`` (or None), and what a backward needs: ``grad`` (or None), ``stats``,
-    ``dens``."""
+    loss), ``ent`` (per row, or None), ``argmax`` (or None), and what a backward needs: ``grad``
+    (or None), ``stats``, ``dens``."""
 
     loss: torch.Tensor
     lse: torch.Tensor
     z_term: torch.Tensor
+    ent: torch.Tensor | None
     argmax: torch.Tensor | None
     grad: torch.Tensor | None
     stats: torch.Tensor
@@ -112,18 +120,21 @@ def forward(call: Call, *, compute_grad: bool, inplace: bool = False,
         loss, z_term = out.loss_rows, out.z
     else:
         loss, z_term = BACKENDS[opts.backend].finalize(out.ce, out.z, out.dens, opts)
-    return Result(loss, out.lse, z_term, out.argmax, out.grad, out.stats, out.dens)
+    ent = entropy_of(out.stats) if opts.entropy else None
+    return Result(loss, out.lse, z_term, ent, out.argmax, out.grad, out.stats, out.dens)
 
 
 def backward(call: Call, stats: torch.Tensor, dens: torch.Tensor, grad: torch.Tensor | None,
-             g_loss: torch.Tensor, g_lse: torch.Tensor | None, *, inplace: bool = False,
+             g_loss: torch.Tensor, g_lse: torch.Tensor | None, *,
+             g_ent: torch.Tensor | None = None, inplace: bool = False,
              grad_target: torch.Tensor | None = None, recompute_all: bool = False
              ) -> torch.Tensor:
-    """The gradient for the upstream gradients ``g_loss`` (0-d, or per row for ``"none"``) and
-    ``g_lse`` (per row, the aux lse's gradient, or None).
+    """The gradient for the upstream gradients ``g_loss`` (0-d, or per row for ``"none"``),
+    ``g_lse`` and ``g_ent`` (per row, the aux lse's and entropy's gradients, or None).
 
     ``grad`` is the forward's gradient (upstream 1): it is updated in place, recomputing from
-    the logits and the forward's ``stats`` only the rows where ``g_loss != 1`` or ``g_lse != 0``
+    the logits and the forward's ``stats`` only the rows where ``g_loss != 1`` or an aux
+    upstream is not 0
     (so each element is rounded once), with no pass at all in the usual case. With ``inplace``
     the logits are gone: the gradient is scaled (rounded twice where ``g != 1``). ``grad`` None:
     the whole gradient is computed here, upstream folded in; ``recompute_all``: likewise, into
@@ -139,6 +150,7 @@ def backward(call: Call, stats: torch.Tensor, dens: torch.Tensor, grad: torch.Te
     B.finish(call.logits, call.target, call.weight, call.opts, stats, None, dens=dens,
              rows=None, grad=grad, offset=offset, vocab_size=V, upstream=g_loss.detach(),
              upstream_lse=None if g_lse is None else g_lse.detach(),
+             upstream_ent=None if g_ent is None else g_ent.detach(),
              skip_unit=not (fresh or recompute_all),
              grad_target=grad_target)
     return grad
@@ -172,23 +184,25 @@ def no_second_order(what: str, why: str):
 # Autograd: one Function, one backward body
 
 
-def _backward(ctx, g_loss, g_lse, g_z):
+def _backward(ctx, g_loss, g_lse, g_z, g_ent):
     """The one backward of ``cross_entropy`` (eager, compiled, functorch, the custom op's own
     autograd): ``(d logits, d target)``."""
     logits, target, weight, divisor, stats, dens = ctx.saved_tensors
     opts = ctx.opts
-    if g_loss is None and g_lse is None and g_z is None:
+    if not opts.entropy:
+        g_ent = None  # (an empty placeholder output)
+    if g_loss is None and g_lse is None and g_z is None and g_ent is None:
         return None, None
     if ctx.eager and torch.is_grad_enabled():  # create_graph=True
         if ctx.inplace or ctx.shard is not None:
             raise no_second_order("cross_entropy", "the first derivative was written over the "
                                   "logits (inplace_backward=True) or lives on other ranks")
         with torch.enable_grad():
-            loss, lse, z_term = reference(logits, target, weight, divisor, opts)
+            loss, lse, z_term, ent = reference(logits, target, weight, divisor, opts)
             inputs = [logits] + ([target] if opts.probs and target.requires_grad else [])
-            grads = reference_grads((loss, lse, z_term), (
+            grads = reference_grads((loss, lse, z_term, ent), (
                 torch.zeros((), device=stats.device) if g_loss is None else g_loss, g_lse,
-                g_z if opts.z_loss else None), inputs)
+                g_z if opts.z_loss else None, g_ent), inputs)
         return grads[0], (grads[1] if len(grads) > 1 else None)
     if g_loss is None:  # only the aux outputs carry a gradient
         g_loss = torch.zeros(stats.shape[1] if opts.reduction == "none" else (),
@@ -196,16 +210,16 @@ def _backward(ctx, g_loss, g_lse, g_z):
     g_lse = fold_z_grad(opts, target, stats, dens, g_lse, g_z)
     if not ctx.eager:  # an opaque op, whose own derivative raises
         return _OpaqueBackward.apply(logits, target, weight, divisor, stats, dens, g_loss, g_lse,
-                                     opts.encode(), ctx.target_grad)
+                                     g_ent, opts.encode(), ctx.target_grad)
     call = Call(logits, target, weight, divisor, opts, ctx.shard)
     # The forward's gradient (upstream 1) is used once: a second backward (retain_graph=True)
     # recomputes everything from the kept logits.
     grad, ctx.grad = ctx.grad, None
     gt, ctx.gt = ctx.gt, None
     if ctx.inplace:
-        if grad is None or g_lse is not None:
+        if grad is None or g_lse is not None or g_ent is not None:
             why = ("the call is differentiated a second time (retain_graph=True)" if grad is None
-                   else "the aux lse (or z-loss term) carries a gradient")
+                   else "the aux lse, z-loss term or entropy carries a gradient")
             raise RuntimeError(
                 f"triton_xent: this backward needs the logits, but inplace_backward=True wrote "
                 f"the gradient over them, and {why}. Drop inplace_backward for this loss.")
@@ -216,12 +230,14 @@ def _backward(ctx, g_loss, g_lse, g_z):
     elif ctx.target_grad:  # computed with the whole gradient (grad is None here too)
         gt = fresh_gt = torch.empty(target.shape, dtype=compute_dtype(logits.dtype),
                                     device=target.device)
-    return backward(call, stats, dens, grad, g_loss, g_lse, grad_target=fresh_gt), gt
+    return backward(call, stats, dens, grad, g_loss, g_lse, g_ent=g_ent,
+                    grad_target=fresh_gt), gt
 
 
 class _CrossEntropy(torch.autograd.Function):
-    """``(loss, lse, z_term, argmax)`` of one call; ``eager`` runs the pipeline itself and keeps
-    the forward's gradient (two more outputs), else the custom op runs (compile, functorch)."""
+    """``(loss, lse, z_term, ent, argmax)`` of one call (``ent`` empty unless asked for);
+    ``eager`` runs the pipeline itself and keeps the forward's gradient (two more outputs), else
+    the custom op runs (compile, functorch)."""
 
     generate_vmap_rule = True
 
@@ -246,8 +262,8 @@ class _CrossEntropy(torch.autograd.Function):
         empty = logits.new_empty(0) if not (in_forward and gt is not None) else None
         # detach(): with ``inplace`` the buffer is the logits tensor itself; a fresh alias lets
         # autograd adopt it as the gradient instead of copying it.
-        return (res.loss, res.lse, res.z_term,
-                res.argmax if res.argmax is not None else logits.new_empty(0, dtype=torch.int64),
+        return (res.loss, res.lse, res.z_term, _ent_or_empty(res.ent, logits),
+                _argmax_or_empty(res.argmax, logits),
                 res.stats, res.dens, res.grad.detach() if in_forward else empty,
                 gt if gt is not None else empty)
 
@@ -257,16 +273,16 @@ class _CrossEntropy(torch.autograd.Function):
         ctx.opts, ctx.shard, ctx.eager, ctx.inplace = opts, shard, eager, inplace
         ctx.target_grad = opts.probs and ctx.needs_input_grad[1]
         made_grad = eager and (inplace or opts.reduction != "none")  # as forward decided
-        ctx.grad = output[6] if made_grad else None
-        ctx.gt = output[7] if eager and opts.probs and target.requires_grad else None
+        ctx.grad = output[7] if made_grad else None
+        ctx.gt = output[8] if eager and opts.probs and target.requires_grad else None
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(*output[3:])
-        ctx.save_for_backward(None if inplace else logits, target, weight, divisor, output[4],
-                              output[5])
+        ctx.mark_non_differentiable(*output[4:])
+        ctx.save_for_backward(None if inplace else logits, target, weight, divisor, output[5],
+                              output[6])
 
     @staticmethod
-    def backward(ctx, g_loss, g_lse, g_z, *unused):
-        return (*_backward(ctx, g_loss, g_lse, g_z), None, None, None, None, None, None)
+    def backward(ctx, g_loss, g_lse, g_z, g_ent, *unused):
+        return (*_backward(ctx, g_loss, g_lse, g_z, g_ent), None, None, None, None, None, None)
 
 
 class _OpaqueBackward(torch.autograd.Function):
@@ -276,9 +292,10 @@ class _OpaqueBackward(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(logits, target, weight, divisor, stats, dens, g_loss, g_lse, spec, target_grad):
+    def forward(logits, target, weight, divisor, stats, dens, g_loss, g_lse, g_ent, spec,
+                target_grad):
         grad, gt = ce_backward_op(logits, target, weight, divisor, stats, dens, g_loss, g_lse,
-                                  spec, target_grad)
+                                  g_ent, spec, target_grad)
         return grad, (gt if target_grad else None)
 
     @staticmethod
@@ -293,6 +310,10 @@ class _OpaqueBackward(torch.autograd.Function):
 
 def _argmax_or_empty(argmax, logits):
     return argmax if argmax is not None else logits.new_empty(0, dtype=torch.int64)
+
+
+def _ent_or_empty(ent, logits):
+    return ent if ent is not None else logits.new_empty(0, dtype=compute_dtype(logits.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,10 +331,10 @@ def _op_call(logits, target, weight, divisor, spec: str) -> Call:
 def ce_forward_op(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
                   divisor: torch.Tensor | None, spec: str
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                             torch.Tensor, torch.Tensor]:
+                             torch.Tensor, torch.Tensor, torch.Tensor]:
     res = forward(_op_call(logits, target, weight, divisor, spec), compute_grad=False)
-    return (res.loss, res.lse, res.z_term, _argmax_or_empty(res.argmax, logits), res.stats,
-            res.dens)
+    return (res.loss, res.lse, res.z_term, _ent_or_empty(res.ent, logits),
+            _argmax_or_empty(res.argmax, logits), res.stats, res.dens)
 
 
 @ce_forward_op.register_fake
@@ -324,24 +345,26 @@ def _(logits, target, weight, divisor, spec):
     red = (N,) if opts.reduction == "none" else ()
     return (logits.new_empty(red, dtype=opts.out_dtype), logits.new_empty((N,), dtype=cdt),
             logits.new_empty(red, dtype=cdt),
+            logits.new_empty((N,) if opts.entropy else (0,), dtype=cdt),
             logits.new_empty((N,) if opts.argmax else (0,), dtype=torch.int64),
-            logits.new_empty((6, N), dtype=cdt), logits.new_empty((2,), dtype=cdt))
+            logits.new_empty((NUM_FIELDS, N), dtype=cdt), logits.new_empty((2,), dtype=cdt))
 
 
 @torch.library.custom_op(f"{_LIB}::ce_backward", mutates_args=())
 def ce_backward_op(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
                    divisor: torch.Tensor | None, stats: torch.Tensor, dens: torch.Tensor,
-                   g_loss: torch.Tensor, g_lse: torch.Tensor | None, spec: str,
-                   target_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                   g_loss: torch.Tensor, g_lse: torch.Tensor | None, g_ent: torch.Tensor | None,
+                   spec: str, target_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     call = _op_call(logits, target, weight, divisor, spec)
     gt = torch.empty(target.shape, dtype=compute_dtype(logits.dtype),
                      device=target.device) if target_grad else logits.new_empty(0)
-    grad = backward(call, stats, dens, None, g_loss, g_lse, grad_target=gt if target_grad else None)
+    grad = backward(call, stats, dens, None, g_loss, g_lse, g_ent=g_ent,
+                    grad_target=gt if target_grad else None)
     return grad, gt
 
 
 @ce_backward_op.register_fake
-def _(logits, target, weight, divisor, stats, dens, g_loss, g_lse, spec, target_grad):
+def _(logits, target, weight, divisor, stats, dens, g_loss, g_lse, g_ent, spec, target_grad):
     gt = (torch.empty_like(target, dtype=compute_dtype(logits.dtype)) if target_grad
           else logits.new_empty(0))
     return torch.empty_like(logits, memory_format=torch.contiguous_format), gt
@@ -352,12 +375,12 @@ def _op_setup_context(ctx, inputs, output):
     ctx.opts, ctx.shard, ctx.eager, ctx.inplace, ctx.grad, ctx.gt = (
         Options.decode(spec), None, False, False, None, None)
     ctx.target_grad = ctx.opts.probs and target.requires_grad
-    ctx.save_for_backward(logits, target, weight, divisor, output[4], output[5])
+    ctx.save_for_backward(logits, target, weight, divisor, output[5], output[6])
 
 
 ce_forward_op.register_autograd(
-    lambda ctx, g_loss, g_lse, g_z, *unused: (*_backward(ctx, g_loss, g_lse, g_z), None, None,
-                                              None),
+    lambda ctx, g_loss, g_lse, g_z, g_ent, *unused: (*_backward(ctx, g_loss, g_lse, g_z, g_ent),
+                                                     None, None, None),
     setup_context=_op_setup_context)
 
 
@@ -401,17 +424,18 @@ def _ce_forward_vmap(info, in_dims, logits, target, weight, divisor, spec):
     x = logits.movedim(in_dims[0], 0)
     t = _batched(target, in_dims[1], B)
     N = x.shape[1]
-    loss, lse, z, am, stats, dens = ce_forward_op(
+    loss, lse, z, ent, am, stats, dens = ce_forward_op(
         x.reshape(B * N, x.shape[2]), t.reshape(B * N, *t.shape[2:]), weight, divisor, spec)
-    return ((loss.view(B, N), lse.view(B, N), z.view(B, N), am.view(B, N) if opts.argmax else am,
+    return ((loss.view(B, N), lse.view(B, N), z.view(B, N),
+             ent.view(B, N) if opts.entropy else ent, am.view(B, N) if opts.argmax else am,
              stats.view(stats.shape[0], B, N), dens),
-            (0, 0, 0, 0 if opts.argmax else None, 1, None))
+            (0, 0, 0, 0 if opts.entropy else None, 0 if opts.argmax else None, 1, None))
 
 
 @torch.library.register_vmap(f"{_LIB}::ce_backward")
 def _ce_backward_vmap(info, in_dims, logits, target, weight, divisor, stats, dens, g_loss, g_lse,
-                      spec, target_grad):
-    args = (logits, target, weight, divisor, stats, dens, g_loss, g_lse, spec, target_grad)
+                      g_ent, spec, target_grad):
+    args = (logits, target, weight, divisor, stats, dens, g_loss, g_lse, g_ent, spec, target_grad)
     if (Options.decode(spec).reduction != "none" or in_dims[0] is None or in_dims[4] is None
             or any(in_dims[i] is not None for i in (2, 3, 5))):
         return vmap_loop(ce_backward_op, info, in_dims, args)
@@ -422,8 +446,9 @@ def _ce_backward_vmap(info, in_dims, logits, target, weight, divisor, stats, den
     st = stats.movedim(in_dims[4], 1)
     g = _batched(g_loss, in_dims[6], B).reshape(B * N)
     gl = None if g_lse is None else _batched(g_lse, in_dims[7], B).reshape(B * N)
+    ge = None if g_ent is None else _batched(g_ent, in_dims[8], B).reshape(B * N)
     grad, gt = ce_backward_op(x.reshape(B * N, V), t.reshape(B * N, *t.shape[2:]), weight,
-                              divisor, st.reshape(st.shape[0], B * N), dens, g, gl, spec,
+                              divisor, st.reshape(st.shape[0], B * N), dens, g, gl, ge, spec,
                               target_grad)
     return ((grad.view(B, N, V), gt.view(B, N, V) if target_grad else gt),
             (0, 0 if target_grad else None))
@@ -464,24 +489,26 @@ def requires_grad(t: torch.Tensor | None) -> bool:
 
 
 def run(call: Call, *, inplace: bool):
-    """Runs one call on the right path; returns ``loss, lse, z_term, argmax`` (argmax empty
-    unless asked for)."""
+    """Runs one call on the right path; returns ``loss, lse, z_term, ent, argmax`` (ent and
+    argmax empty unless asked for)."""
     logits, target, weight, divisor, opts = call[:5]
     if opts.probs and weight is not None and requires_grad(weight) and torch.is_grad_enabled():
         # PyTorch differentiates the class weights of probability targets: the reference runs.
         if call.shard is not None:
             raise RuntimeError("triton_xent: class weights that require grad are not supported "
                                "with a process group. Pass weight.detach().")
-        loss, lse, z_term = reference(logits, target, weight, divisor, opts)
+        loss, lse, z_term, ent = reference(logits, target, weight, divisor, opts)
         argmax = lse.new_empty(0, dtype=torch.int64)
         if opts.argmax:
             argmax = logits.argmax(1)
-        return loss.to(opts.out_dtype), lse, z_term.detach(), argmax
+        return (loss.to(opts.out_dtype), lse, z_term.detach(), _ent_or_empty(ent, logits),
+                argmax)
     if torch.compiler.is_compiling() or in_transform(logits, target, weight, divisor):
         return _CrossEntropy.apply(logits, target, weight, divisor, opts, call.shard, False,
-                                   False)[:4]
+                                   False)[:5]
     if torch.is_grad_enabled() and (logits.requires_grad or (opts.probs and target.requires_grad)):
         return eager_apply(_CrossEntropy, logits, target, weight, divisor, opts, call.shard, True,
-                           inplace)[:4]
+                           inplace)[:5]
     res = forward(call, compute_grad=False)
-    return res.loss, res.lse, res.z_term, _argmax_or_empty(res.argmax, logits)
+    return (res.loss, res.lse, res.z_term, _ent_or_empty(res.ent, logits),
+            _argmax_or_empty(res.argmax, logits))

@@ -26,17 +26,23 @@ Without it (CUDA-graph safe) the chunks are fixed and ignored rows get a zero gr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
+from ..backends.protocol import NUM_FIELDS
+
 # Chunks are a multiple of this many rows (GEMM tiles), except a chunk holding all the rows.
 _ROW_ALIGN = 64
-# The default logits chunk: a fifth of the gradients' own bytes, between these bounds (see
-# default_chunk_rows).
+# The default logits chunk: a fifth of the gradients' own bytes, at most CHUNK_MAX_BYTES, and at
+# least the rows the chunk's GEMMs need (see default_chunk_rows).
 CHUNK_SHARE = 0.2
-CHUNK_MIN_BYTES = 128 << 20
 CHUNK_MAX_BYTES = 1 << 30
+# Rows from which a chunk's dW update (dW += dlogits.T @ x_c, reading and writing dW once) is
+# compute-bound on an H100 in 16-bit: about rows / 2 FLOP per byte of dW moved, against a balance
+# point of about 240.
+ROWS_GEMM = 512
 # Scratch bytes for the blocked fp32 dW accumulation when no fused mixed-dtype GEMM exists.
 _DW_BLOCK_BYTES = 32 << 20
 
@@ -54,19 +60,27 @@ def default_chunk_rows(N: int, D: int, V: int, dtype: torch.dtype, *,
 
     ``chunk_bytes`` given: as many rows as fit a ``(rows, V)`` logits buffer of that size.
     Otherwise the buffer gets a fifth of the gradients' own bytes (``dX`` and ``dW``, plus the
-    fp32 accumulator), between 128 MiB (GEMMs of at least a few hundred rows, on CPUs too) and
-    1 GiB: at LLM sizes the extra memory stays within 1.2x the
-    gradients, and chunks stay large, so the dW update of each chunk's GEMM is compute-bound
-    (each chunk re-reads and re-writes ``dW`` once, inside the GEMM). At N=8192, D=4096,
-    V=128256 in bf16: 832 rows (204 MiB), 10 chunks. Rows are a multiple of 64 (GEMM tiles)."""
+    fp32 accumulator), at most 1 GiB, and at least what the chunk's GEMMs need, not a fixed size:
+    each chunk reads and writes ``dW`` once inside its GEMM, which is hidden by the GEMM's FLOPs
+    from 512 rows (:data:`ROWS_GEMM`); where ``D`` is too small for that ever to happen (the update
+    is memory-bound at any row count), enough rows that the update moves no more bytes than the
+    chunk's own logits passes (``2 V D`` accumulator elements against ``3 rows V`` logits):
+    ``min(512, 2 D acc_elt / (3 elt))``. At N=8192, D=4096, V=128256 in bf16: 832 rows (204 MiB),
+    10 chunks; the Gemma-2-2B head (D=2304, V=256000): 512 rows; D=256, V=65536 in fp32: 192
+    rows (48 MiB). Rows are a multiple of 64 (GEMM tiles)."""
     elt = _elt(dtype)
-    if chunk_bytes is None:
-        w_elt = _elt(weight_dtype or dtype)
-        grads = V * D * w_elt + N * D * elt + (V * D * 4 if fp32_accum else 0)
-        chunk_bytes = int(min(CHUNK_MAX_BYTES, max(CHUNK_MIN_BYTES, CHUNK_SHARE * grads)))
-    rows = int(chunk_bytes) // max(1, V * elt)
-    if rows >= _ROW_ALIGN:
-        return rows // _ROW_ALIGN * _ROW_ALIGN
+    if chunk_bytes is not None:
+        rows = int(chunk_bytes) // max(1, V * elt)
+        return rows // _ROW_ALIGN * _ROW_ALIGN if rows >= _ROW_ALIGN else max(1, rows)
+    w_elt = _elt(weight_dtype or dtype)
+    acc_elt = 4 if fp32_accum and w_elt < 4 else w_elt
+    grads = V * D * w_elt + N * D * elt + (V * D * 4 if fp32_accum else 0)
+    share = int(CHUNK_SHARE * grads) // max(1, V * elt) // _ROW_ALIGN * _ROW_ALIGN
+    need = min(ROWS_GEMM, math.ceil(2 * D * acc_elt / (3 * elt)))
+    rows = max(share, -(-need // _ROW_ALIGN) * _ROW_ALIGN)
+    most = CHUNK_MAX_BYTES // max(1, V * elt)
+    if rows > most:
+        rows = most // _ROW_ALIGN * _ROW_ALIGN if most >= _ROW_ALIGN else most
     return max(1, rows)
 
 
@@ -137,7 +151,7 @@ def linear_ce_chunks(
         step: ``step(logits, rows, compute_grad) -> (ce, z, lse, stats, grad)``: the
             cross-entropy of one chunk (``rows``: the chunk's rows, a slice or an index tensor),
             writing the gradient over ``logits``; ``stats`` are the rows' merged statistics
-            ``(6, n)`` (a backward recompute reuses them).
+            ``(NUM_FIELDS, n)`` (a backward recompute reuses them).
         need_x, need_w, need_b: which gradients to compute (any subset).
         chunk_rows: rows per chunk (>= 1).
         fp32_accum: accumulate dW in fp32 when the weight is 16-bit (db always is).
@@ -145,7 +159,7 @@ def linear_ce_chunks(
         stats_dtype: dtype of the per-row outputs.
 
     Returns:
-        Per-row ``ce``, ``z``, ``lse`` ``(N,)`` and ``stats`` ``(6, N)`` (zeros on skipped ignored
+        Per-row ``ce``, ``z``, ``lse`` ``(N,)`` and ``stats`` ``(NUM_FIELDS, N)`` (zeros on skipped ignored
         rows), and ``dX (N, D)``, ``dW (V, D)``, ``db (V,)`` in the dtypes of ``x``,
         ``linear_weight``, ``linear_bias``, or None where not asked for.
     """
@@ -158,7 +172,7 @@ def linear_ce_chunks(
     M = N if idx is None else idx.numel()
     new_rows = torch.empty if idx is None else torch.zeros  # skipped rows read as 0
     ce_rows, z_rows, lse_rows = (new_rows(N, dtype=stats_dtype, device=dev) for _ in range(3))
-    stats = new_rows((6, N), dtype=stats_dtype, device=dev)
+    stats = new_rows((NUM_FIELDS, N), dtype=stats_dtype, device=dev)
     dX = dW_acc = db_acc = None
     if need_x:
         dX = new_rows((N, D), dtype=dt, device=dev)

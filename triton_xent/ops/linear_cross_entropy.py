@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import parallel
-from ..backends.protocol import Options, compute_dtype
+from ..backends.protocol import NUM_FIELDS, Options, compute_dtype, entropy_of
 from . import cross_entropy as ce
 from .linear_chunks import linear_ce_chunks
 
@@ -88,16 +88,17 @@ def _forward_step(lc: LinearCall, dens: torch.Tensor, cdt, argmax: torch.Tensor 
     return step
 
 
-def _recompute_step(lc: LinearCall, stats, dens, g_loss, g_lse, cdt):
+def _recompute_step(lc: LinearCall, stats, dens, g_loss, g_lse, g_ent, cdt):
     """The backward's recompute: one chunk's gradient for the upstream gradients ``g_loss`` (0-d,
-    or one per row) and ``g_lse`` (per row, or None), from the forward's merged statistics and
-    denominators (no communication)."""
+    or one per row), ``g_lse`` and ``g_ent`` (per row, or None), from the forward's merged
+    statistics and denominators (no communication)."""
 
     def step(logits, rows, compute_grad):
         st = stats[:, rows]
         ce.backward(_chunk_call(lc, logits, rows, cdt), st, dens, logits,
                     g_loss if g_loss.dim() == 0 else g_loss[rows],
-                    None if g_lse is None else g_lse[rows], recompute_all=True)
+                    None if g_lse is None else g_lse[rows],
+                    g_ent=None if g_ent is None else g_ent[rows], recompute_all=True)
         return st[0], st[0], st[0], st, logits
 
     return step
@@ -120,8 +121,8 @@ def _chunks(lc: LinearCall, step, need, *, grad_pass: bool = True):
 
 
 def forward(lc: LinearCall):
-    """``loss, lse, z_term, argmax, stats, dens, dX, dW, db``: gradients (of the reduced loss,
-    upstream 1) only for ``"mean"``/``"sum"``, else None."""
+    """``loss, lse, z_term, ent, argmax, stats, dens, dX, dW, db``: ``ent`` empty unless asked
+    for; gradients (of the reduced loss, upstream 1) only for ``"mean"``/``"sum"``, else None."""
     opts = lc.opts
     cdt = compute_dtype(lc.x.dtype)
     grads = opts.need if opts.reduction != "none" else (False, False, False)
@@ -137,28 +138,33 @@ def forward(lc: LinearCall):
     else:
         loss, z_term = ce.BACKENDS[opts.backend].finalize(ce_rows, z, dens.to(ce_rows.dtype),
                                                             opts)
-    return loss, lse, z_term, argmax, stats, dens, dX, dW, db
+    ent = entropy_of(stats) if opts.entropy else stats.new_empty(0)
+    return loss, lse, z_term, ent, argmax, stats, dens, dX, dW, db
 
 
-def backward_recompute(lc: LinearCall, stats, dens, g_loss, g_lse):
-    """``dX, dW, db`` for the upstream gradients ``g_loss`` (0-d, or per row for ``"none"``) and
-    ``g_lse`` (per row, or None): the chunks run again (4 GEMMs in all)."""
+def backward_recompute(lc: LinearCall, stats, dens, g_loss, g_lse, g_ent=None):
+    """``dX, dW, db`` for the upstream gradients ``g_loss`` (0-d, or per row for ``"none"``),
+    ``g_lse`` and ``g_ent`` (per row, or None): the chunks run again (4 GEMMs in all)."""
     cdt = compute_dtype(lc.x.dtype)
     g_loss = g_loss.reshape(-1) if g_loss.dim() else g_loss
     g_lse = None if g_lse is None else g_lse.reshape(-1)
-    return _chunks(lc, _recompute_step(lc, stats, dens, g_loss, g_lse, cdt), lc.opts.need)[4:]
+    g_ent = None if g_ent is None else g_ent.reshape(-1)
+    return _chunks(lc, _recompute_step(lc, stats, dens, g_loss, g_lse, g_ent, cdt),
+                   lc.opts.need)[4:]
 
 
 # ---------------------------------------------------------------------------------------------
 # Autograd: one Function, one backward body
 
 
-def _backward(ctx, g_loss, g_lse, g_z):
+def _backward(ctx, g_loss, g_lse, g_z, g_ent):
     """The one backward of ``linear_cross_entropy`` (eager, compiled, functorch, the custom
     op's own autograd): ``(dX, dW, db)``."""
     x, W, b, target, weight, divisor, stats, dens = ctx.saved_tensors[:8]
     opts = ctx.opts
-    if g_loss is None and g_lse is None and g_z is None:
+    if not opts.entropy:
+        g_ent = None  # (an empty placeholder output)
+    if g_loss is None and g_lse is None and g_z is None and g_ent is None:
         return None, None, None
     lc = LinearCall(x, W, b, target, weight, divisor, opts, ctx.shard)
     if ctx.eager and torch.is_grad_enabled():  # create_graph=True
@@ -166,11 +172,12 @@ def _backward(ctx, g_loss, g_lse, g_z):
             raise ce.no_second_order("a vocabulary-parallel linear_cross_entropy",
                                      "the first derivative lives on other ranks")
         with torch.enable_grad():
-            loss, lse, z_term = ce.reference(F.linear(x, W, b), target, weight, divisor, opts)
+            loss, lse, z_term, ent = ce.reference(F.linear(x, W, b), target, weight, divisor,
+                                                  opts)
             inputs = [t for t, n in zip((x, W, b), opts.need) if n]
-            got = iter(ce.reference_grads((loss, lse, z_term), (
+            got = iter(ce.reference_grads((loss, lse, z_term, ent), (
                 torch.zeros((), device=stats.device) if g_loss is None else g_loss, g_lse,
-                g_z if opts.z_loss else None), inputs))
+                g_z if opts.z_loss else None, g_ent), inputs))
         return tuple(next(got) if n else None for n in opts.need)
     if g_loss is None:  # only the aux outputs carry a gradient
         g_loss = torch.zeros(stats.shape[1] if opts.reduction == "none" else (),
@@ -181,12 +188,12 @@ def _backward(ctx, g_loss, g_lse, g_z):
             raise RuntimeError(  # never a silently missing gradient
                 "triton_xent: linear_cross_entropy was asked for a gradient it did not plan for "
                 f"(needed {ctx.needs_input_grad[:3]}, planned {opts.need}).")
-        grads = _OpaqueBackward.apply(g_loss, g_lse, stats, dens, x, W, b, target, weight,
-                                      divisor, *ctx.saved_tensors[8:], opts)
+        grads = _OpaqueBackward.apply(g_loss, g_lse, g_ent, stats, dens, x, W, b, target,
+                                      weight, divisor, *ctx.saved_tensors[8:], opts)
     else:
         grads, ctx.grads = ctx.grads, None  # used once: a second backward recomputes them
-        if opts.reduction == "none" or g_lse is not None or grads is None:
-            grads = backward_recompute(lc, stats, dens, g_loss, g_lse)
+        if opts.reduction == "none" or g_lse is not None or g_ent is not None or grads is None:
+            grads = backward_recompute(lc, stats, dens, g_loss, g_lse, g_ent)
         else:
             B = ce.BACKENDS[opts.backend]
             grads = tuple(None if t is None else B.scale_(t, g_loss.detach()) for t in grads)
@@ -199,7 +206,7 @@ def _grads_or_empty(grads, x):
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """``(loss, lse, z_term, argmax, stats, dens, dX, dW, db)``; ``eager`` runs the chunks here
+    """``(loss, lse, z_term, ent, argmax, stats, dens, dX, dW, db)``; ``eager`` runs the chunks here
     and keeps the forward's gradients aside, else the custom op runs (compile, functorch)."""
 
     generate_vmap_rule = True
@@ -209,23 +216,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if not eager:
             return linear_ce_forward_op(x, W, b, target, weight, divisor, opts.encode())
         out = forward(LinearCall(x, W, b, target, weight, divisor, opts, shard))
-        return out[:6] + _grads_or_empty(out[6:], x)
+        return out[:7] + _grads_or_empty(out[7:], x)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, W, b, target, weight, divisor, opts, shard, eager = inputs
         ctx.opts, ctx.shard, ctx.eager = opts, shard, eager
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(*output[3:])
+        ctx.mark_non_differentiable(*output[4:])
         # Eager keeps the forward's gradients on ctx, to scale in place and hand to autograd.
-        ctx.grads = (tuple(t if n else None for t, n in zip(output[6:], opts.need))
+        ctx.grads = (tuple(t if n else None for t, n in zip(output[7:], opts.need))
                      if eager and opts.reduction != "none" else None)
-        ctx.save_for_backward(x, W, b, target, weight, divisor, output[4], output[5],
-                              *(() if eager else output[6:]))
+        ctx.save_for_backward(x, W, b, target, weight, divisor, output[5], output[6],
+                              *(() if eager else output[7:]))
 
     @staticmethod
-    def backward(ctx, g_loss, g_lse, g_z, *unused):
-        return (*_backward(ctx, g_loss, g_lse, g_z), None, None, None, None, None, None)
+    def backward(ctx, g_loss, g_lse, g_z, g_ent, *unused):
+        return (*_backward(ctx, g_loss, g_lse, g_z, g_ent), None, None, None, None, None, None)
 
 
 class _OpaqueBackward(torch.autograd.Function):
@@ -236,11 +243,11 @@ class _OpaqueBackward(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(g_loss, g_lse, stats, dens, x, W, b, target, weight, divisor, dX, dW, db,
+    def forward(g_loss, g_lse, g_ent, stats, dens, x, W, b, target, weight, divisor, dX, dW, db,
                 opts: Options):
-        if opts.reduction == "none" or g_lse is not None:
-            return linear_ce_backward_op(g_loss, g_lse, stats, dens, x, W, b, target, weight,
-                                         divisor, opts.encode())
+        if opts.reduction == "none" or g_lse is not None or g_ent is not None:
+            return linear_ce_backward_op(g_loss, g_lse, g_ent, stats, dens, x, W, b, target,
+                                         weight, divisor, opts.encode())
         return tuple(t * g_loss.to(t.dtype) for t in (dX, dW, db))
 
     @staticmethod
@@ -270,9 +277,9 @@ def linear_ce_forward_op(
     x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, target: torch.Tensor,
     weight: torch.Tensor | None, divisor: torch.Tensor | None, spec: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor, torch.Tensor, torch.Tensor]:
+           torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     out = forward(_op_call(x, W, b, target, weight, divisor, spec))
-    return out[:6] + _grads_or_empty(out[6:], x)
+    return out[:7] + _grads_or_empty(out[7:], x)
 
 
 def _grads_fake(x, W, b, opts: Options, made: bool):
@@ -289,35 +296,37 @@ def _(x, W, b, target, weight, divisor, spec):
     cdt = compute_dtype(x.dtype)
     red = (N,) if opts.reduction == "none" else ()
     return ((x.new_empty(red, dtype=opts.out_dtype), x.new_empty((N,), dtype=cdt),
-             x.new_empty(red, dtype=cdt), x.new_empty((N if opts.argmax else 0,), dtype=torch.int64),
-             x.new_empty((6, N), dtype=cdt), x.new_empty((2,), dtype=cdt))
+             x.new_empty(red, dtype=cdt), x.new_empty((N if opts.entropy else 0,), dtype=cdt),
+             x.new_empty((N if opts.argmax else 0,), dtype=torch.int64),
+             x.new_empty((NUM_FIELDS, N), dtype=cdt), x.new_empty((2,), dtype=cdt))
             + _grads_fake(x, W, b, opts, opts.reduction != "none"))
 
 
 @torch.library.custom_op("triton_xent::linear_ce_backward", mutates_args=())
 def linear_ce_backward_op(
-    g_loss: torch.Tensor, g_lse: torch.Tensor | None, stats: torch.Tensor, dens: torch.Tensor,
-    x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, target: torch.Tensor,
-    weight: torch.Tensor | None, divisor: torch.Tensor | None, spec: str,
+    g_loss: torch.Tensor, g_lse: torch.Tensor | None, g_ent: torch.Tensor | None,
+    stats: torch.Tensor, dens: torch.Tensor, x: torch.Tensor, W: torch.Tensor,
+    b: torch.Tensor | None, target: torch.Tensor, weight: torch.Tensor | None,
+    divisor: torch.Tensor | None, spec: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     lc = _op_call(x, W, b, target, weight, divisor, spec)
-    return _grads_or_empty(backward_recompute(lc, stats, dens, g_loss, g_lse), x)
+    return _grads_or_empty(backward_recompute(lc, stats, dens, g_loss, g_lse, g_ent), x)
 
 
 @linear_ce_backward_op.register_fake
-def _(g_loss, g_lse, stats, dens, x, W, b, target, weight, divisor, spec):
+def _(g_loss, g_lse, g_ent, stats, dens, x, W, b, target, weight, divisor, spec):
     return _grads_fake(x, W, b, Options.decode(spec), True)
 
 
 def _op_setup_context(ctx, inputs, output):
     x, W, b, target, weight, divisor, spec = inputs
     ctx.opts, ctx.shard, ctx.eager, ctx.grads = Options.decode(spec), None, False, None
-    ctx.save_for_backward(x, W, b, target, weight, divisor, output[4], output[5], *output[6:])
+    ctx.save_for_backward(x, W, b, target, weight, divisor, output[5], output[6], *output[7:])
 
 
 linear_ce_forward_op.register_autograd(
-    lambda ctx, g_loss, g_lse, g_z, *unused: (*_backward(ctx, g_loss, g_lse, g_z), None, None,
-                                              None, None),
+    lambda ctx, g_loss, g_lse, g_z, g_ent, *unused: (*_backward(ctx, g_loss, g_lse, g_z, g_ent),
+                                                     None, None, None, None),
     setup_context=_op_setup_context)
 
 
@@ -344,8 +353,8 @@ def _linear_backward_vmap(info, in_dims, *args):
 
 
 def run(lc: LinearCall):
-    """Runs one call on the right path: ``loss, lse, z_term, argmax`` (argmax empty unless
-    asked for)."""
+    """Runs one call on the right path: ``loss, lse, z_term, ent, argmax`` (ent and argmax empty
+    unless asked for)."""
     tensors = lc[:6]
     compiling = torch.compiler.is_compiling()
     transform = not compiling and ce.in_transform(*tensors)
@@ -355,7 +364,7 @@ def run(lc: LinearCall):
         opts = opts._replace(need=(on and ce.requires_grad(lc.x), on and ce.requires_grad(lc.W),
                                    on and lc.b is not None and ce.requires_grad(lc.b)))
     if compiling or transform:
-        return _LinearCrossEntropy.apply(*tensors, opts, lc.shard, False)[:4]
+        return _LinearCrossEntropy.apply(*tensors, opts, lc.shard, False)[:5]
     if any(opts.need):
-        return ce.eager_apply(_LinearCrossEntropy, *tensors, opts, lc.shard, True)[:4]
-    return forward(lc)[:4]
+        return ce.eager_apply(_LinearCrossEntropy, *tensors, opts, lc.shard, True)[:5]
+    return forward(lc)[:5]
