@@ -1,7 +1,7 @@
 """Tiny randomly initialised Hugging Face models of each family and their batches, shared by the
 HF test files (test_transformers_integration.py, test_hf_patching.py, test_hf_families.py,
-test_hf_trainer.py, test_fsdp_layouts.py): built from configs (no downloads), with left padding,
-ignored labels and an odd vocabulary; ``run`` returns the loss and every parameter's gradient,
+test_hf_trainer.py, test_fsdp_layouts.py, test_deepspeed_zero3.py): built from configs (no
+downloads), with left padding, ignored labels and an odd vocabulary; ``run`` returns the loss and every parameter's gradient,
 ``assert_same`` compares a patched copy with the model's own loss and gradients. Their fixtures
 (one thread, the torch backend) are in conftest.py.
 """

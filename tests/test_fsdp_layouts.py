@@ -13,9 +13,11 @@ this rank's shard when the loss reads it: gathered for the call, gradient averag
 ``[norm, lm_head]``; accelerate 1.16's layout by hand (``embed_tokens`` alone, the tail with
 ``reshard_after_forward=False``); tied embeddings in ``[embed_tokens, lm_head]``; bf16 mixed
 precision (``param_dtype=bf16, reduce_dtype=fp32``) with the head in the root unit and alone;
-DDP; transformers' tensor parallelism (``from_pretrained(..., tp_plan="auto")``, the head
-sharded on the vocabulary, the same batch on both ranks); DeepSpeed ZeRO-3 with every parameter
-released after use (weights after 3 steps; skipped where DeepSpeed is not installed, as in CI).
+DDP; transformers' own FSDP2 (``from_pretrained(..., distributed_config=DistributedConfig(
+fsdp_size=2))``: its plan, the tail ``[norm, lm_head]`` kept after the forward), also tied and
+with its ``fsdp_mixed_precision``; transformers' tensor parallelism (``from_pretrained(...,
+tp_plan="auto")``, the head sharded on the vocabulary, the same batch on both ranks);
+DeepSpeed ZeRO-3 in test_deepspeed_zero3.py (which imports this harness).
 ``linear_cross_entropy`` on an FSDP2-sharded weight equals the by-hand gather with averaged
 gradients (reduced in fp32 under bf16 mixed precision) and refuses ``process_group=``; on a
 Shard(0) DTensor FSDP2 does not manage it is tensor parallelism. The never-gathered schedule
@@ -215,25 +217,71 @@ def ddp():
     _compare(_llama, DistributedDataParallel)
 
 
+def _load(tied=False, **kw):
+    """A loader of the tiny Llama, saved once, through ``from_pretrained(path, **kw)``."""
+    import warnings
+
+    path = os.path.join(OUT_DIR[0], "tiny-llama" + "-tied" * tied)
+    if path not in SAVED:  # every rank runs the parts in the same order: the same branch
+        if dist.get_rank() == 0:
+            _llama(tied=tied).save_pretrained(path)
+        dist.barrier()
+        SAVED.add(path)
+
+    def load():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = transformers.LlamaForCausalLM.from_pretrained(path, **kw)
+        assert type(model.lm_head.weight).__name__ == "DTensor"
+        return model.train()
+
+    return load
+
+
 @PARTS(WORLD)
 def tensor_parallel_tp_plan_auto():
     """transformers' own tensor parallelism: lm_head is 'colwise_gather_output', its weight a
     Shard(0) DTensor; the fused call runs the vocabulary-parallel path."""
-    path = os.path.join(OUT_DIR[0], "tiny-llama")
-    if dist.get_rank() == 0:
-        _llama().save_pretrained(path)
-    dist.barrier()
+    _compare(_load(tp_plan="auto"), lambda m: m, same_batch=True)
 
-    def load():
-        import warnings
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = transformers.LlamaForCausalLM.from_pretrained(path, tp_plan="auto")
-        assert type(model.lm_head.weight).__name__ == "DTensor"
-        return model.train()
+def _native(tied=False, **config):
+    """transformers' own FSDP2, ``from_pretrained(..., distributed_config=DistributedConfig(
+    fsdp_size=2, **config))``: (loader, layout check). Llama's plan: embed_tokens and each layer
+    alone, the tail [norm, lm_head] in one unit that keeps its weights after the forward; tied,
+    transformers moves "keep_full_weight" to embed_tokens (grouped with the norm instead) and
+    lm_head is no unit of its own."""
+    from torch.distributed.fsdp import FSDPModule
+    from transformers.distributed import DistributedConfig
 
-    _compare(load, lambda m: m, same_batch=True)
+    def layout(model):
+        kept = model.model.embed_tokens if tied else model.lm_head
+        units = [model, model.model.embed_tokens, *model.model.layers, model.model.norm, kept]
+        assert all(isinstance(m, FSDPModule) for m in units)
+        assert tied == (model.lm_head.weight is model.model.embed_tokens.weight)
+        assert tied != isinstance(model.lm_head, FSDPModule)
+        tail = kept._get_fsdp_state()
+        assert model.model.norm._get_fsdp_state() is tail
+        assert tail._fsdp_param_group.post_forward_mesh_info is None  # reshard_after_forward=False
+        return model
+
+    return _load(tied, distributed_config=DistributedConfig(fsdp_size=WORLD, **config)), layout
+
+
+@PARTS(WORLD)
+def fsdp_transformers_native_plan():
+    _compare(*_native())
+
+
+@PARTS(WORLD)
+def fsdp_transformers_native_plan_tied():
+    _compare(*_native(tied=True))
+
+
+@PARTS(WORLD)
+def fsdp_transformers_native_plan_bf16():
+    """Its mixed precision (fsdp_mixed_precision=True: param_dtype bf16, reduce_dtype fp32)."""
+    _compare(*_native(fsdp_mixed_precision=True), loss_tol=1e-4, tol=BF16)
 
 
 @PARTS(WORLD)
@@ -397,6 +445,7 @@ def test_never_gathered_schedule_on_4_ranks():
 
 
 OUT_DIR = [""]
+SAVED: set[str] = set()
 
 
 def _entry(rank, world, init_method, out_dir):
@@ -424,64 +473,6 @@ def results():
 @pytest.mark.parametrize("part", list(PARTS.parts))
 def test_layout(results, part):
     check_part(results, PARTS, part)
-
-
-ZERO = Parts()
-
-
-@ZERO(WORLD)
-def deepspeed_zero3_every_parameter_released():
-    """DeepSpeed ZeRO-3 with nothing persistent (every parameter partitioned and released after
-    use): the head's weight is empty outside the forward; DeepSpeed gathers it when the fused
-    loss reads it inside the model's forward, and keeps it for the backward."""
-    import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    cfg = {"train_micro_batch_size_per_gpu": 2, "zero_allow_untested_optimizer": True,
-           "steps_per_print": 10**9,
-           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
-                                 "stage3_max_live_parameters": 0,
-                                 "stage3_prefetch_bucket_size": 0}}
-    runs = []
-    for patched in (False, True):
-        model = _llama()
-        if patched:
-            tx.patch(model, chunk_size=8)
-        engine, *_ = deepspeed.initialize(
-            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), config=cfg)
-        assert model.lm_head.weight.numel() == 0  # partitioned
-        losses, shapes = [], Shapes()
-        for step in range(3):
-            with shapes:
-                out = engine(**make_batch(seed=100 + 10 * step + dist.get_rank()))
-                engine.backward(out.loss)
-            engine.step()
-            losses.append(float(out.loss))
-        assert (out.logits is None) == patched and bool(shapes.big) != patched, shapes.big[:3]
-        runs.append((losses, {n: safe_get_full_fp32_param(p).clone()
-                              for n, p in engine.module.named_parameters()}))
-    (ref_losses, ref_weights), (losses, weights) = runs
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
-    _close(weights, ref_weights, GRAD_TOL["rtol"], GRAD_TOL["atol"], "weight")
-
-
-def _zero_entry(rank, world, init_method, out_dir):
-    import deepspeed
-
-    init(rank, world, init_method, timeout_s=120)
-    os.environ.setdefault("TRITON_XENT_BACKEND", "torch")
-    for key, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", rank)):
-        os.environ[key] = str(value)
-    deepspeed.init_distributed(dist_backend="gloo")
-    ZERO.run(rank, out_dir, lambda fn, nranks: fn() or "ok")
-    dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_deepspeed_zero3():
-    pytest.importorskip("deepspeed")
-    results = spawn(_zero_entry, WORLD)
-    check_part(results, ZERO, "deepspeed_zero3_every_parameter_released")
 
 
 def test_head_problems_name_the_cause():
