@@ -78,3 +78,10 @@ def test_hf_memory():
 def test_hf_trl_sft():
     out = run_example("hf_trl_sft.py", timeout=300)
     assert "OK: triton_xent's SFTTrainer trains like TRL's." in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl is not installed")
+def test_grpo():
+    out = run_example("grpo.py", timeout=300)
+    assert "OK: triton_xent's GRPOTrainer trains like TRL's." in out
+    assert "peak memory of one policy-loss step" in out
