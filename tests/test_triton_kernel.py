@@ -427,6 +427,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import triton_xent.kernels.cross_entropy as K
+import triton_xent.kernels.scale as S
 
 def compile_for_sm90(fn, dtype, num_warps, **constexprs):
     sig = {}
@@ -450,7 +451,7 @@ def compile_for_sm90(fn, dtype, num_warps, **constexprs):
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
 
 on = dict(HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, HAS_SCALE=True, HAS_SOFTCAP=True,
-          HAS_ARGMAX=True)
+          HAS_ARGMAX=True, HAS_ENTROPY=True)
 off = {k: False for k in on}
 for flags, dt in ((on, "bf16"), (off, "fp32")):
     for single in (True, False):
@@ -463,11 +464,11 @@ for flags, dt in ((on, "bf16"), (off, "fp32")):
                      COMPUTE_DENS=True, HAS_DIVISOR=False, ALL_ROWS=False, **part)
     compile_for_sm90(K._ce_finish_kernel, dt, 8, BLOCK_V=8192, P_BLOCK=16, REDUCTION=0,
                      COMPUTE_LOSS=True, COMPUTE_GRAD=True, HAS_UPSTREAM=True,
-                     HAS_UPSTREAM_LSE=True, SKIP_UNIT=True, WRITE_STATS=True, EMULATE_RTNE=False,
+                     HAS_UPSTREAM_LSE=True, HAS_UPSTREAM_ENT=flags["HAS_ENTROPY"], SKIP_UNIT=True, WRITE_STATS=True, EMULATE_RTNE=False,
                      **flags)
 compile_for_sm90(K._ce_finalize_kernel, "fp32", 4, BLOCK_N=1024, HAS_Z_LOSS=True,
                  EMULATE_RTNE=False)
-compile_for_sm90(K._scale_kernel, "bf16", 8, BLOCK=4096, EMULATE_RTNE=False)
+compile_for_sm90(S._scale_kernel, "bf16", 8, BLOCK=4096, EMULATE_RTNE=False)
 compile_for_sm90(K._ce_dens_kernel, "fp32", 4, BLOCK_N=1024, REDUCTION=2, HAS_WEIGHT=True,
                  HAS_DIVISOR=False)
 print("compiled")

@@ -219,22 +219,14 @@ def check_temperature(temperature) -> float | None:
     return T
 
 
-def check_return_entropy(return_entropy, return_aux) -> None:
-    if not isinstance(return_entropy, bool):
-        raise CrossEntropyInputError(f"return_entropy={return_entropy!r} must be a bool.")
-    if return_entropy and not return_aux:
+def check_aux_flag(name: str, value, return_aux, fills: str) -> None:
+    """``return_argmax`` / ``return_entropy``: a bool, and only with ``return_aux``."""
+    if not isinstance(value, bool):
+        raise CrossEntropyInputError(f"{name}={value!r} must be a bool.")
+    if value and not return_aux:
         raise CrossEntropyInputError(
-            "return_entropy=True fills CrossEntropyAux.entropy: pass return_aux=True too (the "
-            "call then returns (loss, aux)).")
-
-
-def check_return_argmax(return_argmax, return_aux) -> None:
-    if not isinstance(return_argmax, bool):
-        raise CrossEntropyInputError(f"return_argmax={return_argmax!r} must be a bool.")
-    if return_argmax and not return_aux:
-        raise CrossEntropyInputError(
-            "return_argmax=True fills CrossEntropyAux.argmax and .accuracy: pass return_aux=True "
-            "too (the call then returns (loss, aux)).")
+            f"{name}=True fills {fills}: pass return_aux=True too (the call then returns "
+            "(loss, aux)).")
 
 
 def compile_check(validate: bool) -> None:

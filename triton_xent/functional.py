@@ -96,9 +96,11 @@ def _build(a: dict, *, group) -> _Built:
     if temperature is not None:
         temperature = checks.check_temperature(temperature)
     if a["return_argmax"] is not False:
-        checks.check_return_argmax(a["return_argmax"], a["return_aux"])
+        checks.check_aux_flag("return_argmax", a["return_argmax"], a["return_aux"],
+                            "CrossEntropyAux.argmax and .accuracy")
     if a["return_entropy"] is not False:
-        checks.check_return_entropy(a["return_entropy"], a["return_aux"])
+        checks.check_aux_flag("return_entropy", a["return_entropy"], a["return_aux"],
+                            "CrossEntropyAux.entropy")
     validating = checks.validation_requested(a["validate"])
     loss_dtype = checks.autocast_loss_dtype(input, a["loss_dtype"])
     is_tensor = isinstance(input, torch.Tensor)

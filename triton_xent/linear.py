@@ -336,9 +336,11 @@ def _checked_options(a: dict):
     if temperature is not None:
         temperature = V.check_temperature(temperature)
     if a["return_argmax"] is not False:
-        V.check_return_argmax(a["return_argmax"], a["return_aux"])
+        V.check_aux_flag("return_argmax", a["return_argmax"], a["return_aux"],
+                            "CrossEntropyAux.argmax and .accuracy")
     if a["return_entropy"] is not False:
-        V.check_return_entropy(a["return_entropy"], a["return_aux"])
+        V.check_aux_flag("return_entropy", a["return_entropy"], a["return_aux"],
+                            "CrossEntropyAux.entropy")
     V.validation_requested(a["validate"])  # a bad value, or environment variable, raises here
     # F.linear runs in autocast's dtype, then F.cross_entropy (autocast's fp32 list) in fp32.
     loss_dtype = V.autocast_loss_dtype(a["input"], a["loss_dtype"], linear=True)

@@ -33,8 +33,8 @@ from triton_xent.kernels.cross_entropy import (
     _ce_finish_kernel,
     _ce_fused_kernel,
     _ce_partials_kernel,
-    _scale_kernel,
 )
+from triton_xent.kernels.scale import _scale_kernel
 
 from . import triton_plan
 from .protocol import Options, RowOutputs

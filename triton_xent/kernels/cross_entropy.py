@@ -46,9 +46,8 @@ Kernels, chosen by the launcher (``backends/triton_ce.py``, by ``plan()`` in ``t
   gradient. With an upstream gradient it is also the backward's recompute: rows whose upstream is
   exactly 1 (and whose lse carries no gradient) are skipped, so ``loss.backward()`` costs nothing;
 * ``_ce_finalize_kernel``, one program: the reduced loss, summed in a fixed order (deterministic);
-* ``_scale_kernel``: ``t *= g`` in place unless ``g == 1`` (the backward of an in-place gradient,
-  and of the fused linear head's dX/dW/db); ``_ce_dens_kernel``, one program: the denominators
-  alone (the fused head's chunks share them).
+* ``_ce_dens_kernel``, one program: the denominators alone (the fused head's chunks share
+  them); ``t *= g`` for a backward's upstream is ``kernels/scale.py``.
 
 Every feature is one ``@triton.jit`` helper (``kernels/ce_helpers.py``) switched by a constexpr
 flag (``HAS_WEIGHT``, ``HAS_SMOOTHING``, ``HAS_Z_LOSS``, ``HAS_SCALE``, ...), shared by all kernels.
@@ -448,7 +447,7 @@ def _finish_item(
                         EMULATE_RTNE)
 
 
-# ---- Reduction and backward scaling ----------------------------------------------------------
+# ---- Reduction and denominators ----------------------------------------------------------
 
 
 @triton.jit
@@ -482,40 +481,6 @@ def _ce_finalize_kernel(
         z_term = tl.where(D_z == 0.0, float("nan"), z_term)
     tl.store(z_term_ptr, z_term)
     _round_store(loss_ptr, loss_ce + z_term, True, EMULATE_RTNE, "")
-
-
-@triton.jit
-def _scale_kernel(
-    t_ptr, g_ptr,
-    rows, row_len, blocks_per_row, parts, stride_t, stride_g,
-    BLOCK: tl.constexpr,
-    EMULATE_RTNE: tl.constexpr,
-):
-    """``t[row] *= g[row]`` in place (``g`` one device scalar when ``stride_g == 0``, ``rows``
-    1). Persistent grid (a few programs per SM) over ``rows * parts`` units: unit ``u`` is row
-    ``u // parts`` and its blocks ``u % parts``, ``+ parts``, ... A program first reads the ``g``
-    of all its units in one vector load and stops at once when every one is exactly 1; a unit
-    whose ``g`` is 1 touches nothing."""
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    units = rows * parts
-    todo = tl.zeros((), tl.int32)
-    for c in range(0, tl.cdiv(units - pid, nprog), 1024):
-        us = pid + (c + tl.arange(0, 1024)) * nprog
-        g_all = tl.load(g_ptr + (us // parts).to(tl.int64) * stride_g, mask=us < units,
-                        other=1.0)
-        todo += tl.sum((g_all.to(tl.float32) != 1.0).to(tl.int32), axis=0)
-    end = tl.where(todo > 0, units, 0)
-    for u in range(pid, end, nprog):
-        row = (u // parts).to(tl.int64)
-        g = tl.load(g_ptr + row * stride_g).to(tl.float32)
-        if g != 1.0:
-            for b in range(u % parts, blocks_per_row, parts):
-                cols = (tl.zeros((), tl.int64) + b) * BLOCK + tl.arange(0, BLOCK)
-                mask = cols < row_len
-                ptrs = t_ptr + row * stride_t + cols
-                t = tl.load(ptrs, mask=mask, eviction_policy="evict_first").to(tl.float32)
-                _round_store(ptrs, t * g, mask, EMULATE_RTNE, "evict_first")
 
 
 @triton.jit
