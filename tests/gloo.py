@@ -59,6 +59,24 @@ def init(rank: int, world: int, init_method: str, timeout_s: int = 60) -> None:
                             timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def rank_env(rank: int, world: int, backend: str) -> None:
+    """What a launcher (torchrun, accelerate) sets for a rank, and the library's backend."""
+    os.environ["TRITON_XENT_BACKEND"] = backend
+    for key, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", rank)):
+        os.environ[key] = str(value)
+
+
+def run(rank: int, world: int, init_method: str, out_dir: str, parts: Parts, call, *,
+        timeout_s: int = 60) -> None:
+    """A spawned rank's whole run (an ``entry`` of :func:`spawn` calls it): joins the group,
+    runs ``parts`` (``call(fn, nranks)`` returns each part's record), leaves the group."""
+    init(rank, world, init_method, timeout_s)
+    try:
+        parts.run(rank, out_dir, call)
+    finally:
+        dist.destroy_process_group()
+
+
 def spawn(entry, world: int) -> dict[int, dict[str, str]]:
     """Runs ``entry(rank, world, init_method, out_dir)`` on ``world`` processes, once:
     ``{rank: {part: "ok" | failure}}``."""

@@ -128,6 +128,18 @@ def make_model(name, seed=0):
     return model
 
 
+def word_tokenizer():
+    """A word-level tokenizer over the tiny models' vocabulary: ``t3 ... t{VOCAB-1}`` and the
+    pad, end and unknown tokens (0, 1, 2); for TRL's trainers, which take text."""
+    import tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
+                                                eos_token="<eos>", unk_token="<unk>")
+
+
 def make_batch(name="llama", seed=1, batch=B, length=T):
     """input_ids, attention_mask (left padding), labels (-100 on padding, one more ignored, and
     on the image tokens) and the image inputs the model's family expects."""

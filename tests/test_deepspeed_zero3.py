@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from gloo import Parts, check_part, init, spawn
+from gloo import Parts, check_part, init, rank_env, spawn
 
 pytest.importorskip("transformers")
 from hf_models import GRAD_TOL, make_batch  # noqa: E402
@@ -62,9 +62,7 @@ def _zero_entry(rank, world, init_method, out_dir):
     import deepspeed
 
     init(rank, world, init_method, timeout_s=120)
-    os.environ.setdefault("TRITON_XENT_BACKEND", "torch")
-    for key, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", rank)):
-        os.environ[key] = str(value)
+    rank_env(rank, world, os.environ.get("TRITON_XENT_BACKEND", "torch"))
     # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU ranks (C++, over a minute on a
     # fresh install) that only its inference all-reduce uses: gloo runs the collectives here.
     compatible = getattr(deepspeed.ops, "__compatible_ops__", None)

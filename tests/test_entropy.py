@@ -284,11 +284,8 @@ def vocab_parallel_entropy(rank, group):
 
 
 def _entry(rank, world, init_method, out_dir):
-    gloo.init(rank, world, init_method)
-    try:
-        part.run(rank, out_dir, lambda fn, n: fn(rank, dist.group.WORLD) or "ok")
-    finally:
-        dist.destroy_process_group()
+    gloo.run(rank, world, init_method, out_dir, part,
+             lambda fn, n: fn(rank, dist.group.WORLD) or "ok")
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from gloo import Parts, check_part, init, spawn
+from gloo import Parts, check_part, rank_env, run, spawn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 transformers = pytest.importorskip("transformers")
@@ -434,9 +434,7 @@ FOUR(4)(never_gathered_schedule)
 
 
 def _four_entry(rank, world, init_method, out_dir):
-    init(rank, world, init_method, timeout_s=120)
-    FOUR.run(rank, out_dir, lambda fn, nranks: fn() or "ok")
-    dist.destroy_process_group()
+    run(rank, world, init_method, out_dir, FOUR, lambda fn, n: fn() or "ok", timeout_s=120)
 
 
 @pytest.mark.slow
@@ -449,18 +447,9 @@ SAVED: set[str] = set()
 
 
 def _entry(rank, world, init_method, out_dir):
-    init(rank, world, init_method, timeout_s=120)
-    os.environ.setdefault("TRITON_XENT_BACKEND", "torch")
-    for key, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", rank)):
-        os.environ[key] = str(value)
+    rank_env(rank, world, os.environ.get("TRITON_XENT_BACKEND", "torch"))
     OUT_DIR[0] = out_dir
-
-    def call(fn, nranks):
-        fn()
-        return "ok"
-
-    PARTS.run(rank, out_dir, call)
-    dist.destroy_process_group()
+    run(rank, world, init_method, out_dir, PARTS, lambda fn, n: fn() or "ok", timeout_s=120)
 
 
 @pytest.fixture(scope="module")

@@ -13,22 +13,13 @@ pytest.importorskip("datasets")
 pytest.importorskip("tokenizers")
 
 import datasets  # noqa: E402
-import tokenizers  # noqa: E402
 import transformers  # noqa: E402
 import trl  # noqa: E402
-from hf_models import VOCAB, make_model  # noqa: E402
+from hf_models import VOCAB, make_model, word_tokenizer  # noqa: E402
 
 from triton_xent.integrations.trl_grpo import GRPOTrainer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread", "torch_backend")
-
-
-def _tokenizer():
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
-                                                eos_token="<eos>", unk_token="<unk>")
 
 
 def _reward(completions, **kw):
@@ -56,7 +47,7 @@ def _trainer(cls, model, tmp_path, triton_xent_options=None, **cfg):
                           **cfg)
     torch.manual_seed(0)
     extra = {} if triton_xent_options is None else {"triton_xent_options": triton_xent_options}
-    return cls(model=model, reward_funcs=_reward, args=args, processing_class=_tokenizer(),
+    return cls(model=model, reward_funcs=_reward, args=args, processing_class=word_tokenizer(),
                train_dataset=datasets.Dataset.from_dict({"prompt": prompts}), **extra)
 
 
@@ -66,6 +57,20 @@ def _loss_and_grads(trainer, inputs, compute):
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()
                            if p.grad is not None}
+
+
+def _both_losses(trainer, seed=2):
+    """One batch, off-policy (old log-probs near -5, advantages of both signs), through our
+    ``_compute_loss`` and TRL's: ``(ours, grads, theirs, grads)``."""
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    g = torch.Generator().manual_seed(seed)
+    shape = inputs["completion_mask"].shape
+    inputs["old_per_token_logps"] = -5.0 + 0.5 * torch.randn(shape, generator=g)
+    inputs["advantages"] = torch.randn(shape[0], generator=g)
+    return (*_loss_and_grads(trainer, inputs, GRPOTrainer._compute_loss),
+            *_loss_and_grads(trainer, inputs, trl.GRPOTrainer._compute_loss))
 
 
 @pytest.mark.parametrize("loss_type,beta,entropy_coef,family", [
@@ -122,18 +127,33 @@ def test_loss_gradients_and_metrics_match_trl(tmp_path, loss_type, beta, entropy
     assert twice == set(keys), twice
 
 
-def test_training_steps_match_trl(tmp_path):
-    histories = []
-    for cls in (trl.GRPOTrainer, GRPOTrainer):
-        trainer = _trainer(cls, _saved_model(tmp_path), tmp_path / cls.__module__, max_steps=2,
-                           beta=0.04, loss_type="dapo")
+def test_training_steps_match_trl(tmp_path, monkeypatch):
+    """Two training steps of TRL's trainer, of ``trl_grpo.GRPOTrainer`` (the fused loss, TRL's
+    head for TRL's own log-probs) and of ``integrations.trl.GRPOTrainer`` (the fused loss, and
+    triton_xent's head for the old and reference log-probs, installed for its construction
+    only): the same logged values."""
+    from triton_xent.integrations import _trl_head
+    from triton_xent.integrations import trl as xtrl
+
+    head_calls = []
+    real = _trl_head._head
+    monkeypatch.setattr(_trl_head, "_head", lambda *a, **k: head_calls.append(1) or real(*a, **k))
+    histories, calls = [], []
+    for cls in (trl.GRPOTrainer, GRPOTrainer, xtrl.GRPOTrainer):
+        trainer = _trainer(cls, _saved_model(tmp_path), tmp_path / cls.__qualname__,
+                           max_steps=2, beta=0.04, loss_type="dapo")
         trainer.train()
         histories.append([h for h in trainer.state.log_history if "loss" in h])
-    assert trainer.triton_xent_policy_steps == 2
-    assert len(histories[0]) == len(histories[1]) == 2
-    for ref, got in zip(*histories):
-        for key in ("loss", "kl", "clip_ratio/region_mean", "reward"):
-            assert abs(got[key] - ref[key]) <= 1e-4 * max(1.0, abs(ref[key])), (key, got, ref)
+        calls.append(len(head_calls))
+        if cls is not trl.GRPOTrainer:
+            assert trainer.triton_xent_policy_steps == 2 and trainer.triton_xent_fallback is None
+    assert calls[0] == calls[1] == 0 < calls[2]  # only the last ran our head
+    assert not xtrl.is_installed()  # TRL's head again for trainers built afterwards
+    for got_history in histories[1:]:
+        assert len(got_history) == len(histories[0]) == 2
+        for ref, got in zip(histories[0], got_history):
+            for key in ("loss", "kl", "entropy", "clip_ratio/region_mean", "reward"):
+                assert abs(got[key] - ref[key]) <= 1e-4 * max(1.0, abs(ref[key])), (key, got, ref)
 
 
 def test_uncovered_configurations_run_trls_loss(tmp_path):
@@ -151,15 +171,7 @@ def test_peft_model_matches_trl(tmp_path):
         r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     trainer = _trainer(GRPOTrainer, model, tmp_path, loss_type="grpo", beta=0.04,
                        epsilon_high=0.28)
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1
-    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    g = torch.Generator().manual_seed(2)
-    inputs["old_per_token_logps"] = -5.0 + 0.5 * torch.randn(inputs["completion_mask"].shape,
-                                                             generator=g)
-    inputs["advantages"] = torch.randn(inputs["completion_mask"].shape[0], generator=g)
-    ours, g_ours = _loss_and_grads(trainer, inputs, GRPOTrainer._compute_loss)
-    theirs, g_trl = _loss_and_grads(trainer, inputs, trl.GRPOTrainer._compute_loss)
+    ours, g_ours, theirs, g_trl = _both_losses(trainer)
     assert trainer.triton_xent_policy_steps == 1
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
     assert g_ours.keys() == g_trl.keys() and any("lora_B" in k for k in g_trl)
@@ -177,15 +189,7 @@ def test_bf16_autocast_matches_trl(tmp_path):
                        beta=0.04, epsilon_high=0.28, bf16=True,
                        triton_xent_options={"accum_dtype": torch.float32, "chunk_size": 8})
     assert trainer.accelerator.mixed_precision == "bf16"
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1
-    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    g = torch.Generator().manual_seed(2)
-    inputs["old_per_token_logps"] = -5.0 + 0.5 * torch.randn(inputs["completion_mask"].shape,
-                                                             generator=g)
-    inputs["advantages"] = torch.randn(inputs["completion_mask"].shape[0], generator=g)
-    ours, g_ours = _loss_and_grads(trainer, inputs, GRPOTrainer._compute_loss)
-    theirs, g_trl = _loss_and_grads(trainer, inputs, trl.GRPOTrainer._compute_loss)
+    ours, g_ours, theirs, g_trl = _both_losses(trainer)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
     for name in g_trl:
         err = (g_ours[name] - g_trl[name]).abs().max() / g_trl[name].abs().max()
@@ -216,26 +220,3 @@ def test_eval_loss_without_grad_matches_trl(tmp_path):
     assert len(metrics["entropy"]) == 2
     assert abs(metrics["entropy"][0] - metrics["entropy"][1]) < 1e-5
 
-
-def test_integration_trainer_runs_our_head_and_loss(tmp_path, monkeypatch):
-    """``integrations.trl.GRPOTrainer``: the old and reference log-probs from triton_xent's head,
-    the loss fused; two training steps log what TRL's own trainer logs; TRL's head is left as it
-    was for trainers built afterwards."""
-    from triton_xent.integrations import _trl_head
-    from triton_xent.integrations import trl as ours
-
-    calls = []
-    real = _trl_head._head
-    monkeypatch.setattr(_trl_head, "_head", lambda *a, **k: calls.append(1) or real(*a, **k))
-    histories = []
-    for cls in (trl.GRPOTrainer, ours.GRPOTrainer):
-        trainer = _trainer(cls, _saved_model(tmp_path), tmp_path / cls.__module__, max_steps=2,
-                           beta=0.04, loss_type="dapo")
-        trainer.train()
-        histories.append([h for h in trainer.state.log_history if "loss" in h])
-    assert not ours.is_installed()
-    assert trainer.triton_xent_policy_steps == 2 and trainer.triton_xent_fallback is None
-    assert calls  # our head scored the old and reference log-probs
-    for ref, got in zip(*histories):
-        for key in ("loss", "kl", "entropy", "clip_ratio/region_mean", "reward"):
-            assert abs(got[key] - ref[key]) <= 1e-4 * max(1.0, abs(ref[key])), (key, got, ref)

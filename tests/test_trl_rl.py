@@ -20,18 +20,17 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from gloo import Parts, check_part, init, spawn
+from gloo import Parts, check_part, rank_env, run, spawn
 
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
 pytest.importorskip("tokenizers")
 
 import datasets  # noqa: E402
-import tokenizers  # noqa: E402
 import transformers  # noqa: E402
 import trl  # noqa: E402
 import trl.trainer.utils as trl_utils  # noqa: E402
-from hf_models import VOCAB, make_batch, make_model  # noqa: E402
+from hf_models import VOCAB, make_batch, make_model, word_tokenizer  # noqa: E402
 
 from triton_xent.integrations import _trl_head  # noqa: E402
 from triton_xent.integrations import trl as xtrl  # noqa: E402
@@ -152,14 +151,6 @@ def test_unsupported_outputs_are_refused_by_name():
 # ---------------------------------------------------------------------------------------------
 
 
-def _tokenizer():
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
-                                                eos_token="<eos>", unk_token="<unk>")
-
-
 def _reward(completions, **kwargs):
     return [float(sum(map(ord, c)) % 7) for c in completions]
 
@@ -173,7 +164,7 @@ def _train(trainer_cls, config_cls, path, tmp_path, **extra):
         use_cpu=True, seed=0, model_init_kwargs={"dtype": torch.float32},
         dataloader_num_workers=0, disable_tqdm=True, **extra)
     prompts = [" ".join(f"t{i}" for i in range(3 + k, 8 + k)) for k in range(4)]
-    trainer = trainer_cls(model=path, reward_funcs=_reward, args=args, processing_class=_tokenizer(),
+    trainer = trainer_cls(model=path, reward_funcs=_reward, args=args, processing_class=word_tokenizer(),
                           train_dataset=datasets.Dataset.from_dict({"prompt": prompts}))
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
@@ -228,7 +219,7 @@ def test_preference_trainer_equals_trls(trainer, tmp_path, counted):
             save_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0,
             model_init_kwargs={"dtype": torch.float32}, disable_tqdm=True)
         trainer_ = getattr(trl, f"{trainer}Trainer")(
-            model=str(tmp_path / "model"), args=args, processing_class=_tokenizer(),
+            model=str(tmp_path / "model"), args=args, processing_class=word_tokenizer(),
             train_dataset=data)
         trainer_.train()
         return [h for h in trainer_.state.log_history if "loss" in h], trainer_
@@ -262,7 +253,7 @@ def _sft(trainer_cls, tmp_path, max_steps=2, model=None, **kw):
                          report_to=[], save_strategy="no", use_cpu=True, max_length=32, seed=0,
                          bf16=False, dataloader_num_workers=0, disable_tqdm=True)
     torch.manual_seed(0)
-    trainer = trainer_cls(model=model or make_model("llama"), args=args, processing_class=_tokenizer(),
+    trainer = trainer_cls(model=model or make_model("llama"), args=args, processing_class=word_tokenizer(),
                           train_dataset=datasets.Dataset.from_dict({"text": texts}), **kw)
     if max_steps:
         trainer.train()
@@ -407,18 +398,9 @@ def tensor_parallel_head():
 
 
 def _entry(rank, world, init_method, out_dir):
-    init(rank, world, init_method, timeout_s=120)
-    os.environ["TRITON_XENT_BACKEND"] = "torch"
-    for key, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", rank)):
-        os.environ[key] = str(value)
+    rank_env(rank, world, "torch")
     OUT_DIR[0] = out_dir
-
-    def call(fn, nranks):
-        fn()
-        return "ok"
-
-    PARTS.run(rank, out_dir, call)
-    dist.destroy_process_group()
+    run(rank, world, init_method, out_dir, PARTS, lambda fn, n: fn() or "ok", timeout_s=120)
 
 
 @pytest.fixture(scope="module")

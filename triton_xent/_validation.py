@@ -191,42 +191,46 @@ def autocast_loss_dtype(input, loss_dtype: torch.dtype | None, *, linear: bool =
     return torch.float32 if logits_dtype in HALF else None
 
 
-def check_logit_scale(logit_scale) -> float | None:
-    """``logit_scale`` as a Python float (any real number or 0-d tensor, as the other options),
-    or None."""
-    if logit_scale is None:
+_POSITIVE = {
+    "logit_scale": "The logits are multiplied by it before softcap and the softmax: Cohere's "
+                   "config.logit_scale, or 1 / config.logits_scaling for Granite; None turns it "
+                   "off.",
+    "temperature": "The logits are divided by it last, after logit_scale and softcap, as a "
+                   "sampler does (0.7 for a policy sampled at 0.7); None turns it off. For a "
+                   "soft-capped head logit_scale=1/T is not the same: pass temperature=T.",
+}
+
+
+def check_positive(name: str, value) -> float | None:
+    """``logit_scale`` or ``temperature`` as a Python float (a positive finite real number or
+    0-d tensor, as the other options), or None."""
+    if value is None:
         return None
-    what = ("The logits are multiplied by it before softcap and the softmax: Cohere's "
-            "config.logit_scale, or 1 / config.logits_scaling for Granite; None turns it off.")
-    scale = _real("logit_scale", logit_scale, what)
-    if not 0.0 < scale < math.inf:  # comparisons: torch.compile traces them on a SymFloat
-        raise CrossEntropyInputError(
-            f"logit_scale={logit_scale!r} must be a positive finite number. {what}")
-    return scale
+    what = _POSITIVE[name]
+    v = _real(name, value, what)
+    if not 0.0 < v < math.inf:  # comparisons: torch.compile traces them on a SymFloat
+        raise CrossEntropyInputError(f"{name}={value!r} must be a positive finite number. {what}")
+    return v
 
 
-def check_temperature(temperature) -> float | None:
-    """``temperature`` as a Python float (a positive finite real number or 0-d tensor), or None."""
-    if temperature is None:
-        return None
-    what = ("The logits are divided by it last, after logit_scale and softcap, as a sampler "
-            "does (0.7 for a policy sampled at 0.7); None turns it off. For a soft-capped head "
-            "logit_scale=1/T is not the same: pass temperature=T.")
-    T = _real("temperature", temperature, what)
-    if not 0.0 < T < math.inf:  # comparisons: torch.compile traces them on a SymFloat
-        raise CrossEntropyInputError(
-            f"temperature={temperature!r} must be a positive finite number. {what}")
-    return T
-
-
-def check_aux_flag(name: str, value, return_aux, fills: str) -> None:
-    """``return_argmax`` / ``return_entropy``: a bool, and only with ``return_aux``."""
-    if not isinstance(value, bool):
-        raise CrossEntropyInputError(f"{name}={value!r} must be a bool.")
-    if value and not return_aux:
-        raise CrossEntropyInputError(
-            f"{name}=True fills {fills}: pass return_aux=True too (the call then returns "
-            "(loss, aux)).")
+def check_extras(a: dict) -> tuple:
+    """The checks both ops' keyword extras share (``a``: a call's arguments by name):
+    ``(logit_scale, temperature)`` checked, and ``return_argmax`` / ``return_entropy`` bools
+    given only with ``return_aux``."""
+    logit_scale = check_positive("logit_scale", a["logit_scale"])
+    temperature = check_positive("temperature", a["temperature"])
+    for name, fills in (("return_argmax", "CrossEntropyAux.argmax and .accuracy"),
+                        ("return_entropy", "CrossEntropyAux.entropy")):
+        value = a[name]
+        if value is False:
+            continue
+        if not isinstance(value, bool):
+            raise CrossEntropyInputError(f"{name}={value!r} must be a bool.")
+        if not a["return_aux"]:
+            raise CrossEntropyInputError(
+                f"{name}=True fills {fills}: pass return_aux=True too (the call then returns "
+                "(loss, aux)).")
+    return logit_scale, temperature
 
 
 def compile_check(validate: bool) -> None:

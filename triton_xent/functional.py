@@ -89,18 +89,7 @@ def _build(a: dict, *, group) -> _Built:
         reduction = checks.legacy_reduction(a["size_average"], a["reduce"], reduction)
     smoothing, z_loss, softcap = checks.check_options(
         reduction, a["label_smoothing"], a["z_loss"], a["softcap"], ignore_index)
-    logit_scale = a["logit_scale"]
-    if logit_scale is not None:
-        logit_scale = checks.check_logit_scale(logit_scale)
-    temperature = a["temperature"]
-    if temperature is not None:
-        temperature = checks.check_temperature(temperature)
-    if a["return_argmax"] is not False:
-        checks.check_aux_flag("return_argmax", a["return_argmax"], a["return_aux"],
-                            "CrossEntropyAux.argmax and .accuracy")
-    if a["return_entropy"] is not False:
-        checks.check_aux_flag("return_entropy", a["return_entropy"], a["return_aux"],
-                            "CrossEntropyAux.entropy")
+    logit_scale, temperature = checks.check_extras(a)
     validating = checks.validation_requested(a["validate"])
     loss_dtype = checks.autocast_loss_dtype(input, a["loss_dtype"])
     is_tensor = isinstance(input, torch.Tensor)

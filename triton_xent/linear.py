@@ -329,18 +329,7 @@ def _checked_options(a: dict):
     ``(label_smoothing, z_loss, softcap, logit_scale, loss_dtype, temperature)``."""
     smoothing, z_loss, softcap = V.check_options(a["reduction"], a["label_smoothing"], a["z_loss"],
                                                  a["softcap"], a["ignore_index"])
-    logit_scale = a["logit_scale"]
-    if logit_scale is not None:
-        logit_scale = V.check_logit_scale(logit_scale)
-    temperature = a["temperature"]
-    if temperature is not None:
-        temperature = V.check_temperature(temperature)
-    if a["return_argmax"] is not False:
-        V.check_aux_flag("return_argmax", a["return_argmax"], a["return_aux"],
-                            "CrossEntropyAux.argmax and .accuracy")
-    if a["return_entropy"] is not False:
-        V.check_aux_flag("return_entropy", a["return_entropy"], a["return_aux"],
-                            "CrossEntropyAux.entropy")
+    logit_scale, temperature = V.check_extras(a)
     V.validation_requested(a["validate"])  # a bad value, or environment variable, raises here
     # F.linear runs in autocast's dtype, then F.cross_entropy (autocast's fp32 list) in fp32.
     loss_dtype = V.autocast_loss_dtype(a["input"], a["loss_dtype"], linear=True)

@@ -275,8 +275,8 @@ def linear_policy_loss(
     if spec.beta != 0.0 and ref_logprobs is None:
         raise _err("beta > 0 adds the KL to the reference model: pass ref_logprobs.")
     _, _, softcap = V.check_options("none", 0.0, 0.0, softcap, -100)
-    logit_scale = V.check_logit_scale(logit_scale)
-    temperature = V.check_temperature(temperature)
+    logit_scale = V.check_positive("logit_scale", logit_scale)
+    temperature = V.check_positive("temperature", temperature)
     x, W, b = _autocast(input, linear_weight, linear_bias)
     on_cpu = isinstance(input, torch.Tensor) and input.device.type == "cpu"
     p = _prepare(x, W, b, target, None, -100, V.validation_requested(validate) or on_cpu)
